@@ -1,0 +1,41 @@
+"""Shared command-line plumbing: `--config FILE` plus `--section.key value` overrides, clean errors."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable, Optional
+
+from rewards.errors import RewardError
+from train.config import ExperimentConfig, load_config
+from train.errors import DetoxSumError
+
+OVERRIDE_HELP = (
+    "Any config key can be overridden on the command line as --section.key VALUE or --section.key=VALUE, "
+    "e.g. --ppo.learning_rate 1e-5 --model.name_or_path google/flan-t5-large. See train/config.py for all keys."
+)
+
+
+def config_from_cli(
+    description: str,
+    argv: Optional[list[str]] = None,
+    add_arguments: Optional[Callable[[argparse.ArgumentParser], None]] = None,
+) -> tuple[argparse.Namespace, ExperimentConfig]:
+    """Parse `--config` and the script's own flags; everything else is a config override."""
+    parser = argparse.ArgumentParser(description=description, epilog=OVERRIDE_HELP)
+    parser.add_argument("--config", required=True, help="YAML recipe, e.g. configs/tiny.yaml")
+    if add_arguments is not None:
+        add_arguments(parser)
+    args, rest = parser.parse_known_args(argv)
+    return args, load_config(args.config, rest)
+
+
+def run_cli(main: Callable[[Optional[list[str]]], object], argv: Optional[list[str]] = None) -> None:
+    """Run an entry point; user errors print one line and exit with status 2, bugs keep their traceback."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        main(argv)
+    except (DetoxSumError, RewardError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
