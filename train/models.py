@@ -1,9 +1,50 @@
-"""Model factory: the seq2seq policy (base + LoRA + value head) and model-size reports."""
+"""Model factory: the seq2seq policy (base + LoRA + value head) and model-size reports.
+
+    base = load_base_model(cfg.model)                  # FLAN-T5 (or a local T5), optionally 8/4-bit
+    peft_model = apply_lora(base, cfg.lora, adapter)   # fresh LoRA or an existing adapter
+    policy = Seq2SeqPolicy(peft_model, ValueHead(d_model))
+    policy, tokenizer = load_policy(cfg)               # all of the above
+
+The PPO reference model is the same base with the adapter switched off (`policy.adapter_disabled()`), so
+no second copy of the base is held. `build_from_architecture` builds the shipped FLAN-T5 architectures
+(`configs/architectures/`) with random weights, on the meta device by default, for parameter reports.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import logging
+import re
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
 import torch
 from torch import nn
+
+from train.config import LoraSettings, ModelConfig
+from train.errors import ModelError
+
+ARCHITECTURES_DIR = Path(__file__).resolve().parents[1] / "configs" / "architectures"
+FLAN_T5_SIZES = ("small", "base", "large", "xl", "xxl")
+# Hub id -> shipped config directory (config.json only, no weights).
+ARCHITECTURES: dict[str, Path] = {f"google/flan-t5-{s}": ARCHITECTURES_DIR / f"flan-t5-{s}" for s in FLAN_T5_SIZES}
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "name" or "owner/name"
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """"bfloat16" -> torch.bfloat16 (also float32, float16)."""
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ModelError(f"unknown dtype {name!r}; use one of {', '.join(_DTYPES)}") from None
 
 
 def untie_lm_head(model: nn.Module) -> nn.Module:
@@ -18,3 +59,385 @@ def untie_lm_head(model: nn.Module) -> nn.Module:
         head.weight = nn.Parameter(head.weight.detach().clone())
         getattr(model, "all_tied_weights_keys", {}).pop("lm_head.weight", None)
     return model
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading the base model and tokenizer
+
+
+class _UntiedHeadWarningFilter(logging.Filter):
+    """Drop the warning transformers 5 prints for every untied T5 checkpoint (expected for FLAN-T5)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not ("The tied weights mapping and config for this model specifies to tie" in msg and "NOT" in msg)
+
+
+_UNTIED_FILTER = _UntiedHeadWarningFilter()
+
+
+def _filter_untied_head_warning() -> None:
+    # Logger filters only see records created at that logger, so attach to the one that emits it.
+    logger = logging.getLogger("transformers.modeling_utils")
+    if _UNTIED_FILTER not in logger.filters:
+        logger.addFilter(_UNTIED_FILTER)
+
+
+def _check_source(name_or_path: str, what: str) -> None:
+    """Fail early, without touching the network, for a local path that does not exist."""
+    if Path(name_or_path).exists():
+        return
+    if not _HUB_ID.match(name_or_path):
+        raise ModelError(
+            f"{what} {name_or_path!r} not found: no such local directory, and it is not a hub id "
+            "(owner/name). Check --model.name_or_path."
+        )
+
+
+def _load_error(name_or_path: str, what: str, err: Exception) -> ModelError:
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if Path(name_or_path).is_dir():
+        return ModelError(f"could not load {what} from local directory {name_or_path!r}: {first_line}")
+    return ModelError(
+        f"could not load {what} {name_or_path!r}: it is not a local directory and it is not available from "
+        f"the hub or the local cache (offline?): {first_line}. Download it once where there is internet, "
+        "or pass a local directory with --model.name_or_path DIR."
+    )
+
+
+def load_tokenizer(model_cfg: ModelConfig):
+    """The tokenizer stored with the model (hub id or local directory)."""
+    from transformers import AutoTokenizer
+
+    _check_source(model_cfg.name_or_path, "tokenizer")
+    try:
+        return AutoTokenizer.from_pretrained(
+            model_cfg.name_or_path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
+        )
+    except (OSError, ValueError) as e:
+        raise _load_error(model_cfg.name_or_path, "tokenizer", e) from None
+
+
+def _quantization_config(model_cfg: ModelConfig, dtype: torch.dtype):
+    if model_cfg.quantization is None:
+        return None
+    if not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelError(
+            f"quantization '{model_cfg.quantization}' needs a CUDA GPU and bitsandbytes: "
+            "pip install -e '.[bitsandbytes]'"
+        )
+    from transformers import BitsAndBytesConfig
+
+    if model_cfg.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+
+
+def load_base_model(model_cfg: ModelConfig, device_map: Any = None) -> nn.Module:
+    """The pretrained seq2seq model (safetensors weights only), in `model_cfg.dtype`, optionally 8/4-bit."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    dtype = torch_dtype(model_cfg.dtype)
+    quantization = _quantization_config(model_cfg, dtype)
+    _check_source(model_cfg.name_or_path, "model")
+    if quantization is not None and device_map is None:
+        device_map = {"": torch.cuda.current_device()}  # bitsandbytes weights must live on the GPU
+    _filter_untied_head_warning()
+    try:
+        model = AutoModelForSeq2SeqLM.from_pretrained(
+            model_cfg.name_or_path,
+            revision=model_cfg.revision,
+            dtype=dtype,
+            use_safetensors=True,
+            trust_remote_code=model_cfg.trust_remote_code,
+            quantization_config=quantization,
+            device_map=device_map,
+        )
+    except (OSError, ValueError) as e:
+        raise _load_error(model_cfg.name_or_path, "model", e) from None
+    if quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------
+# LoRA
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Distinct last-component names of the Linear layers, e.g. ['k', 'lm_head', 'o', 'q', 'v', 'wi_0', ...]."""
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear) and name})
+
+
+def _check_target_modules(model: nn.Module, targets: list[str]) -> None:
+    names = [name for name, _ in model.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        raise ModelError(
+            f"LoRA target module(s) {', '.join(map(repr, missing))} not found in the model; "
+            f"its Linear layers are named: {', '.join(linear_module_names(model))}. Fix lora.target_modules."
+        )
+
+
+@contextmanager
+def _quiet_peft_deprecation() -> Iterator[None]:
+    # peft 0.21 reads a transformers attribute that transformers 5 deprecated: not actionable for users.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
+def _load_adapter(base: nn.Module, adapter: str, trainable: bool):
+    from peft import PeftModel
+
+    path = Path(adapter)
+    if path.exists():
+        if not (path / ADAPTER_CONFIG_FILE).is_file():
+            raise ModelError(
+                f"{adapter!r} is not a LoRA adapter directory: it has no {ADAPTER_CONFIG_FILE}. "
+                "Point model.adapter at a directory written by save_policy / save_pretrained."
+            )
+    elif not _HUB_ID.match(adapter):
+        raise ModelError(f"adapter {adapter!r} not found: no such directory, and it is not a hub id. Check model.adapter.")
+    try:
+        with _quiet_peft_deprecation():
+            return PeftModel.from_pretrained(base, adapter, is_trainable=trainable)
+    except (OSError, ValueError) as e:
+        raise _load_error(adapter, "adapter", e) from None
+    except RuntimeError as e:  # shape mismatch: an adapter trained on another model size
+        raise ModelError(f"adapter {adapter!r} does not fit this base model: {str(e).splitlines()[0]}") from None
+
+
+def apply_lora(base: nn.Module, lora: LoraSettings, adapter: Optional[str] = None, trainable: bool = True):
+    """Wrap `base` in a PEFT model: a fresh LoRA from `lora`, or the existing `adapter` (path or hub id)."""
+    if adapter is not None:
+        return _load_adapter(base, adapter, trainable)
+    import peft
+
+    _check_target_modules(base, lora.target_modules)
+    config = peft.LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        target_modules=list(lora.target_modules),
+        lora_dropout=lora.dropout,
+        bias=lora.bias,
+        task_type=peft.TaskType.SEQ_2_SEQ_LM,
+    )
+    with _quiet_peft_deprecation():
+        model = peft.get_peft_model(base, config)
+    if not trainable:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------
+# Value head and policy
+
+
+class ValueHead(nn.Module):
+    """Per-token value estimate from the decoder's last hidden state (as TRL's ValueHead): dropout, Linear(h, 1).
+
+    Kept in float32 whatever the model dtype: value targets are small differences of rewards.
+    """
+
+    def __init__(self, hidden_size: int, dropout: float = 0.1):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.summary = nn.Linear(hidden_size, 1, dtype=torch.float32)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(B, T, H) -> (B, T)."""
+        hidden = self.dropout(hidden_states.to(self.summary.weight.dtype))
+        return self.summary(hidden).squeeze(-1)
+
+
+class Seq2SeqPolicy(nn.Module):
+    """A PEFT seq2seq model plus a value head: `forward` returns (logits, values)."""
+
+    def __init__(self, peft_model: nn.Module, value_head: ValueHead):
+        super().__init__()
+        self.peft_model = peft_model
+        self.value_head = value_head
+
+    @property
+    def config(self):
+        return self.peft_model.config
+
+    def _model_outputs(self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, hidden: bool):
+        return self.peft_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_attention_mask,
+            output_hidden_states=hidden,
+            use_cache=False,
+            return_dict=True,
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        decoder_input_ids: torch.Tensor,
+        decoder_attention_mask: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B, T, V) and float32 values (B, T) for each decoder position."""
+        out = self._model_outputs(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, hidden=True)
+        values = self.value_head(out.decoder_hidden_states[-1])
+        return out.logits, values
+
+    @contextmanager
+    def adapter_disabled(self) -> Iterator[None]:
+        """Run the frozen base model: the KL reference, without a second copy of its weights."""
+        with self.peft_model.disable_adapter():
+            yield
+
+    @torch.no_grad()
+    def reference_logits(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        decoder_input_ids: torch.Tensor,
+        decoder_attention_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Logits (B, T, V) of the base model with the adapter switched off."""
+        with self.adapter_disabled():
+            out = self._model_outputs(
+                input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, hidden=False
+            )
+        return out.logits
+
+    def generate(self, **kwargs):
+        return self.peft_model.generate(**kwargs)
+
+
+def save_policy(policy: Seq2SeqPolicy, directory: str | Path, tokenizer=None) -> Path:
+    """Write `adapter_model.safetensors` + `adapter_config.json` and `value_head.safetensors` (and the tokenizer)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    policy.peft_model.save_pretrained(str(directory), safe_serialization=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in policy.value_head.state_dict().items()}
+    save_file(state, str(directory / VALUE_HEAD_FILE))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(directory))
+    return directory
+
+
+def load_value_head(value_head: ValueHead, directory: str | Path) -> ValueHead:
+    """Load `value_head.safetensors` from `directory` into `value_head` (in place)."""
+    from safetensors.torch import load_file
+
+    path = Path(directory) / VALUE_HEAD_FILE
+    if not path.is_file():
+        raise ModelError(f"no value head in {directory}: {VALUE_HEAD_FILE} is missing (was it saved with save_policy?)")
+    state = load_file(str(path), device=str(value_head.summary.weight.device))
+    try:
+        value_head.load_state_dict(state)
+    except RuntimeError as e:
+        raise ModelError(f"value head in {path} does not fit this model: {str(e).splitlines()[0]}") from None
+    return value_head
+
+
+def load_policy(cfg, trainable: bool = True, device_map: Any = None) -> tuple[Seq2SeqPolicy, Any]:
+    """Base model + LoRA (fresh, or `cfg.model.adapter`) + value head, and the tokenizer.
+
+    `cfg` is an ExperimentConfig (or anything with `.model` and `.lora`). An adapter directory written by
+    `save_policy` also restores its value head; otherwise the value head starts fresh.
+    """
+    tokenizer = load_tokenizer(cfg.model)
+    base = load_base_model(cfg.model, device_map=device_map)
+    peft_model = apply_lora(base, cfg.lora, cfg.model.adapter, trainable=trainable)
+    value_head = ValueHead(base.config.d_model, dropout=cfg.model.value_head_dropout)
+    value_head.to(base.get_output_embeddings().weight.device)
+    adapter = cfg.model.adapter
+    if adapter is not None and (Path(adapter) / VALUE_HEAD_FILE).is_file():
+        load_value_head(value_head, adapter)
+    value_head.requires_grad_(trainable)
+    return Seq2SeqPolicy(peft_model, value_head), tokenizer
+
+
+# ----------------------------------------------------------------------------------------------------
+# Architectures and parameter reports
+
+
+def resolve_architecture(name_or_path: str) -> Path:
+    """A directory with a config.json: a shipped FLAN-T5 architecture (hub id or 'flan-t5-base') or a local model."""
+    if name_or_path in ARCHITECTURES:
+        return ARCHITECTURES[name_or_path]
+    shipped = ARCHITECTURES_DIR / name_or_path
+    if name_or_path in {p.name for p in ARCHITECTURES.values()} and shipped.is_dir():
+        return shipped
+    path = Path(name_or_path)
+    if (path / "config.json").is_file():
+        return path
+    raise ModelError(
+        f"no architecture for {name_or_path!r}: it is neither a shipped one ({', '.join(ARCHITECTURES)}) "
+        "nor a local model directory with a config.json"
+    )
+
+
+def build_from_architecture(name_or_path: str, device: str | torch.device = "meta") -> nn.Module:
+    """The model described by a shipped architecture (or local config), with random weights.
+
+    On the meta device by default, so even flan-t5-xxl costs no memory; use device="cpu" for real tensors.
+    """
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+    config = AutoConfig.from_pretrained(str(resolve_architecture(name_or_path)))
+    with torch.device(device):
+        model = AutoModelForSeq2SeqLM.from_config(config)
+    # transformers 5 records the config's tie_word_embeddings: false (FLAN-T5) as scale_decoder_outputs=False.
+    if getattr(config, "scale_decoder_outputs", True) is False:
+        untie_lm_head(model)
+        if model.lm_head.weight.device.type != "meta":
+            # Initialise the head as T5 does an untied one: a copy of the embeddings would be tied again
+            # by from_pretrained after save_pretrained (transformers ties equal tensors on load).
+            nn.init.normal_(model.lm_head.weight, mean=0.0, std=config.initializer_factor)
+    return model
+
+
+@dataclass
+class ParamReport:
+    trainable: int
+    total: int
+    percent: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.percent = 100.0 * self.trainable / self.total if self.total else 0.0
+
+    def format(self) -> str:
+        """The three lines the reference notebook printed."""
+        return (
+            f"trainable model parameters: {self.trainable}\n"
+            f"all model parameters: {self.total}\n"
+            f"percentage of trainable model parameters: {self.percent:.2f}%"
+        )
+
+
+def _numel(param: torch.Tensor) -> int:
+    n = param.numel()
+    # bitsandbytes packs two 4-bit values per byte of storage (as peft's get_nb_trainable_parameters counts).
+    if param.__class__.__name__ == "Params4bit":
+        if hasattr(param, "element_size"):
+            n *= 2 * param.element_size()
+        elif hasattr(param, "quant_storage"):
+            n *= 2 * param.quant_storage.itemsize
+        else:
+            n *= 2
+    return n
+
+
+def parameter_report(model: nn.Module) -> ParamReport:
+    """Trainable and total parameters, each shared Parameter counted once (named_parameters deduplicates)."""
+    trainable = total = 0
+    for _, param in model.named_parameters():
+        n = _numel(param)
+        total += n
+        if param.requires_grad:
+            trainable += n
+    return ParamReport(trainable=trainable, total=total)
