@@ -1,0 +1,65 @@
+"""Atomic checkpoints and the stop signal shared by SFT and PPO."""
+
+import os
+import random
+import signal
+
+import pytest
+import torch
+
+from train.checkpoint import (
+    atomic_checkpoint_dir, capture_rng_state, checkpoint_path, latest_checkpoint, list_checkpoints,
+    prune_checkpoints, restore_rng_state,
+)
+from train.preemption import StopSignal
+
+
+def test_checkpoint_appears_only_when_complete(tmp_path):
+    with atomic_checkpoint_dir(checkpoint_path(tmp_path, 5)) as d:
+        (d / "weights.bin").write_text("x")
+        assert latest_checkpoint(tmp_path) is None  # not visible while being written
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-5"
+    assert (tmp_path / "checkpoint-5/weights.bin").read_text() == "x"
+
+
+def test_a_failed_save_leaves_no_checkpoint(tmp_path):
+    with pytest.raises(RuntimeError):
+        with atomic_checkpoint_dir(checkpoint_path(tmp_path, 7)) as d:
+            (d / "half").write_text("x")
+            raise RuntimeError("killed mid-save")
+    assert list_checkpoints(tmp_path) == [] and os.listdir(tmp_path) == []
+
+
+def test_incomplete_directories_are_ignored_and_old_ones_pruned(tmp_path):
+    for step in (1, 2, 3):
+        with atomic_checkpoint_dir(checkpoint_path(tmp_path, step)):
+            pass
+    (tmp_path / "checkpoint-9").mkdir()  # no COMPLETE marker: e.g. a copy interrupted by hand
+    assert latest_checkpoint(tmp_path).name == "checkpoint-3"
+    prune_checkpoints(tmp_path, keep_last=2)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 3]
+
+
+def test_resaving_a_step_replaces_it(tmp_path):
+    for content in ("a", "b"):
+        with atomic_checkpoint_dir(checkpoint_path(tmp_path, 4)) as d:
+            (d / "f").write_text(content)
+    assert (tmp_path / "checkpoint-4/f").read_text() == "b"
+
+
+def test_rng_state_round_trip():
+    state = capture_rng_state()
+    first = (random.random(), torch.rand(3))
+    restore_rng_state(state)
+    again = (random.random(), torch.rand(3))
+    assert first[0] == again[0] and torch.equal(first[1], again[1])
+
+
+def test_stop_signal_is_seen_after_sigusr1():
+    stop = StopSignal()
+    try:
+        assert not stop.should_stop()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop.should_stop() and stop.received == signal.SIGUSR1
+    finally:
+        stop.restore()
