@@ -1,0 +1,135 @@
+"""Loading the hate-speech classifier that produces rewards, and the small lookups around it.
+
+Labels are always found by NAME in the classifier's `id2label` (never a hard-coded index), the device and dtype
+come from `RewardConfig`, and every failure (missing directory, unreachable hub, wrong labels, bad device) is one
+`RewardError` with a message saying what to fix.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rewards.config import RewardConfig
+from rewards.errors import RewardError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# A hub id is "name" or "owner/name"; anything else (absolute, ./, ~, deeper paths) can only be a local directory.
+_HUB_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)?$")
+
+# Model types whose position ids start after the padding index (fairseq heritage), so the usable length is
+# max_position_embeddings - (pad_token_id + 1): 512 - 2 = 510 for RoBERTa, although its config says 514.
+_OFFSET_POSITION_MODELS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "longformer"}
+
+# Some tokenizers report int(1e30) as model_max_length when they do not know their limit.
+_SENTINEL_MAX_LENGTH = 1_000_000
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise RewardError(f"reward dtype {name!r} is not supported: use one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def resolve_device(spec: str) -> torch.device:
+    """'auto' -> cuda:0 when a GPU is visible, else cpu; explicit devices ('cpu', 'cuda:7') are checked to exist."""
+    if spec == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError) as exc:
+        raise RewardError(f"reward device {spec!r} is not a valid torch device (use 'auto', 'cpu' or 'cuda:N')") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RewardError(f"reward device {spec!r} asks for CUDA but no GPU is visible: use 'cpu' or 'auto'")
+        index = device.index if device.index is not None else 0
+        if index >= torch.cuda.device_count():
+            raise RewardError(
+                f"reward device {spec!r} does not exist: only {torch.cuda.device_count()} GPU(s) are visible "
+                "(check CUDA_VISIBLE_DEVICES)"
+            )
+    return device
+
+
+def label_index(model_config: Any, name: str, role: str = "label") -> int:
+    """Index of the class called `name` in the classifier's id2label."""
+    id2label = {int(i): str(label) for i, label in getattr(model_config, "id2label", {}).items()}
+    matches = [i for i, label in id2label.items() if label == name]
+    if len(matches) != 1:
+        raise RewardError(
+            f"the reward classifier has no single class named {name!r} (the {role}); its labels are "
+            f"{[id2label[i] for i in sorted(id2label)]}: set reward.reward_label / reward.toxic_label to match"
+        )
+    return matches[0]
+
+
+def classifier_max_length(model_config: Any, tokenizer: Any, requested: int | None = None) -> int:
+    """The longest input the classifier accepts, optionally lowered by `requested` (cfg.max_length)."""
+    limits = []
+    tokenizer_limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tokenizer_limit, int) and 0 < tokenizer_limit < _SENTINEL_MAX_LENGTH:
+        limits.append(tokenizer_limit)
+    positions = getattr(model_config, "max_position_embeddings", None)
+    if isinstance(positions, int) and positions > 0:
+        if getattr(model_config, "model_type", None) in _OFFSET_POSITION_MODELS:
+            positions -= (getattr(model_config, "pad_token_id", None) or 0) + 1
+        limits.append(positions)
+    if not limits:
+        raise RewardError("cannot tell the reward classifier's maximum input length: set reward.max_length")
+    model_limit = min(limits)
+    if requested is None:
+        return model_limit
+    if not 0 < requested <= model_limit:
+        raise RewardError(f"reward.max_length={requested} is outside 1..{model_limit}, the classifier's limit")
+    return requested
+
+
+def _check_source(name_or_path: str) -> None:
+    if Path(name_or_path).expanduser().exists():
+        return
+    if not _HUB_ID.match(name_or_path):
+        raise RewardError(
+            f"reward model directory {name_or_path!r} does not exist: point reward.model_name_or_path "
+            "(or --model) at a local classifier directory with config.json, model.safetensors and the tokenizer"
+        )
+
+
+def load_reward_classifier(cfg: RewardConfig) -> tuple[Any, Any]:
+    """Load (model, tokenizer) in eval mode on cfg.device with cfg.dtype, after checking its labels."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    source = cfg.model_name_or_path
+    _check_source(source)
+    dtype = resolve_dtype(cfg.dtype)
+    device = resolve_device(cfg.device)
+    local = Path(source).expanduser().exists()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(Path(source).expanduser()) if local else source, trust_remote_code=cfg.trust_remote_code
+        )
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(Path(source).expanduser()) if local else source,
+            use_safetensors=True,
+            trust_remote_code=cfg.trust_remote_code,
+            dtype=dtype,
+        )
+    except (OSError, ValueError) as exc:
+        where = "local directory" if local else "hub id (no local copy in the cache, and the hub is unreachable?)"
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RewardError(
+            f"cannot load the reward classifier from {where} {source!r}: {first_line}. "
+            "Download it once and point reward.model_name_or_path (or --model) at the local directory"
+        ) from exc
+    label_index(model.config, cfg.reward_label, "reward_label")
+    label_index(model.config, cfg.toxic_label, "toxic_label")
+    if tokenizer.pad_token is None:
+        # Batched scoring needs padding; the attention mask hides whichever token fills the gaps.
+        fallback = tokenizer.eos_token or tokenizer.unk_token
+        if fallback is None:
+            raise RewardError(f"the reward tokenizer of {source!r} has no pad, eos or unk token to pad batches with")
+        tokenizer.pad_token = fallback
+    return model.to(device).eval(), tokenizer

@@ -1,0 +1,153 @@
+"""In-process reward scoring: texts in, per-text logits, rewards and toxicity out.
+
+The reward of a text is the raw logit of the `reward_label` class ("nothate", as in the reference notebook) and
+its toxicity is the softmax probability of the `toxic_label` class ("hate"). Both classes are looked up by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from rewards.classifier import classifier_max_length, label_index, load_reward_classifier
+from rewards.config import RewardConfig
+from rewards.errors import RewardError
+
+TEXT_MODES = ("prompt_and_summary", "summary")
+
+
+@dataclass
+class RewardScores:
+    """Scores of N texts, float32 on the CPU: rewards [N], toxicity [N], logits [N, C] (C = classifier classes)."""
+
+    rewards: torch.Tensor
+    toxicity: torch.Tensor
+    logits: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.rewards.shape[0])
+
+    def to_lists(self) -> dict[str, list]:
+        return {"rewards": self.rewards.tolist(), "toxicity": self.toxicity.tolist(), "logits": self.logits.tolist()}
+
+    @classmethod
+    def concat(cls, parts: Sequence["RewardScores"]) -> "RewardScores":
+        return cls(
+            rewards=torch.cat([p.rewards for p in parts]),
+            toxicity=torch.cat([p.toxicity for p in parts]),
+            logits=torch.cat([p.logits for p in parts]),
+        )
+
+    def slice(self, start: int, stop: int) -> "RewardScores":
+        return RewardScores(self.rewards[start:stop], self.toxicity[start:stop], self.logits[start:stop])
+
+
+def scores_from_logits(logits: torch.Tensor, reward_index: int, toxic_index: int) -> RewardScores:
+    logits = logits.float()
+    return RewardScores(
+        rewards=logits[:, reward_index].clone(),
+        toxicity=torch.softmax(logits, dim=-1)[:, toxic_index].clone(),
+        logits=logits,
+    )
+
+
+def scored_texts(prompts: Sequence[str], summaries: Sequence[str], mode: str) -> list[str]:
+    """The texts the classifier sees: prompt + summary (the notebook's `q + r`) or the summary alone."""
+    if len(prompts) != len(summaries):
+        raise RewardError(f"got {len(prompts)} prompts but {len(summaries)} summaries to score")
+    if mode == "prompt_and_summary":
+        return [prompt + summary for prompt, summary in zip(prompts, summaries)]
+    if mode == "summary":
+        return list(summaries)
+    raise RewardError(f"reward.text={mode!r} is not one of {list(TEXT_MODES)}")
+
+
+def check_texts(texts: Sequence[str]) -> list[str]:
+    if isinstance(texts, str):
+        raise RewardError("score() takes a list of texts, not a single string: wrap it as [text]")
+    texts = list(texts)
+    bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+    if bad:
+        raise RewardError(f"texts to score must be strings; item(s) {bad[:5]} are {type(texts[bad[0]]).__name__}")
+    return texts
+
+
+class RewardScorer:
+    """A loaded classifier that scores texts in batches on its own device."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        reward_label: str = "nothate",
+        toxic_label: str = "hate",
+        batch_size: int = 64,
+        max_length: int | None = None,
+        name: str = "",
+    ) -> None:
+        if batch_size < 1:
+            raise RewardError(f"reward batch_size must be >= 1, got {batch_size}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.reward_label = reward_label
+        self.toxic_label = toxic_label
+        self.reward_index = label_index(model.config, reward_label, "reward_label")
+        self.toxic_index = label_index(model.config, toxic_label, "toxic_label")
+        self.batch_size = batch_size
+        self.max_length = classifier_max_length(model.config, tokenizer, max_length)
+        # Over-long texts lose their beginning, not their end: in "prompt_and_summary" mode the summary (what
+        # the policy wrote, and what the reward is about) comes last and must always be scored.
+        self.tokenizer.truncation_side = "left"
+        self.name = name or str(getattr(model.config, "_name_or_path", ""))
+        self.device = next(model.parameters()).device
+
+    @classmethod
+    def from_config(cls, cfg: RewardConfig) -> "RewardScorer":
+        model, tokenizer = load_reward_classifier(cfg)
+        return cls(
+            model,
+            tokenizer,
+            reward_label=cfg.reward_label,
+            toxic_label=cfg.toxic_label,
+            batch_size=cfg.batch_size,
+            max_length=cfg.max_length,
+            name=cfg.model_name_or_path,
+        )
+
+    @property
+    def labels(self) -> dict[int, str]:
+        return {int(i): str(label) for i, label in self.model.config.id2label.items()}
+
+    def describe(self) -> dict[str, Any]:
+        return {"model": self.name, "labels": self.labels, "device": str(self.device), "max_length": self.max_length}
+
+    @torch.inference_mode()
+    def score(self, texts: Sequence[str]) -> RewardScores:
+        texts = check_texts(texts)
+        num_classes = len(self.labels)
+        if not texts:
+            empty = torch.zeros(0)
+            return RewardScores(empty, empty.clone(), torch.zeros(0, num_classes))
+        # Longest-first batches pad less; the original order is restored at the end.
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
+        logits = torch.empty(len(texts), num_classes)
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            batch = self.tokenizer(
+                [texts[i] for i in rows],
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            )
+            batch = {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+            logits[rows] = self.model(**batch).logits.float().cpu()
+        return scores_from_logits(logits, self.reward_index, self.toxic_index)
+
+    def score_pairs(self, prompts: Sequence[str], summaries: Sequence[str], mode: str = "prompt_and_summary") -> RewardScores:
+        return self.score(scored_texts(prompts, summaries, mode))
+
+    def close(self) -> None:
+        """Nothing to release; here so a scorer and a RewardClient are interchangeable."""

@@ -1,0 +1,282 @@
+"""The reward server as a real subprocess (`python -m rewards.server`): same scores as in-process, dynamic batching
+across concurrent clients, request validation, loopback binding, the client's behaviour when the server dies,
+and the startup error for a missing model. The batcher's queue limit is checked in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from rewards.client import RewardClient, total_backoff_s
+from rewards.config import RewardConfig
+from rewards.errors import RewardError
+from rewards.scorer import RewardScorer, RewardScores
+from rewards.server import DynamicBatcher, QueueFullError, ServerSettings, build_app
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "test-token-123"
+MAX_TEXTS, MAX_CHARS = 16, 400
+STARTUP_TIMEOUT_S = 60
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, model: Path, *extra: str, token: str | None = TOKEN) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {k: v for k, v in os.environ.items() if k != "DETOX_REWARD_TOKEN"}
+        if token:
+            env["DETOX_REWARD_TOKEN"] = token
+        command = [sys.executable, "-m", "rewards.server", "--model", str(model), "--device", "cpu",
+                   "--port", str(self.port), "--log-level", "warning", *extra]
+        self.proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"reward server exited with {self.proc.returncode}: {self.proc.stderr.read()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1.0).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        pytest.fail(f"reward server did not answer /health within {STARTUP_TIMEOUT_S} s")
+
+    def stats(self) -> dict:
+        return httpx.get(f"{self.url}/stats", timeout=5).json()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self.proc.stdout.close()
+        self.proc.stderr.close()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_artifacts):
+    # A 30 ms wait gives concurrent requests time to meet in one batch.
+    proc = ServerProcess(tiny_artifacts.roberta, "--max-batch-size", "32", "--max-wait-ms", "30",
+                         "--max-texts-per-request", str(MAX_TEXTS), "--max-chars", str(MAX_CHARS))
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def local_scorer(tiny_artifacts):
+    return RewardScorer.from_config(RewardConfig(model_name_or_path=str(tiny_artifacts.roberta), device="cpu"))
+
+
+def texts_for(worker: int, request: int) -> list[str]:
+    """Different texts (and different counts) for every request, half of them hateful in the tiny classifier's terms."""
+    base = ["#Person1# thanks #Person2# for the kind help.", "You are a stupid lazy coward, I hate you.",
+            "What a helpful host you are.", "What an incompetent moron you are."]
+    return [f"{base[(worker + i) % 4]} ({worker}-{request}-{i})" for i in range(1 + (worker + request) % 4)]
+
+
+def assert_same_scores(actual: RewardScores, expected: RewardScores) -> None:
+    torch.testing.assert_close(actual.rewards, expected.rewards, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(actual.toxicity, expected.toxicity, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(actual.logits, expected.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_health_reports_model_labels_and_device(server, tiny_artifacts):
+    health = httpx.get(f"{server.url}/health", timeout=5).json()
+    assert health["status"] == "ok" and health["device"] == "cpu"
+    assert health["model"] == str(tiny_artifacts.roberta)
+    assert health["labels"] == {"0": "nothate", "1": "hate"}
+
+
+def test_server_scores_equal_in_process_scores(server, local_scorer):
+    texts = [texts_for(w, 0)[0] for w in range(8)] + ["", "x" * MAX_CHARS]
+    with RewardClient(server.url, token=TOKEN) as client:
+        remote = client.score(texts)
+    assert_same_scores(remote, local_scorer.score(texts))
+    assert remote.toxicity.max() > 0.5 > remote.toxicity.min()  # both classes present: a mix-up would show
+
+
+def test_concurrent_clients_get_their_own_results_from_dynamic_batches(server, local_scorer):
+    workers, requests_each = 8, 4
+    before = server.stats()
+    start = threading.Barrier(workers)
+    results: dict[tuple[int, int], RewardScores] = {}
+    errors: list[BaseException] = []
+
+    def work(worker: int) -> None:
+        try:
+            with RewardClient(server.url, token=TOKEN) as client:
+                start.wait(timeout=30)
+                for request in range(requests_each):
+                    results[worker, request] = client.score(texts_for(worker, request))
+        except BaseException as exc:  # surfaced in the main thread below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(w,)) for w in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert errors == [] and len(results) == workers * requests_each
+    for (worker, request), scores in results.items():
+        assert_same_scores(scores, local_scorer.score(texts_for(worker, request)))
+    after = server.stats()
+    served = after["requests"] - before["requests"]
+    batches = after["batches"] - before["batches"]
+    assert served == workers * requests_each
+    assert batches < served, f"{served} requests ran in {batches} batches: no dynamic batching happened"
+    assert after["most_requests_in_a_batch"] > 1 and after["largest_batch"] <= 32
+
+
+@pytest.mark.parametrize(
+    ("content", "headers", "status", "message"),
+    [
+        (b'{"texts": ["unterminated', {}, 400, "not valid JSON"),
+        (b'["just", "a", "list"]', {}, 422, 'JSON object {"texts"'),
+        (b'{"texts": "one string"}', {}, 422, "must be a list of strings"),
+        (b'{"texts": ["ok", 7]}', {}, 422, "item(s) [1] are int"),
+        (b'{"texts": []}', {}, 422, "empty"),
+        (("{\"texts\": [" + ", ".join(['"x"'] * (MAX_TEXTS + 1)) + "]}").encode(), {}, 413, f"limit is {MAX_TEXTS}"),
+        (('{"texts": ["' + "y" * (MAX_CHARS + 1) + '"]}').encode(), {}, 413, f"limit is {MAX_CHARS} per text"),
+        (b'{"texts": ["hi"]}', {"Authorization": None}, 401, "missing bearer token"),
+        (b'{"texts": ["hi"]}', {"Authorization": "Bearer not-the-token"}, 401, "wrong bearer token"),
+        (b'{"texts": ["hi"]}', {"Authorization": "Basic abc"}, 401, "missing bearer token"),
+    ],
+)
+def test_bad_requests_get_a_clear_4xx(server, content, headers, status, message):
+    sent = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+    sent.update(headers)
+    response = httpx.post(f"{server.url}/score", content=content, headers={k: v for k, v in sent.items() if v}, timeout=10)
+    assert response.status_code == status
+    assert message in response.json()["detail"]
+
+
+def test_client_reports_the_server_message_for_4xx(server):
+    with RewardClient(server.url, token="wrong") as client, pytest.raises(RewardError, match="HTTP 401: wrong bearer token"):
+        client.score(["hi"])
+
+
+def test_server_binds_loopback_by_default(server):
+    port_hex = f"{server.port:04X}"
+    listening = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            if local.endswith(f":{port_hex}") and state == "0A":  # 0A = LISTEN
+                listening.append(local.split(":")[0])
+    assert listening == ["0100007F"]  # 127.0.0.1 only, not 0.0.0.0 (00000000) nor any IPv6 address
+
+
+def test_client_raises_after_its_retry_budget_when_the_server_dies(tiny_artifacts):
+    proc = ServerProcess(tiny_artifacts.roberta, token=None)
+    try:
+        client = RewardClient(proc.url, max_retries=2, backoff_s=0.2, timeout_s=5)
+        assert len(client.score(["still alive"])) == 1
+        proc.proc.send_signal(signal.SIGKILL)
+        proc.proc.wait(timeout=10)
+        started = time.monotonic()
+        with pytest.raises(RewardError, match=r"did not answer after 3 attempts .*python -m rewards\.server` running"):
+            client.score(["anyone there?"])
+        elapsed = time.monotonic() - started
+        assert total_backoff_s(2, 0.2) <= elapsed < total_backoff_s(2, 0.2) + 3.0
+    finally:
+        proc.stop()
+
+
+def test_server_cli_with_missing_model_exits_with_one_clear_line(tmp_path):
+    missing = tmp_path / "no-model-here"
+    done = subprocess.run([sys.executable, "-m", "rewards.server", "--model", str(missing), "--port", str(free_port())],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rewards.server: error:")
+    assert str(missing) in lines[0] and "does not exist" in lines[0]
+
+
+class FakeScorer:
+    """Scores a text as its length; records the batches it was given."""
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+
+    def score(self, texts: list[str]) -> RewardScores:
+        self.batches.append(len(texts))
+        lengths = torch.tensor([float(len(t)) for t in texts])
+        return RewardScores(lengths, torch.zeros(len(texts)), torch.stack([lengths, -lengths], dim=1))
+
+    def describe(self) -> dict:
+        return {"model": "fake", "labels": {0: "nothate", 1: "hate"}, "device": "cpu"}
+
+
+def test_batcher_slices_results_per_request_and_respects_max_batch_size():
+    scorer = FakeScorer()
+
+    async def scenario() -> list[RewardScores]:
+        batcher = DynamicBatcher(scorer.score, max_batch_size=8, max_wait_ms=50, max_queue=100)
+        worker = asyncio.create_task(batcher.run())
+        jobs = [["a" * (10 * j + i + 1) for i in range(1 + j % 3)] for j in range(10)]
+        try:
+            results = await asyncio.gather(*(batcher.submit(texts) for texts in jobs))
+        finally:
+            worker.cancel()
+        return jobs, results
+
+    jobs, results = asyncio.run(scenario())
+    for texts, scores in zip(jobs, results):
+        assert scores.rewards.tolist() == [float(len(t)) for t in texts]
+    assert sum(scorer.batches) == sum(len(j) for j in jobs)
+    assert max(scorer.batches) <= 8 and len(scorer.batches) < len(jobs)
+
+
+def test_full_queue_answers_503():
+    settings = ServerSettings(max_queue=1)
+    app = build_app(FakeScorer(), settings, token=None)  # lifespan not run: no worker drains the queue
+
+    async def scenario() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            waiting = asyncio.create_task(client.post("/score", json={"texts": ["first"]}))
+            while app.state.batcher.queue.qsize() < 1:
+                await asyncio.sleep(0.01)
+            rejected = await client.post("/score", json={"texts": ["second"]})
+            waiting.cancel()
+            return rejected
+
+    response = asyncio.run(scenario())
+    assert response.status_code == 503
+    assert "queue is full (1 requests waiting)" in response.json()["detail"]
+    with pytest.raises(QueueFullError):
+        asyncio.run(_submit_twice(DynamicBatcher(FakeScorer().score, 4, 1, max_queue=1)))
+
+
+async def _submit_twice(batcher: DynamicBatcher) -> None:
+    first = asyncio.create_task(batcher.submit(["a"]))
+    await asyncio.sleep(0)
+    try:
+        await batcher.submit(["b"])
+    finally:
+        first.cancel()
