@@ -80,6 +80,7 @@ class GenerationSettings:
 
 @dataclass
 class SFTConfig:
+    # Defaults follow the reference notebook's adapter training (AdamW, lr 1e-3, one epoch).
     learning_rate: float = 1e-3
     batch_size: int = 8  # per process
     gradient_accumulation_steps: int = 1
@@ -93,6 +94,7 @@ class SFTConfig:
     eval_rouge_examples: int = 50  # validation examples generated for ROUGE at each evaluation
     early_stopping_patience: Optional[int] = None  # evaluations without improvement before stopping
     save_every_steps: int = 200
+    keep_checkpoints: int = 2  # newest complete checkpoints kept on disk; older ones are deleted
     log_every_steps: int = 10
 
 
@@ -120,6 +122,9 @@ class PPOConfig:
     score_clip: Optional[float] = None
     ratio_threshold: float = 10.0
     max_grad_norm: Optional[float] = None
+    # TRL 0.11.4 masks out the first generated token of encoder-decoder responses (an off-by-one); true
+    # reproduces that exactly (differential test), false (default) trains on every response token.
+    trl_first_token_mask: bool = False
     save_every_steps: int = 5
     log_every_steps: int = 1
 
@@ -134,6 +139,19 @@ class EvalConfig:
     )
     bootstrap_samples: int = 1000
     confidence: float = 0.95
+    # Systems compared on identical inputs, as NAME=ADAPTER_DIR; a bare "base" (or NAME=none) is the base model
+    # without adapter. "{output_dir}" expands to the run's output_dir. From the command line:
+    # --eval.systems base,ppo=runs/tiny/ppo/adapter
+    systems: list[str] = field(
+        default_factory=lambda: ["base", "sft={output_dir}/sft/adapter", "ppo={output_dir}/ppo/adapter"]
+    )
+    before: Optional[str] = None  # system whose metrics are the "before" of relative changes; None = the first
+    after: Optional[str] = None  # system compared with it; None = the last
+    # PPO log.jsonl for reward/KL curves: "auto" = <output_dir>/ppo/log.jsonl when it exists; null = no curves.
+    ppo_log: Optional[str] = "auto"
+    qualitative_rows: int = 10  # rows at each end of the before/after table sorted by reward improvement
+    # torch CPU threads per process; None = torch's default. 1 is much faster for tiny models on a busy CPU.
+    torch_threads: Optional[int] = None
 
 
 @dataclass
