@@ -1,0 +1,611 @@
+"""Per-GPU memory planner for PPO with FLAN-T5 (small to xxl): does this job fit before it is queued?
+
+    python -m train.plan --model google/flan-t5-xxl --gpus 8 --zero 3 [--quant 4bit] [--mini-batch 8]
+    python -m train.plan --config configs/flan_t5_base.yaml --gpus 1 --gradient-checkpointing
+    python -m train.plan --table            # Markdown: flan-t5 small..xxl x {1, 8} GPUs x ZeRO {2, 3}
+
+Nothing is downloaded and no weights are made: the policy is built on the meta device from the shipped
+architecture configs (`train.models.build_from_architecture`), LoRA is applied with the project's own
+`apply_lora`, so parameter counts per module are exact. Sizes come from the config (`--config`, default = the
+reference workflow) and flags override them. The planner models the PPO stage (the most demanding one).
+
+Memory model, per GPU (N = GPUs, b = bytes per element of the model dtype: fp32 4, bf16/fp16 2). "Sharded"
+means divided by N (rounded up).
+
+Weights of the frozen base, as `train.models.load_base_model` leaves them:
+  * no quantisation: every parameter in `model.dtype` (b bytes). fp16 only: T5's `_keep_in_fp32_modules`
+    (the feed-forward output projections `wo`) stay fp32, as transformers does for fp16 (not for bf16).
+  * 8bit (bitsandbytes LLM.int8): the Linear weights inside the blocks become int8 (1 byte/param) plus one
+    fp32 scale per output row (SCB); 4bit (nf4, no double quantisation, transformers' default): 0.5 byte/param
+    plus one fp32 absmax per 64-value block (0.0625 byte/param) plus a 16-entry fp32 code book per layer.
+    Not quantised, as transformers + bitsandbytes do: `lm_head` (the output embedding) and `wo`
+    (`_keep_in_fp32_modules`); embeddings, layer norms and the relative-position biases are not Linear layers.
+    All non-quantised parameters are then fp32, because `peft.prepare_model_for_kbit_training` (called by
+    `load_base_model`) casts every fp16/bf16 parameter to fp32.
+  * ZeRO-3 shards them; ZeRO-3 with CPU offload keeps them on the CPU. Under ZeRO-3, each forward
+    (generation included) gathers the parameters of one module at a time: the peak adds the largest T5 block
+    (or the embedding / LM head) unsharded ("ZeRO-3 gathered layer"). DeepSpeed's prefetch
+    (`stage3_prefetch_bucket_size`, `stage3_max_live_parameters`) can hold more; lower those if it matters.
+Trainable parameters (LoRA A/B of the targeted Linear layers + the value head, `d_model + 1`): fp32 (peft
+  keeps adapters in fp32 whatever the base dtype; the value head is fp32), 4 bytes/param, so no separate fp32
+  master copy. Sharded under ZeRO-3.
+Optimizer: Adam (as TRL/`ppo_core`): `exp_avg` and `exp_avg_sq` in fp32 (8 bytes/param) plus a 4-byte `step`
+  tensor per parameter tensor. Sharded under ZeRO >= 1; off the GPU with CPU offload.
+Gradients: fp32, one per trainable parameter (the frozen base has none). Sharded under ZeRO >= 2; off the GPU
+  with CPU offload. They exist from the first backward until `zero_grad`, so they count in the training phase.
+Activations kept for the backward of one PPO mini-batch (per GPU: B = ceil(mini_batch / N) rows, encoder
+  length Q = prompt tokens, decoder length R = max_new_tokens + 1). Per layer and token, counted from the tensors
+  autograd saves (measured with `torch.autograd.graph.saved_tensors_hooks` on flan-t5-small with SDPA
+  attention, eval mode as `ppo_core` runs, frozen base so no Linear input is kept for its weight gradient;
+  `tests/test_plan.py` re-measures it):
+    encoder layer, per encoder token:  b * (6 d_ff + 4 inner) + 6 * 2 norms * d_model + L_in
+    decoder layer, per decoder token:  b * (6 d_ff + 6 inner) + 6 * 3 norms * d_model + L_in
+    decoder layer, per encoder token:  b * 2 inner (cross-attention keys/values) + L_in
+  with inner = num_heads * d_kv. 6 d_ff: the gated-GELU feed-forward keeps both projections and the
+  intermediate results of the tanh-GELU; 4/6 inner: q, k, v and the attention output of each attention
+  (SDPA keeps no (length x length) matrix); 6 bytes per layer norm and d_model: its input in the model
+  dtype plus the fp32 upcast T5's RMSNorm computes in. L_in: each LoRA-targeted Linear casts its input to
+  fp32 for the adapter (4 bytes * in_features per token; 0 when the model is fp32). Plus the value-head
+  input (fp32 decoder states, 4 d_model per decoder token) and the log-softmax over the vocabulary kept for
+  the backward (4 V per predicted token).
+  With gradient checkpointing, only each block's input is kept (b * d_model per token and layer) plus one
+  block's full activations while it is recomputed. NOTE: transformers only checkpoints in training mode,
+  and `ppo_core` runs the policy in eval mode (dropout off): the knob needs the policy in train mode with
+  dropout 0 to have any effect.
+Logits buffer: B * (R - 1) * V * 12 bytes on top of the kept log-softmax: the fp32 logits, and the fp32
+  softmax and product of the entropy statistic (`ppo_loss`), alive at once.
+Generation (rollout): each GPU generates its ceil(batch / N) rows, at most `rollout.batch_size` per call (G).
+  Decoder self-attention cache 2 * L_dec * G * inner * max_new_tokens * b, cross-attention cache
+  2 * L_dec * G * inner * Q * b, the encoder output G * Q * d_model * b, and per-step logits G * V * 4 * 3
+  (scores, processed scores and probabilities in fp32).
+Peak = weights + trainable + optimizer + max(training phase, generation phase) + reward model (when it shares
+  the GPU) + ZeRO-3 gathered layer + CUDA context/allocator overhead (1 GiB: the CUDA context and cuBLAS/cuDNN
+  workspaces, which `torch.cuda.max_memory_allocated` does not see). The rollout's no-grad forward passes
+  (old and reference log-probs) hold less than the training pass and are not counted. Temporaries during
+  the backward (a few layer-sized gradient tensors) and fragmentation are left to the safety margin: the job
+  fits when peak <= gpu_mem * (1 - margin) (default 10% of 80 GiB).
+Reward model (RoBERTa classifier): parameters * reward dtype bytes, plus inference activations of one
+  batch, batch * length * (2 intermediate + 4 hidden) * bytes (one layer at a time, no gradients). On
+  "separate" placement it is reported for its own device and not added to the training GPUs; "shared" puts
+  a copy on every training GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+from torch import nn
+
+from train.cli import run_cli
+from train.config import ExperimentConfig, LoraSettings, load_config
+from train.errors import ConfigError, ModelError
+
+GIB = 1024**3
+CUDA_OVERHEAD_BYTES = 1 * GIB
+REFERENCE_REWARD_MODEL = "facebook/roberta-hate-speech-dynabench-r4-target"
+# RoBERTa-base with a 2-class head: the reference reward model's architecture, so it needs no download.
+REFERENCE_REWARD_ARCH = dict(
+    vocab_size=50265, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+    max_position_embeddings=514, type_vocab_size=1, num_labels=2,
+)
+NF4_BLOCK = 64  # bitsandbytes 4-bit block size: one fp32 absmax per 64 weights
+NF4_CODE_BYTES = 16 * 4  # the nf4 code book each quantised layer holds
+KEEP_FP32_MODULES = ("wo",)  # T5PreTrainedModel._keep_in_fp32_modules
+FF_SAVED = 6  # d_ff-sized tensors kept per gated-GELU feed-forward (measured, see the docstring)
+NORM_BYTES = 6  # bytes kept per layer norm per d_model element (model-dtype input + fp32 upcast)
+LOGITS_EXTRA_BYTES = 12  # fp32 logits + entropy softmax + product, per vocabulary entry
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+Quant = Optional[Literal["8bit", "4bit"]]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Parameter counts from the meta-device model
+
+
+@dataclass
+class ParamCounts:
+    """Exact parameter counts of base + LoRA + value head, grouped by how they are stored."""
+
+    quantizable: int  # Linear weights in the blocks (quantised under 8/4bit)
+    quantizable_linears: int
+    quantizable_out_rows: int  # sum of out_features over those Linears (8bit scales)
+    keep_fp32: int  # `wo` weights (fp32 under fp16 and under quantisation)
+    other: int  # embeddings, norms, relative biases, lm_head
+    lora: int
+    lora_tensors: int
+    value_head: int
+    largest_gathered: int  # params of the biggest single module ZeRO-3 gathers at once
+    lora_targets: list[str] = field(default_factory=list)
+
+    @property
+    def base(self) -> int:
+        return self.quantizable + self.keep_fp32 + self.other
+
+    @property
+    def trainable(self) -> int:
+        return self.lora + self.value_head
+
+    @property
+    def trainable_tensors(self) -> int:
+        return self.lora_tensors + 2  # value head weight + bias
+
+
+def _is_lm_head(name: str) -> bool:
+    return name == "lm_head" or name.endswith(".lm_head")
+
+
+def count_parameters(model_name: str, lora: LoraSettings) -> tuple[ParamCounts, object]:
+    """Counts for `model_name` (a shipped FLAN-T5 id or a local directory) with a fresh LoRA, and its config."""
+    from train.models import apply_lora, build_from_architecture
+
+    base = build_from_architecture(model_name, device="meta")
+    config = base.config
+    quantizable = linears = rows = keep = 0
+    linear_params: set[int] = set()
+    for name, module in base.named_modules():
+        if isinstance(module, nn.Linear) and not _is_lm_head(name):
+            linear_params.add(id(module.weight))
+            if name.rsplit(".", 1)[-1] in KEEP_FP32_MODULES:
+                keep += module.weight.numel()
+            else:
+                quantizable += module.weight.numel()
+                linears += 1
+                rows += module.out_features
+    total = sum(p.numel() for p in base.parameters())  # deduplicated: shared tensors once
+    blocks = [m for n, m in base.named_modules() if type(m).__name__.endswith("Block")]
+    singles = [base.get_input_embeddings(), base.get_output_embeddings()]
+    largest = max(sum(p.numel() for p in m.parameters()) for m in blocks + [s for s in singles if s is not None])
+    peft_model = apply_lora(base, lora)
+    lora_params = [p for n, p in peft_model.named_parameters() if p.requires_grad and "lora_" in n]
+    return (
+        ParamCounts(
+            quantizable=quantizable,
+            quantizable_linears=linears,
+            quantizable_out_rows=rows,
+            keep_fp32=keep,
+            other=total - quantizable - keep,
+            lora=sum(p.numel() for p in lora_params),
+            lora_tensors=len(lora_params),
+            value_head=config.d_model + 1,
+            largest_gathered=largest,
+            lora_targets=list(lora.target_modules),
+        ),
+        config,
+    )
+
+
+def weight_bytes(counts: ParamCounts, dtype: str, quant: Quant) -> int:
+    """Bytes of the frozen base weights as `load_base_model` stores them (see the module docstring)."""
+    b = DTYPE_BYTES[dtype]
+    if quant is None:
+        keep_bytes = 4 if dtype == "float16" else b
+        return counts.quantizable * b + counts.keep_fp32 * keep_bytes + counts.other * b
+    non_quantised = (counts.keep_fp32 + counts.other) * 4  # prepare_model_for_kbit_training -> fp32
+    if quant == "8bit":
+        return counts.quantizable + 4 * counts.quantizable_out_rows + non_quantised
+    blocks = math.ceil(counts.quantizable / NF4_BLOCK)
+    packed = math.ceil(counts.quantizable / 2)
+    return packed + 4 * blocks + NF4_CODE_BYTES * counts.quantizable_linears + non_quantised
+
+
+def trainable_bytes(counts: ParamCounts) -> int:
+    """LoRA + value head, fp32."""
+    return 4 * counts.trainable
+
+
+def optimizer_bytes(counts: ParamCounts) -> int:
+    """Adam: exp_avg + exp_avg_sq (fp32) per trainable parameter, plus a 4-byte `step` per tensor."""
+    return 8 * counts.trainable + 4 * counts.trainable_tensors
+
+
+def gradient_bytes(counts: ParamCounts) -> int:
+    return 4 * counts.trainable
+
+
+# ----------------------------------------------------------------------------------------------------
+# Activations, generation, reward model
+
+
+@dataclass
+class Arch:
+    d_model: int
+    d_ff: int
+    inner: int  # num_heads * d_kv
+    enc_layers: int
+    dec_layers: int
+    vocab: int
+    gated: bool
+
+    @classmethod
+    def from_config(cls, config) -> "Arch":
+        return cls(
+            d_model=config.d_model,
+            d_ff=config.d_ff,
+            inner=config.num_heads * config.d_kv,
+            enc_layers=config.num_layers,
+            dec_layers=config.num_decoder_layers or config.num_layers,
+            vocab=config.vocab_size,
+            gated=bool(getattr(config, "is_gated_act", True)),
+        )
+
+
+def _lora_input_bytes(arch: Arch, targets: list[str], b: int) -> tuple[int, int, int]:
+    """fp32 copies of LoRA inputs per token: (encoder layer, decoder layer per decoder token, per encoder token)."""
+    if b >= 4:
+        return 0, 0, 0
+    width = {"q": arch.d_model, "k": arch.d_model, "v": arch.d_model, "o": arch.inner,
+             "wi": arch.d_model, "wi_0": arch.d_model, "wi_1": arch.d_model, "wo": arch.d_ff}
+    enc = dec = cross = 0
+    for t in targets:
+        w = 4 * width.get(t, arch.d_model)
+        enc += w  # encoder self-attention / feed-forward
+        dec += w  # decoder self-attention / feed-forward
+        if t in ("q", "o"):
+            dec += w  # cross-attention query and output work on decoder tokens
+        elif t in ("k", "v"):
+            cross += w  # cross-attention keys and values read the encoder output
+    return enc, dec, cross
+
+
+def activation_bytes(
+    arch: Arch, batch: int, prompt_len: int, response_len: int, dtype: str, lora_targets: list[str],
+    gradient_checkpointing: bool = False,
+) -> int:
+    """Bytes autograd keeps for the backward of one training forward (`response_len` = decoder length)."""
+    b = DTYPE_BYTES[dtype]
+    ff = (FF_SAVED if arch.gated else 3) * arch.d_ff
+    enc_lora, dec_lora, cross_lora = _lora_input_bytes(arch, lora_targets, b)
+    enc_layer = batch * prompt_len * (b * (ff + 4 * arch.inner) + NORM_BYTES * 2 * arch.d_model + enc_lora)
+    dec_layer = batch * response_len * (b * (ff + 6 * arch.inner) + NORM_BYTES * 3 * arch.d_model + dec_lora)
+    dec_layer += batch * prompt_len * (b * 2 * arch.inner + cross_lora)
+    head = batch * response_len * 4 * arch.d_model + batch * (response_len - 1) * arch.vocab * 4
+    if not gradient_checkpointing:
+        return arch.enc_layers * enc_layer + arch.dec_layers * dec_layer + head
+    block_inputs = batch * b * arch.d_model * (arch.enc_layers * prompt_len + arch.dec_layers * response_len)
+    return block_inputs + max(enc_layer, dec_layer) + head
+
+
+def logits_buffer_bytes(arch: Arch, batch: int, response_len: int) -> int:
+    return batch * (response_len - 1) * arch.vocab * LOGITS_EXTRA_BYTES
+
+
+def generation_bytes(arch: Arch, gen_batch: int, prompt_len: int, new_tokens: int, dtype: str) -> int:
+    """KV caches (self + cross attention), encoder output and per-step logits of one generate() call."""
+    b = DTYPE_BYTES[dtype]
+    self_cache = 2 * arch.dec_layers * gen_batch * arch.inner * new_tokens * b
+    cross_cache = 2 * arch.dec_layers * gen_batch * arch.inner * prompt_len * b
+    encoder_out = gen_batch * prompt_len * arch.d_model * b
+    step_logits = gen_batch * arch.vocab * 4 * 3
+    return self_cache + cross_cache + encoder_out + step_logits
+
+
+@functools.lru_cache(maxsize=None)
+def reward_model_params(name_or_path: str) -> tuple[int, int, int]:
+    """(parameters, hidden size, intermediate size) of the reward classifier, from its config only."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, RobertaConfig
+
+    if (Path(name_or_path) / "config.json").is_file():
+        config = AutoConfig.from_pretrained(name_or_path)
+    elif name_or_path == REFERENCE_REWARD_MODEL:
+        config = RobertaConfig(**REFERENCE_REWARD_ARCH)
+    else:
+        raise ConfigError(
+            f"the planner cannot size reward model {name_or_path!r} offline: pass a local directory with its "
+            f"config.json via --reward.model_name_or_path DIR (or use {REFERENCE_REWARD_MODEL})"
+        )
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(config)
+    return sum(p.numel() for p in model.parameters()), config.hidden_size, config.intermediate_size
+
+
+# ----------------------------------------------------------------------------------------------------
+# The plan
+
+
+@dataclass
+class PlanInputs:
+    """Everything the estimate depends on; `from_config` fills it from an ExperimentConfig."""
+
+    model: str = "google/flan-t5-base"
+    gpus: int = 1
+    zero: int = 0  # 0 = plain data parallel (DDP), 1/2/3 = DeepSpeed ZeRO stage
+    dtype: str = "bfloat16"
+    quant: Quant = None
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    batch: int = 16  # ppo.batch_size, global
+    mini_batch: int = 4  # ppo.mini_batch_size, global
+    gen_batch: int = 16  # rollout.batch_size: prompts per generate() call
+    prompt_len: int = 512  # data.max_prompt_tokens
+    max_new_tokens: int = 400  # rollout.max_new_tokens
+    gradient_checkpointing: bool = False
+    offload: bool = False  # DeepSpeed CPU offload: optimizer (ZeRO >= 2) and, under ZeRO-3, parameters
+    reward_model: str = REFERENCE_REWARD_MODEL
+    reward_dtype: str = "float32"
+    reward_batch: int = 64
+    reward_len: int = 512
+    reward_device: Literal["separate", "shared"] = "separate"
+    gpu_mem_gib: float = 80.0
+    margin: float = 0.10
+
+    @classmethod
+    def from_config(cls, cfg: ExperimentConfig, **overrides) -> "PlanInputs":
+        inputs = cls(
+            model=cfg.model.name_or_path, dtype=cfg.model.dtype, quant=cfg.model.quantization,
+            lora=dataclasses.replace(cfg.lora), batch=cfg.ppo.batch_size, mini_batch=cfg.ppo.mini_batch_size,
+            gen_batch=cfg.rollout.batch_size, prompt_len=cfg.data.max_prompt_tokens,
+            max_new_tokens=cfg.rollout.max_new_tokens, reward_model=cfg.reward.model_name_or_path,
+            reward_dtype=cfg.reward.dtype, reward_batch=cfg.reward.batch_size,
+            reward_len=cfg.reward.max_length or 512,
+        )
+        return dataclasses.replace(inputs, **{k: v for k, v in overrides.items() if v is not None})
+
+    def check(self) -> None:
+        if self.gpus < 1:
+            raise ConfigError(f"--gpus must be at least 1, got {self.gpus}")
+        if self.zero not in (0, 1, 2, 3):
+            raise ConfigError(f"--zero must be 0 (no ZeRO, plain DDP), 1, 2 or 3; got {self.zero}")
+        if self.offload and self.zero < 2:
+            raise ConfigError("--offload needs DeepSpeed ZeRO-2 or ZeRO-3: add --zero 2 or --zero 3")
+        if self.dtype not in DTYPE_BYTES or self.reward_dtype not in DTYPE_BYTES:
+            raise ConfigError(f"dtypes must be one of {', '.join(DTYPE_BYTES)}")
+        if self.quant not in (None, "8bit", "4bit"):
+            raise ConfigError(f"--quant must be 8bit or 4bit, got {self.quant!r}")
+        for name in ("batch", "mini_batch", "gen_batch", "prompt_len", "max_new_tokens", "reward_batch", "reward_len"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.margin < 1 or self.gpu_mem_gib <= 0:
+            raise ConfigError("--gpu-mem must be positive and --margin between 0 and 1")
+
+
+@dataclass
+class Plan:
+    inputs: PlanInputs
+    counts: ParamCounts
+    components: dict[str, int]  # per-GPU bytes that make up the peak
+    reward_own_device: int  # bytes on the reward model's own device (separate placement), else 0
+    notes: list[str]
+    phases: dict[str, int] = field(default_factory=dict)  # "training" and "generation" transient bytes
+
+    @property
+    def peak(self) -> int:
+        return sum(self.components.values())
+
+    @property
+    def limit(self) -> float:
+        return self.inputs.gpu_mem_gib * GIB * (1 - self.inputs.margin)
+
+    @property
+    def fits(self) -> bool:
+        return self.peak <= self.limit
+
+
+def _shard(n: int, gpus: int, sharded: bool) -> int:
+    return math.ceil(n / gpus) if sharded else n
+
+
+def plan(inputs: PlanInputs, counts: Optional[ParamCounts] = None, config=None) -> Plan:
+    """The per-GPU peak of one PPO step (generation + update) for `inputs`."""
+    inputs.check()
+    if counts is None or config is None:
+        counts, config = count_parameters(inputs.model, inputs.lora)
+    arch = Arch.from_config(config)
+    n, z, notes = inputs.gpus, inputs.zero, []
+    rows = math.ceil(inputs.batch / n)
+    mini = math.ceil(inputs.mini_batch / n)
+    if inputs.batch % n or inputs.mini_batch % n:
+        notes.append(f"ppo.batch_size ({inputs.batch}) and ppo.mini_batch_size ({inputs.mini_batch}) are global and "
+                     f"must be multiples of {n} GPUs: raise them (planned with {rows} rows, {mini} per mini-batch per GPU)")
+    gen = min(inputs.gen_batch, rows)
+    response_len = inputs.max_new_tokens + 1  # decoder start token + generated tokens
+
+    weights = weight_bytes(counts, inputs.dtype, inputs.quant)
+    weights = 0 if (z == 3 and inputs.offload) else _shard(weights, n, z == 3)
+    offloaded = inputs.offload
+    components = {
+        "weights (frozen base)": weights,
+        "trainable (LoRA + value head)": _shard(trainable_bytes(counts), n, z == 3),
+        "optimizer (Adam)": 0 if offloaded else _shard(optimizer_bytes(counts), n, z >= 1),
+    }
+    train_phase = (
+        (0 if offloaded else _shard(gradient_bytes(counts), n, z >= 2))
+        + activation_bytes(arch, mini, inputs.prompt_len, response_len, inputs.dtype, counts.lora_targets,
+                           inputs.gradient_checkpointing)
+        + logits_buffer_bytes(arch, mini, response_len)
+    )
+    gen_phase = generation_bytes(arch, gen, inputs.prompt_len, inputs.max_new_tokens, inputs.dtype)
+    components["training: grads + activations + logits"] = train_phase if train_phase >= gen_phase else 0
+    components["generation: KV cache + logits"] = gen_phase if gen_phase > train_phase else 0
+    notes.append(f"training phase {fmt_gib(train_phase)} vs generation phase {fmt_gib(gen_phase)}: the larger counts")
+    if z == 3:
+        components["ZeRO-3 gathered layer"] = counts.largest_gathered * DTYPE_BYTES[inputs.dtype]
+
+    r_params, r_hidden, r_inter = reward_model_params(inputs.reward_model)
+    rb = DTYPE_BYTES[inputs.reward_dtype]
+    reward = r_params * rb + inputs.reward_batch * inputs.reward_len * (2 * r_inter + 4 * r_hidden) * rb
+    components["reward model"] = reward if inputs.reward_device == "shared" else 0
+    components["CUDA context + allocator"] = CUDA_OVERHEAD_BYTES
+    return Plan(inputs, counts, components, reward if inputs.reward_device == "separate" else 0, notes,
+                {"training": train_phase, "generation": gen_phase})
+
+
+# ----------------------------------------------------------------------------------------------------
+# Knobs
+
+
+def _knobs(inputs: PlanInputs) -> list[tuple[str, PlanInputs]]:
+    """Single changes that can lower the per-GPU peak, each as a description and the changed inputs."""
+    r = dataclasses.replace
+    knobs: list[tuple[str, PlanInputs]] = []
+    if inputs.zero < 3:
+        knobs.append(("--zero 3 (shard the frozen weights too)", r(inputs, zero=3)))
+    knobs.append((f"--gpus {inputs.gpus * 2} (more GPUs)", r(inputs, gpus=inputs.gpus * 2)))
+    if inputs.quant != "4bit":
+        knobs.append(("--quant 4bit (QLoRA base weights)", r(inputs, quant="4bit")))
+    if math.ceil(inputs.mini_batch / inputs.gpus) > 1:
+        knobs.append((f"--mini-batch {max(inputs.gpus, inputs.mini_batch // 2)} (smaller PPO mini-batch)",
+                      r(inputs, mini_batch=max(inputs.gpus, inputs.mini_batch // 2))))
+    if not inputs.gradient_checkpointing:
+        knobs.append(("--gradient-checkpointing", r(inputs, gradient_checkpointing=True)))
+    if inputs.max_new_tokens > 32:
+        knobs.append((f"--max-new-tokens {inputs.max_new_tokens // 2}", r(inputs, max_new_tokens=inputs.max_new_tokens // 2)))
+    if not inputs.offload:
+        knobs.append(("--zero 3 --offload (DeepSpeed CPU offload of parameters and optimizer)",
+                      r(inputs, zero=3, offload=True)))
+    if inputs.reward_device == "shared":
+        knobs.append(("--reward-device separate (classifier on its own device)", r(inputs, reward_device="separate")))
+    return knobs
+
+
+def suggest_knob(current: Plan) -> Optional[tuple[str, Plan]]:
+    """The single knob that makes a non-fitting plan fit with the biggest saving, else the biggest saving."""
+    if current.fits:
+        return None
+    tried = [(name, plan_for(inputs)) for name, inputs in _knobs(current.inputs)]
+    fitting = [t for t in tried if t[1].fits]
+    pool = fitting or tried
+    return min(pool, key=lambda t: t[1].peak) if pool else None
+
+
+_COUNTS_CACHE: dict[tuple, tuple[ParamCounts, object]] = {}
+
+
+def plan_for(inputs: PlanInputs) -> Plan:
+    """`plan` with the meta-device model built once per model and LoRA setting."""
+    key = (inputs.model, tuple(inputs.lora.target_modules), inputs.lora.r)
+    if key not in _COUNTS_CACHE:
+        _COUNTS_CACHE[key] = count_parameters(inputs.model, inputs.lora)
+    counts, config = _COUNTS_CACHE[key]
+    return plan(inputs, counts, config)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Output
+
+
+def fmt_gib(n: float) -> str:
+    return f"{n / GIB:.2f} GiB"
+
+
+def format_plan(p: Plan) -> str:
+    i = p.inputs
+    quant = f", {i.quant}" if i.quant else ""
+    zero = f"ZeRO-{i.zero}" if i.zero else "DDP (no ZeRO)"
+    lines = [
+        f"{i.model}: {p.counts.base:,} base parameters, {p.counts.trainable:,} trainable (LoRA r={i.lora.r} on "
+        f"{','.join(i.lora.target_modules)} + value head)",
+        f"{i.gpus} GPU(s) x {i.gpu_mem_gib:g} GiB, {zero}{' + CPU offload' if i.offload else ''}, {i.dtype}{quant}, "
+        f"PPO batch {i.batch} / mini-batch {i.mini_batch} (global), prompt {i.prompt_len} + {i.max_new_tokens} new tokens, "
+        f"gradient checkpointing {'on' if i.gradient_checkpointing else 'off'}, reward model {i.reward_device}",
+        "",
+        f"{'per GPU':<42} {'memory':>12}",
+        "-" * 55,
+    ]
+    for name, value in p.components.items():
+        if value:
+            lines.append(f"{name:<42} {fmt_gib(value):>12}")
+    lines += ["-" * 55, f"{'peak':<42} {fmt_gib(p.peak):>12}",
+              f"{'usable (after ' + format(i.margin, '.0%') + ' safety margin)':<42} {fmt_gib(p.limit):>12}", ""]
+    if p.reward_own_device:
+        lines.append(f"reward model on its own device: {fmt_gib(p.reward_own_device)} ({i.reward_model}, {i.reward_dtype})")
+    lines += [f"note: {n}" for n in p.notes]
+    if p.fits:
+        lines.append(f"verdict: FITS ({fmt_gib(p.limit - p.peak)} to spare per GPU)")
+    else:
+        lines.append(f"verdict: DOES NOT FIT ({fmt_gib(p.peak - p.limit)} over per GPU)")
+        knob = suggest_knob(p)
+        if knob is not None:
+            name, after = knob
+            outcome = "fits" if after.fits else "still does not fit; combine knobs"
+            lines.append(f"turn this knob: {name} -> peak {fmt_gib(after.peak)} per GPU, {outcome}")
+            others = [f"{n} ({fmt_gib(q.peak)})" for n, q in ((n, plan_for(i)) for n, i in _knobs(p.inputs))
+                      if q.fits and n != name]
+            if others:
+                lines.append("other single knobs that fit: " + "; ".join(others))
+    return "\n".join(lines)
+
+
+def markdown_table(base: PlanInputs, models: Optional[list[str]] = None, gpus=(1, 8), zeros=(2, 3)) -> str:
+    """Peak per GPU for each model x GPU count x ZeRO stage (other settings from `base`)."""
+    from train.models import ARCHITECTURES
+
+    models = models or list(ARCHITECTURES)
+    header = "| model | GPUs | ZeRO | weights | optimizer | training phase | generation phase | peak / GPU | fits |"
+    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for model in models:
+        for n in gpus:
+            for z in zeros:
+                # Global batch sizes must divide over the GPUs (ppo_core checks): at least one row per GPU.
+                inputs = dataclasses.replace(base, model=model, gpus=n, zero=z, batch=max(base.batch, n),
+                                             mini_batch=max(base.mini_batch, n))
+                p = plan_for(inputs)
+                train, gen = p.phases["training"], p.phases["generation"]
+                verdict = "yes" if p.fits else "no"
+                if not p.fits:
+                    knob = suggest_knob(p)
+                    verdict += f" ({knob[0].split(' (')[0]}{'' if knob[1].fits else ' +more'})" if knob else ""
+                lines.append(
+                    f"| {model} | {n} | {z} | {fmt_gib(p.components['weights (frozen base)'])} | "
+                    f"{fmt_gib(p.components['optimizer (Adam)'])} | {fmt_gib(train)} | {fmt_gib(gen)} | {fmt_gib(p.peak)} | "
+                    f"{verdict} |"
+                )
+    return "\n".join(lines)
+
+
+def parse_args(argv: Optional[list[str]]) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Other config keys can be overridden as --section.key VALUE (e.g. --lora.r 16).",
+    )
+    add = parser.add_argument
+    add("--config", help="YAML recipe (batch sizes, lengths, LoRA, dtype); default: the reference workflow")
+    add("--model", help="shipped FLAN-T5 id (google/flan-t5-small..xxl) or a local model directory")
+    add("--gpus", type=int, default=1)
+    add("--zero", type=int, default=0, help="DeepSpeed ZeRO stage 1/2/3; 0 = plain DDP (default)")
+    add("--quant", choices=["8bit", "4bit"], help="bitsandbytes base weights")
+    add("--dtype", choices=list(DTYPE_BYTES), help="model dtype (default: the config's model.dtype)")
+    add("--batch", type=int, help="global PPO batch (ppo.batch_size)")
+    add("--mini-batch", type=int, help="global PPO mini-batch (ppo.mini_batch_size)")
+    add("--gen-batch", type=int, help="prompts per generate() call (rollout.batch_size)")
+    add("--prompt-len", type=int, help="prompt tokens (data.max_prompt_tokens)")
+    add("--max-new-tokens", type=int, help="generated tokens (rollout.max_new_tokens)")
+    add("--gradient-checkpointing", action="store_true")
+    add("--offload", action="store_true", help="DeepSpeed CPU offload (needs --zero 2 or 3)")
+    add("--reward-device", choices=["separate", "shared"], default="separate",
+        help="reward classifier on its own device (default) or a copy on every training GPU")
+    add("--gpu-mem", type=float, default=80.0, help="GiB per GPU (default 80)")
+    add("--margin", type=float, default=0.10, help="safety margin as a fraction of --gpu-mem (default 0.10)")
+    add("--table", action="store_true", help="Markdown table: flan-t5 small..xxl x {1, 8} GPUs x ZeRO {2, 3}")
+    return parser.parse_known_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> Plan | str:
+    args, overrides = parse_args(argv)
+    cfg = load_config(args.config, overrides) if (args.config or overrides) else ExperimentConfig()
+    inputs = PlanInputs.from_config(
+        cfg, model=args.model, gpus=args.gpus, zero=args.zero, quant=args.quant, dtype=args.dtype, batch=args.batch,
+        mini_batch=args.mini_batch, gen_batch=args.gen_batch, prompt_len=args.prompt_len,
+        max_new_tokens=args.max_new_tokens, gradient_checkpointing=args.gradient_checkpointing or None,
+        offload=args.offload or None, reward_device=args.reward_device, gpu_mem_gib=args.gpu_mem, margin=args.margin,
+    )
+    inputs.check()
+    if args.table:
+        table = markdown_table(inputs)
+        print(table)
+        return table
+    try:
+        p = plan_for(inputs)
+    except ModelError as e:
+        raise ConfigError(f"--model: {e}") from None
+    print(format_plan(p))
+    return p
+
+
+if __name__ == "__main__":
+    run_cli(main)
