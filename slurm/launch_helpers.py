@@ -1,0 +1,214 @@
+"""Helpers the SLURM templates call, so that the bash stays short and the logic is tested in Python.
+
+    python slurm/launch_helpers.py plan --stage ppo --machines 2 --procs-per-machine 4 -- --config configs/x.yaml ...
+    python slurm/launch_helpers.py gpus --role train --reserve-reward 1       # CUDA_VISIBLE_DEVICES for a role
+    python slurm/launch_helpers.py wait-health http://127.0.0.1:8500/health --timeout 600 --pid 1234
+
+`plan` reads the experiment config exactly as the training script will (train.config.load_config: recipe, then
+overrides), checks what can be checked before any model is loaded (e.g. PPO's global batch sizes against the
+number of processes) and prints shell assignments (`KEY='value'`) for the template to `eval`. User errors print
+one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Optional, Sequence
+
+# Run as a file (`python slurm/launch_helpers.py`), so the repository root is not on sys.path by itself.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from train.config import ExperimentConfig, load_config  # noqa: E402
+from train.errors import ConfigError, DetoxSumError  # noqa: E402
+
+STAGES = ("sft", "ppo", "eval")
+# Stage flags that are not config overrides (load_config would reject them).
+STAGE_FLAGS = ("--resume",)
+
+
+class LaunchError(DetoxSumError):
+    """A launch setting that cannot work (e.g. processes that do not divide the batch)."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# plan: settings from the config, checked before the job starts its training step
+
+
+def split_stage_args(stage_args: Sequence[str]) -> tuple[str, list[str]]:
+    """(config path, overrides) from the arguments the template passes to the training script."""
+    args = [a for a in stage_args if a not in STAGE_FLAGS]
+    config, overrides, i = None, [], 0
+    while i < len(args):
+        if args[i] == "--config":
+            if i + 1 >= len(args):
+                raise ConfigError("--config needs a file, e.g. --config configs/flan_t5_base.yaml")
+            config, i = args[i + 1], i + 2
+        elif args[i].startswith("--config="):
+            config, i = args[i].split("=", 1)[1], i + 1
+        else:
+            overrides.append(args[i])
+            i += 1
+    if config is None:
+        raise ConfigError(
+            "no --config given: pass the recipe after the template, e.g. "
+            "sbatch slurm/ppo.sbatch --config configs/flan_t5_base.yaml"
+        )
+    return config, overrides
+
+
+def check_processes(cfg: ExperimentConfig, stage: str, num_processes: int) -> None:
+    """PPO's batch sizes are global and split evenly across processes; fail now rather than after model loading."""
+    if num_processes < 1:
+        raise LaunchError(f"no training processes: got {num_processes} (are there GPUs left after the reward GPU?)")
+    if stage != "ppo":
+        return
+    p = cfg.ppo
+    if p.batch_size % num_processes or p.mini_batch_size % num_processes:
+        raise LaunchError(
+            f"ppo.batch_size ({p.batch_size}) and ppo.mini_batch_size ({p.mini_batch_size}) are global and must be "
+            f"multiples of the {num_processes} training processes: change the GPUs per node (one is kept for the "
+            f"reward model when RESERVE_REWARD_GPU=1) or pass e.g. --ppo.mini_batch_size {num_processes} "
+            f"--ppo.batch_size {num_processes * max(1, p.batch_size // p.mini_batch_size)}"
+        )
+
+
+def reward_server_args(cfg: ExperimentConfig, device: str) -> list[str]:
+    """Arguments of `python -m rewards.server` that serve the classifier the config names, as configured."""
+    r = cfg.reward
+    args = ["--model", r.model_name_or_path, "--device", device, "--dtype", r.dtype,
+            "--max-batch-size", str(r.batch_size), "--reward-label", r.reward_label, "--toxic-label", r.toxic_label]
+    if r.max_length is not None:
+        args += ["--max-length", str(r.max_length)]
+    if r.trust_remote_code:
+        args.append("--trust-remote-code")
+    return args
+
+
+def plan(stage: str, machines: int, procs_per_machine: int, stage_args: Sequence[str], reward_device: str) -> dict[str, str]:
+    config, overrides = split_stage_args(stage_args)
+    cfg = load_config(config, overrides)
+    check_processes(cfg, stage, machines * procs_per_machine)
+    return {
+        "OUTPUT_DIR": cfg.output_dir,
+        "NUM_PROCESSES": str(machines * procs_per_machine),
+        "REWARD_SERVER_ARGS": shlex.join(reward_server_args(cfg, reward_device)),
+        "REWARD_URL_SET": "1" if cfg.reward.url else "0",
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# gpus: which GPUs train and which one scores
+
+
+def visible_gpus(env: Optional[dict[str, str]] = None) -> list[str]:
+    """The GPUs this process may use: CUDA_VISIBLE_DEVICES as SLURM set it, else every GPU nvidia-smi lists."""
+    env = os.environ if env is None else env
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [g.strip() for g in visible.split(",") if g.strip() and g.strip() != "-1"]
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=60, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def split_gpus(gpus: Sequence[str], reserve_reward: bool) -> tuple[list[str], list[str]]:
+    """(training GPUs, reward GPUs): the last GPU scores when reserved, the others train."""
+    if not reserve_reward:
+        return list(gpus), []
+    if len(gpus) < 2:
+        raise LaunchError(
+            f"RESERVE_REWARD_GPU=1 needs at least 2 GPUs per node (one for the reward model), found {len(gpus)}: "
+            f"request more with --gpus-per-node or set RESERVE_REWARD_GPU=0"
+        )
+    return list(gpus[:-1]), [gpus[-1]]
+
+
+# ----------------------------------------------------------------------------------------------------
+# wait-health: bounded wait for the reward server
+
+
+def wait_health(url: str, timeout_s: float, pid: Optional[int] = None, interval_s: float = 1.0) -> None:
+    """Poll `url` until it answers 200; raise LaunchError at the deadline or when process `pid` has died."""
+    deadline = time.monotonic() + timeout_s
+    last = "no answer yet"
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=min(10.0, max(timeout_s, 0.1))) as resp:
+                if resp.status == 200:
+                    return None
+                last = f"HTTP {resp.status}"
+        except (urllib.error.URLError, OSError) as exc:
+            last = str(getattr(exc, "reason", exc))
+        if pid is not None and not _alive(pid):
+            raise LaunchError(f"the reward server (pid {pid}) exited before {url} answered: see its log")
+        if time.monotonic() >= deadline:
+            raise LaunchError(
+                f"the reward server did not answer {url} within {timeout_s:.0f}s (last: {last}): see its log, "
+                f"or raise HEALTH_TIMEOUT for a large reward model"
+            )
+        time.sleep(interval_s)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------
+# command line
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="slurm/launch_helpers.py", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("plan", help="read and check the config; print shell assignments")
+    p.add_argument("--stage", choices=STAGES, required=True)
+    p.add_argument("--machines", type=int, default=1)
+    p.add_argument("--procs-per-machine", type=int, default=1)
+    p.add_argument("--reward-device", default="cpu")
+    p.add_argument("stage_args", nargs=argparse.REMAINDER, help="-- then the training script's arguments")
+    g = sub.add_parser("gpus", help="print the CUDA_VISIBLE_DEVICES of a role")
+    g.add_argument("--role", choices=("train", "reward"), required=True)
+    g.add_argument("--reserve-reward", type=int, choices=(0, 1), default=1)
+    h = sub.add_parser("wait-health", help="wait (bounded) until a URL answers 200")
+    h.add_argument("url")
+    h.add_argument("--timeout", type=float, default=600.0)
+    h.add_argument("--pid", type=int, default=None, help="give up early when this process has exited")
+    args = parser.parse_args(argv)
+
+    try:
+        if args.command == "plan":
+            stage_args = args.stage_args[1:] if args.stage_args[:1] == ["--"] else args.stage_args
+            for key, value in plan(args.stage, args.machines, args.procs_per_machine, stage_args,
+                                   args.reward_device).items():
+                print(f"{key}={shlex.quote(value)}")
+        elif args.command == "gpus":
+            train, reward = split_gpus(visible_gpus(), bool(args.reserve_reward))
+            print(",".join(train if args.role == "train" else reward))
+        else:
+            wait_health(args.url, args.timeout, args.pid)
+            print(f"reward server healthy: {args.url}", file=sys.stderr)
+    except DetoxSumError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
