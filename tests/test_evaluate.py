@@ -1,0 +1,318 @@
+"""Distributed evaluation (eval.evaluate), its statistics (eval.stats) and its report (eval.report), on the tiny models.
+
+One single-process run and one 2-process run (accelerate launch, gloo) of the same 7 examples are shared by the
+tests below; the SFT/PPO adapters are the tiny T5's LoRA with random weights, so the three systems differ.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from rouge_score import rouge_scorer
+
+from eval import evaluate as ev
+from eval.report import qualitative_rows, read_ppo_log
+from eval.stats import bootstrap_mean, describe, paired_difference, paired_relative_change
+from train.config import load_config
+from train.errors import ConfigError, DataError, ModelError
+from train.generation import generate_texts
+from train.models import Seq2SeqPolicy, ValueHead, apply_lora, load_base_model, save_policy
+
+NUM_EXAMPLES = 7  # odd, and 4 batches of 2: the 2 processes get 4 and 3 examples
+RUN_ARGS = [
+    "--config", "configs/tiny.yaml", "--eval.max_examples", str(NUM_EXAMPLES),
+    "--eval.generation.batch_size", "2", "--eval.generation.max_new_tokens", "12",
+    "--eval.bootstrap_samples", "300", "--eval.torch_threads", "1", "--eval.qualitative_rows", "2",
+]
+SUBPROCESS_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def make_adapters(root: Path) -> dict[str, Path]:
+    """An SFT adapter (peft save_pretrained) and a PPO adapter (save_policy, with value head), random LoRA weights."""
+    cfg = load_config("configs/tiny.yaml")
+    paths = {}
+    for seed, name in enumerate(("sft", "ppo")):
+        torch.manual_seed(seed)
+        model = apply_lora(load_base_model(cfg.model), cfg.lora)
+        with torch.no_grad():
+            for param_name, param in model.named_parameters():
+                if "lora_" in param_name:  # fresh LoRA B is zero, i.e. no change: perturb both factors
+                    param.normal_(0.0, 0.3)
+        paths[name] = root / name / "adapter"
+        if name == "ppo":
+            save_policy(Seq2SeqPolicy(model, ValueHead(model.config.d_model)), paths[name])
+        else:
+            model.save_pretrained(str(paths[name]))
+    return paths
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_examples(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "eval" / "examples.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_artifacts, repo_root, tmp_path_factory):
+    """(adapters, 1-process output dir, 2-process output dir, in-process summary) for the same 7 examples."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(repo_root)  # configs/tiny.yaml names the tiny artifacts relative to the repository
+        yield _run_both(tmp_path_factory.mktemp("eval"), repo_root)
+
+
+def _run_both(root: Path, repo_root: Path):
+    adapters = make_adapters(root / "train")
+    systems = f"base,sft={adapters['sft']},ppo={adapters['ppo']}"
+    ppo_log = root / "log.jsonl"
+    ppo_log.write_text("".join(json.dumps({"step": i, "env/reward_mean": 0.1 * i, "objective/kl": 0.02 * i * i}) + "\n"
+                               for i in range(1, 11)))
+    one, two = root / "one", root / "two"
+    threads = torch.get_num_threads()
+    summary = ev.main([*RUN_ARGS, "--eval.systems", systems, "--output_dir", str(one), "--eval.ppo_log", str(ppo_log)])
+    assert torch.get_num_threads() == threads  # eval.torch_threads does not leak into the caller
+    launch = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+        "-m", "eval.evaluate", *RUN_ARGS, "--eval.systems", systems, "--output_dir", str(two),
+    ]
+    proc = subprocess.run(launch, cwd=repo_root, capture_output=True, text=True, timeout=300, env=SUBPROCESS_ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return adapters, one, two, summary
+
+
+# ----------------------------------------------------------------------------------------------------
+# End to end
+
+
+def test_two_processes_give_exactly_the_single_process_results(runs):
+    _, one, two, _ = runs
+    single, double = read_examples(one), read_examples(two)
+    assert [r["id"] for r in single] == [f"test_{i}" for i in range(NUM_EXAMPLES)]  # no drops, no duplicates, in order
+    assert double == single  # every summary, reward, toxicity and ROUGE value, bit for bit
+    summary_one = json.loads((one / "eval" / "summary.json").read_text())
+    summary_two = json.loads((two / "eval" / "summary.json").read_text())
+    assert summary_two["throughput"]["num_processes"] == 2 and summary_one["throughput"]["num_processes"] == 1
+    assert summary_two["metrics"] == summary_one["metrics"]
+    # The systems really differ, so equality above is not three copies of one model.
+    assert len({r["systems"][s]["summary"] for r in single for s in ("base", "sft", "ppo")}) > NUM_EXAMPLES
+
+
+def test_examples_jsonl_follows_the_contract_and_rouge_matches_rouge_score(runs):
+    _, one, _, summary = runs
+    records = read_examples(one)
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"], use_stemmer=True)
+    split = lambda text: "\n".join(s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s)  # noqa: E731
+    for record in records:
+        assert set(record) == {"id", "dialogue", "references", "systems"} and len(record["references"]) == 3
+        for name, out in record["systems"].items():
+            assert set(out) == {"summary", "reward", "toxicity", "rouge1", "rouge2", "rougeL", "rougeLsum"}
+            assert 0.0 <= out["toxicity"] <= 1.0
+            for key in ("rouge1", "rouge2", "rougeL"):  # best reference, as rouge_score's score_multi
+                assert out[key] == pytest.approx(max(scorer.score(ref, out["summary"])[key].fmeasure
+                                                     for ref in record["references"]))
+            assert out["rougeLsum"] == pytest.approx(max(scorer.score(split(ref), split(out["summary"]))["rougeLsum"]
+                                                         .fmeasure for ref in record["references"]))
+    for name in ("base", "sft", "ppo"):
+        m = summary["metrics"]["systems"][name]
+        for key in ("rouge1", "rougeLsum"):
+            assert m["rouge"][key]["value"] == pytest.approx(np.mean([r["systems"][name][key] for r in records]))
+        assert m["toxicity"]["mean"]["value"] == pytest.approx(np.mean([r["systems"][name]["toxicity"] for r in records]))
+        assert m["toxicity"]["std"]["value"] == pytest.approx(np.std([r["systems"][name]["toxicity"] for r in records]))
+    assert any(r["systems"][s]["rouge1"] > 0 for r in records for s in ("base", "sft", "ppo"))
+
+
+def test_comparison_is_ppo_against_base_by_default(runs):
+    _, one, _, summary = runs
+    records = read_examples(one)
+    metrics = summary["metrics"]
+    assert (metrics["before"], metrics["after"]) == ("base", "ppo")
+    tox = {s: np.mean([r["systems"][s]["toxicity"] for r in records]) for s in ("base", "ppo")}
+    change = metrics["comparisons"]["ppo"]["toxicity_relative_change_pct"]
+    assert change["value"] == pytest.approx(100 * (tox["ppo"] - tox["base"]) / tox["base"])
+    assert change["ci_low"] <= change["value"] <= change["ci_high"]
+    rouge_diff = metrics["comparisons"]["ppo"]["rouge_difference"]["rougeL"]["value"]
+    assert rouge_diff == pytest.approx(np.mean([r["systems"]["ppo"]["rougeL"] - r["systems"]["base"]["rougeL"]
+                                                for r in records]))
+    assert set(metrics["comparisons"]) == {"sft", "ppo"}
+
+
+def test_report_has_tables_sorted_by_improvement_and_readable_plots(runs):
+    _, one, two, _ = runs
+    out = one / "eval"
+    report = (out / "report.md").read_text()
+    assert "| base | none (base) | 7 |" in report and "## Before → after" in report
+    # Qualitative table: 2 best and 2 worst reward improvements, then a row for the 3 in between.
+    rows = [line for line in report.split("## Qualitative")[1].splitlines() if line.startswith("| test_")]
+    improvements = [float(line.rstrip(" |").rsplit("|", 1)[1]) for line in rows]
+    assert len(rows) == 4 and improvements == sorted(improvements, reverse=True)
+    assert "*3 more*" in report
+    expected = qualitative_rows(read_examples(one), "base", "ppo")
+    assert improvements[0] == pytest.approx(expected[0]["improvement"], abs=1e-3)
+    for png in ("toxicity.png", "ppo_curves.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({png})" in report
+    assert not (two / "eval" / "ppo_curves.png").exists()  # no log given there and none at <output_dir>/ppo
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sharding
+
+
+@pytest.mark.parametrize("num_examples", [1, 7, 10, 33])
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_shards_cover_every_example_once_with_world_size_independent_batches(num_examples, world_size):
+    shards = [ev.shard_batches(num_examples, 4, rank, world_size) for rank in range(world_size)]
+    indices = [i for shard in shards for _, batch in shard for i in batch]
+    assert sorted(indices) == list(range(num_examples))
+    single = dict(ev.shard_batches(num_examples, 4, 0, 1))
+    assert all(single[k] == batch for shard in shards for k, batch in shard)  # same batch k everywhere
+
+
+def test_merge_rejects_duplicates_and_gaps():
+    records = [{"index": i} for i in (2, 0, 1)]
+    assert [r["index"] for r in ev.merge_shards(records, 3)] == [0, 1, 2]
+    with pytest.raises(RuntimeError, match="duplicates \\[1\\]"):
+        ev.merge_shards(records + [{"index": 1}], 3)
+    with pytest.raises(RuntimeError, match="missing \\[3\\]"):
+        ev.merge_shards(records, 4)
+
+
+def test_sampled_mode_is_independent_of_the_number_of_processes(runs, repo_root, monkeypatch):
+    """Sampling seeds each batch with seed + batch number: ranks 0 and 1 of 2 together = one process."""
+    adapters, _, _, _ = runs
+    monkeypatch.chdir(repo_root)
+    cfg = load_config("configs/tiny.yaml", ["--eval.generation.do_sample", "true", "--eval.generation.batch_size", "2",
+                                            "--eval.generation.max_new_tokens", "8"])
+    from rewards.reward_fn import make_reward_fn
+
+    systems = ev.parse_systems(["base", f"ppo={adapters['ppo']}"], cfg.output_dir)
+    model, tokenizer = ev.load_models(cfg, systems, torch.device("cpu"))
+    cfg.eval.max_examples = 5
+    examples = ev.load_examples(cfg)
+    with make_reward_fn(cfg.reward) as reward_fn:
+        def run(rank: int, world: int) -> list[dict]:
+            batches = ev.shard_batches(len(examples), 2, rank, world)
+            return ev.evaluate_shard(cfg, model, tokenizer, reward_fn, examples, systems, batches, "cpu", False)
+
+        single = ev.merge_shards(run(0, 1), 5)
+        double = ev.merge_shards(run(1, 2) + run(0, 2), 5)
+        cfg.seed += 1
+        reseeded = ev.merge_shards(run(0, 1), 5)
+    assert double == single
+    assert [r["systems"]["base"]["summary"] for r in reseeded] != [r["systems"]["base"]["summary"] for r in single]
+
+
+def test_adapter_switching_matches_models_loaded_on_their_own(runs, repo_root, monkeypatch):
+    """One base with both adapters, switched by set_adapter/disable_adapter, = each system loaded alone."""
+    adapters, _, _, _ = runs
+    monkeypatch.chdir(repo_root)
+    cfg = load_config("configs/tiny.yaml", ["--eval.generation.max_new_tokens", "8"])
+    cfg.eval.max_examples = 3
+    prompts = [row["prompt"] for row in ev.load_examples(cfg)]
+    systems = ev.parse_systems(["base", f"sft={adapters['sft']}", f"ppo={adapters['ppo']}"], cfg.output_dir)
+
+    def summaries(model, tokenizer, system):
+        with ev.active_system(model, system):
+            return generate_texts(model, tokenizer, prompts, cfg.eval.generation, 64, "cpu", progress=False)
+
+    shared, tokenizer = ev.load_models(cfg, systems, torch.device("cpu"))
+    together = {s.name: summaries(shared, tokenizer, s) for s in systems}
+    assert {s.name: summaries(shared, tokenizer, s) for s in systems} == together  # switching back and forth
+    for system in systems:
+        alone, _ = ev.load_models(cfg, [system], torch.device("cpu"))
+        assert summaries(alone, tokenizer, system) == together[system.name]
+    assert together["sft"] != together["base"] != together["ppo"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Statistics
+
+
+def test_bootstrap_is_deterministic_under_a_seed_and_brackets_the_mean():
+    values = np.random.default_rng(0).beta(0.5, 2.0, size=200)
+    first, again = bootstrap_mean(values, 500, 0.95, seed=7), bootstrap_mean(values, 500, 0.95, seed=7)
+    assert first == again and first != bootstrap_mean(values, 500, 0.95, seed=8)
+    assert first.value == pytest.approx(values.mean())
+    assert first.ci_low < first.value < first.ci_high
+    # The interval shrinks with the sample size roughly as 1/sqrt(n), near the textbook normal interval.
+    normal_half_width = 1.96 * values.std() / np.sqrt(values.size)
+    assert (first.ci_high - first.ci_low) / 2 == pytest.approx(normal_half_width, rel=0.2)
+    dist = describe(values, 500, 0.95, seed=7)
+    assert dist.mean == first  # same resamples for the mean as bootstrap_mean
+    assert dist.std.value == pytest.approx(values.std()) and dist.std.ci_low < dist.std.value < dist.std.ci_high
+
+
+def test_paired_bootstrap_uses_the_same_examples_for_both_systems():
+    before = np.random.default_rng(1).uniform(0.1, 0.9, size=100)
+    halved = paired_relative_change(before, before * 0.5, 200, seed=3)
+    # Every paired resample halves its own mean exactly; an unpaired bootstrap would give a wide interval.
+    assert (halved.value, halved.ci_low, halved.ci_high) == pytest.approx((-50.0, -50.0, -50.0))
+    noisy_after = before - 0.1 + np.random.default_rng(2).normal(0, 0.05, size=100)
+    diff = paired_difference(before, noisy_after, 500, seed=3)
+    assert diff.value == pytest.approx(np.mean(noisy_after - before))
+    assert diff.ci_low < diff.value < diff.ci_high < 0
+    with pytest.raises(ValueError, match="same examples"):
+        paired_difference(before, before[:-1])
+    with pytest.raises(ValueError, match="empty"):
+        bootstrap_mean([])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Systems and errors
+
+
+def test_systems_parse_base_adapters_and_the_output_dir_placeholder():
+    systems = ev.parse_systems(["base", "sft=none", "ppo={output_dir}/ppo/adapter"], "runs/x")
+    assert systems == [ev.System("base", None), ev.System("sft", None), ev.System("ppo", "runs/x/ppo/adapter")]
+    for bad, message in ((["base", "base"], "twice"), (["runs/sft/adapter"], "NAME=ADAPTER_DIR"), ([], "empty")):
+        with pytest.raises(ConfigError, match=message):
+            ev.parse_systems(bad, "runs/x")
+    with pytest.raises(ConfigError, match="eval.after='dpo' is not one of the systems"):
+        ev.comparison_pair(systems, None, "dpo")
+    assert ev.comparison_pair(systems, "sft", None) == ("sft", "ppo")
+
+
+def test_missing_adapter_is_one_clear_error_naming_system_and_path(tiny_artifacts, repo_root, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "eval.evaluate", "--config", "configs/tiny.yaml", "--output_dir", str(tmp_path)],
+        cwd=repo_root, capture_output=True, text=True, timeout=120, env=SUBPROCESS_ENV,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: system 'sft': adapter directory {tmp_path}/sft/adapter not found. Train it first "
+                      "(python -m train.sft / train.ppo) or fix --eval.systems (NAME=ADAPTER_DIR, or 'base')"]
+
+
+def test_adapter_directory_without_config_and_empty_split_are_clear_errors(tiny_artifacts, repo_root, tmp_path,
+                                                                          monkeypatch):
+    monkeypatch.chdir(repo_root)
+    (tmp_path / "not_an_adapter").mkdir()
+    with pytest.raises(ModelError, match="system 'ppo': .*not_an_adapter is not a LoRA adapter directory"):
+        ev.main(["--config", "configs/tiny.yaml", "--eval.systems", f"base,ppo={tmp_path / 'not_an_adapter'}"])
+    empty = tmp_path / "data"
+    empty.mkdir()
+    (empty / "test.csv").write_text("id,dialogue,summary,topic\n")
+    with pytest.raises(DataError, match=f"the test split of {empty} has no examples"):
+        ev.main(["--config", "configs/tiny.yaml", "--eval.systems", "base", "--data.path", str(empty)])
+
+
+def test_bad_ppo_log_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="eval.ppo_log .*missing.jsonl not found"):
+        ev.resolve_ppo_log(str(tmp_path / "missing.jsonl"), "runs/x")
+    assert ev.resolve_ppo_log("auto", str(tmp_path)) is None
+    bad = tmp_path / "log.jsonl"
+    bad.write_text('{"step": 1}\nnot json\n')
+    with pytest.raises(DataError, match="line 2: not valid JSON"):
+        read_ppo_log(bad)
