@@ -44,8 +44,8 @@ from eval.metrics import ROUGE_TYPES, rouge_per_example
 from eval.stats import bootstrap_mean, describe, paired_difference, paired_relative_change
 from train.cli import config_from_cli, run_cli
 from train.config import ExperimentConfig, config_to_dict
-from train.data import format_prompt, load_dialogsum
-from train.errors import ConfigError, DataError, ModelError
+from train.data import build_eval_dataset
+from train.errors import ConfigError, ModelError
 from train.generation import generate_texts
 from train.models import ADAPTER_CONFIG_FILE, load_base_model, load_tokenizer
 
@@ -145,22 +145,9 @@ def resolve_ppo_log(setting: Optional[str], output_dir: str) -> Optional[Path]:
 
 
 def load_examples(cfg: ExperimentConfig) -> list[dict[str, Any]]:
-    """The evaluation split (id, dialogue, references, prompt), first eval.max_examples; DataError when empty.
-
-    Like `train.data.build_eval_dataset` (no length filter, every reference kept), as plain dicts, and checked
-    for emptiness before the prompts are built.
-    """
-    cap = cfg.eval.max_examples if cfg.eval.max_examples is not None else cfg.data.max_examples
-    split = load_dialogsum(cfg.data.path, max_examples=cap, splits=[cfg.eval.split])[cfg.eval.split]
-    if len(split) == 0:
-        raise DataError(
-            f"the {cfg.eval.split} split of {cfg.data.path} has no examples: check data.path and eval.split"
-        )
-    return [
-        {"id": row["id"], "dialogue": row["dialogue"], "references": list(row["references"]),
-         "prompt": format_prompt(row["dialogue"], cfg.data.prompt_template)}
-        for row in split
-    ]
+    """The evaluation split as plain dicts (id, dialogue, prompt, references), first eval.max_examples;
+    DataError when empty."""
+    return build_eval_dataset(cfg.data, cfg.eval.split, cfg.eval.max_examples).to_list()
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -320,6 +320,8 @@ def build_eval_dataset(cfg: DataConfig, split: str, max_examples: int | None = N
     """
     cap = max_examples if max_examples is not None else cfg.max_examples
     ds = load_dialogsum(cfg.path, max_examples=cap, splits=[split])[split]
+    if len(ds) == 0:
+        raise DataError(f"the {split} split of {cfg.path} has no examples: check data.path and eval.split")
     return ds.map(
         lambda batch: {"prompt": [format_prompt(d, cfg.prompt_template) for d in batch["dialogue"]]},
         batched=True,
