@@ -1,0 +1,233 @@
+"""LoRA SFT end to end on the tiny model: learning, 2-process sharding, kill/resume, errors, merge and comparison."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+from eval import compare
+from train import sft
+from train.checkpoint import latest_checkpoint, list_checkpoints
+from train.cli import run_cli
+from train.config import load_config
+from train.data import build_eval_dataset
+from train.merge_adapter import merge_adapter
+from train.models import apply_lora, load_base_model
+from train.preemption import PREEMPTED_EXIT_CODE
+
+ADAPTER_FILE = "adapter/adapter_model.safetensors"
+# A loss drop this large cannot be noise: validation loss is computed in eval mode (no dropout) on fixed data,
+# and a randomly initialised model starts near ln(vocab) ~ 7.5 nats.
+MIN_LOSS_DROP = 0.5
+
+
+def sft_args(repo_root: Path, tiny, out: Path, *extra: str) -> list[str]:
+    """Small, fast settings on the tiny artifacts (absolute paths, so any working directory works)."""
+    return [
+        "--config", str(repo_root / "configs/tiny.yaml"), "--output_dir", str(out),
+        "--data.path", str(tiny.dialogsum), "--model.name_or_path", str(tiny.t5),
+        "--data.max_examples", "64", "--sft.batch_size", "8", "--sft.learning_rate", "1e-2",
+        "--sft.eval_rouge_examples", "4", "--eval.generation.max_new_tokens", "8", "--sft.log_every_steps", "5",
+        *extra,
+    ]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def adapter_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "sft" / ADAPTER_FILE))
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_artifacts, repo_root, tmp_path_factory) -> Path:
+    """One single-process SFT run (40 steps) shared by the tests below; returns its output_dir."""
+    out = tmp_path_factory.mktemp("sft_run")
+    sft.main(sft_args(repo_root, tiny_artifacts, out, "--sft.max_steps", "40", "--sft.eval_every_steps", "20",
+                      "--sft.save_every_steps", "20"))
+    return out
+
+
+def test_sft_lowers_validation_loss_and_writes_its_outputs(trained):
+    metrics = json.loads((trained / "sft/metrics.json").read_text())
+    assert metrics["steps"] == 40 and [e["step"] for e in metrics["history"]] == [0, 20, 40]
+    assert metrics["final_eval"]["eval/loss"] < metrics["initial_eval"]["eval/loss"] - MIN_LOSS_DROP
+    assert all(f"eval/{k}" in metrics["final_eval"] for k in ("rouge1", "rouge2", "rougeL", "rougeLsum"))
+    train_losses = [r["train/loss"] for r in read_jsonl(trained / "sft/log.jsonl") if "train/loss" in r]
+    assert len(train_losses) == 8 and train_losses[-1] < train_losses[0]
+    # The adapter is a peft adapter (safetensors) whose LoRA B matrices have left their zero initialisation.
+    tensors = adapter_tensors(trained)
+    assert tensors and all(".lora_A." in k or ".lora_B." in k for k in tensors)
+    assert all(v.abs().max() > 0 for k, v in tensors.items() if ".lora_B." in k)
+    assert json.loads((trained / "sft/adapter/adapter_config.json").read_text())["r"] == 8
+    assert load_config(trained / "sft/config.yaml").sft.max_steps == 40  # the resolved config round-trips
+    assert [step for step, _ in list_checkpoints(trained / "sft/checkpoints")] == [20, 40]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_run_shards_the_data_and_saves_the_same_adapter_shapes(tiny_artifacts, repo_root, tmp_path, trained):
+    # 32 examples, 4 per process and step, 2 processes: one epoch is exactly 4 steps with no padded batch.
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+        str(repo_root / "accelerate_configs/cpu_2proc.yaml"), "--main_process_port", str(free_port()),
+        "-m", "train.sft", *sft_args(repo_root, tiny_artifacts, tmp_path, "--data.max_examples", "32",
+                                     "--sft.batch_size", "4", "--sft.eval_rouge_examples", "3", "--log-example-rows"),
+    ]
+    result = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    metrics = json.loads((tmp_path / "sft/metrics.json").read_text())
+    assert metrics["num_processes"] == 2 and metrics["steps"] == 4
+    rows = [r["data/rows_by_rank"] for r in read_jsonl(tmp_path / "sft/log.jsonl") if "data/rows_by_rank" in r]
+    assert len(rows) == 4
+    per_rank = [[row for step in rows for row in step[rank]] for rank in range(2)]
+    assert len(per_rank[0]) == len(per_rank[1]) == 16
+    assert not set(per_rank[0]) & set(per_rank[1])  # each process trained on different examples
+    assert sorted(per_rank[0] + per_rank[1]) == list(range(32))  # and together they covered the data once
+    one_process = {k: v.shape for k, v in adapter_tensors(trained).items()}
+    assert {k: v.shape for k, v in adapter_tensors(tmp_path).items()} == one_process
+
+
+def _start(args: list[str], repo_root: Path, stderr: Path) -> subprocess.Popen:
+    # stderr to a file, not a pipe: nobody reads a pipe while the run's progress bar fills it.
+    with open(stderr, "w") as f:
+        return subprocess.Popen([sys.executable, "-m", "train.sft", *args], cwd=repo_root,
+                                stdout=subprocess.DEVNULL, stderr=f)
+
+
+def _wait_for_checkpoint_after(proc: subprocess.Popen, checkpoints: Path, step: int, stderr: Path) -> int:
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        found = [s for s, _ in list_checkpoints(checkpoints) if s > step]
+        if found:
+            return found[-1]
+        assert proc.poll() is None, f"run ended before checkpointing: {stderr.read_text()[-2000:]}"
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail(f"no checkpoint after step {step} within 180 s")
+
+
+def test_killed_and_preempted_runs_resume_to_the_same_adapter(tiny_artifacts, repo_root, tmp_path):
+    run = sft_args(repo_root, tiny_artifacts, tmp_path / "interrupted", "--sft.max_steps", "60",
+                   "--sft.save_every_steps", "5", "--sft.eval_every_steps", "30")
+    checkpoints = tmp_path / "interrupted/sft/checkpoints"
+
+    # 1. SIGKILL right after the first checkpoint: nothing else is saved.
+    log = tmp_path / "stderr.txt"
+    proc = _start(run, repo_root, log)
+    first = _wait_for_checkpoint_after(proc, checkpoints, 0, log)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not (tmp_path / "interrupted/sft/metrics.json").exists()
+
+    # 2. Without --resume the earlier run's checkpoints are protected.
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(sft.main, run)
+    assert exit_info.value.code == 2
+
+    # 3. Resume, then preempt with SIGTERM: checkpoint at the current step and exit with status 3.
+    proc = _start([*run, "--resume"], repo_root, log)
+    _wait_for_checkpoint_after(proc, checkpoints, first, log)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == PREEMPTED_EXIT_CODE, log.read_text()[-2000:]
+    preempted_at = int(latest_checkpoint(checkpoints).name.split("-")[1])
+    assert first < preempted_at < 60
+
+    # 4. Resume again: it finishes with the planned number of steps, the same adapter as an uninterrupted run.
+    proc = _start([*run, "--resume"], repo_root, log)
+    assert proc.wait(timeout=240) == 0, log.read_text()[-2000:]
+    assert f"resumed from {checkpoints / f'checkpoint-{preempted_at}'}" in log.read_text()
+    metrics = json.loads((tmp_path / "interrupted/sft/metrics.json").read_text())
+    assert metrics["steps"] == 60 and [e["step"] for e in metrics["history"]] == [0, 30, 60]
+    logged_steps = [r["step"] for r in read_jsonl(tmp_path / "interrupted/sft/log.jsonl") if "train/loss" in r]
+    assert logged_steps == list(range(5, 61, 5))  # no step logged twice after the restarts
+
+    sft.main(sft_args(repo_root, tiny_artifacts, tmp_path / "straight", "--sft.max_steps", "60",
+                      "--sft.save_every_steps", "60", "--sft.eval_every_steps", "30"))
+    straight, resumed = adapter_tensors(tmp_path / "straight"), adapter_tensors(tmp_path / "interrupted")
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert torch.equal(resumed[name], straight[name]), name  # exact: same data order, dropout, optimizer
+
+
+def test_rerunning_over_checkpoints_without_resume_is_one_clear_error(tiny_artifacts, repo_root, trained, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(sft.main, sft_args(repo_root, tiny_artifacts, trained, "--sft.max_steps", "40"))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "has checkpoints from an earlier run: pass --resume" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        (["--model.adapter", "no/such/adapter_dir"], "adapter 'no/such/adapter_dir' not found"),
+        (["--lora.target_modules", "q,nonexistent"], "'nonexistent' not found in the model"),
+    ],
+)
+def test_bad_adapter_or_target_module_is_one_clear_error(tiny_artifacts, repo_root, tmp_path, capsys, override, expected):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(sft.main, sft_args(repo_root, tiny_artifacts, tmp_path, "--sft.max_steps", "2", *override))
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and expected in errors[0]
+    assert not list_checkpoints(tmp_path / "sft/checkpoints")
+
+
+def test_merged_model_matches_base_plus_adapter(tiny_artifacts, repo_root, trained, tmp_path):
+    cfg = load_config(repo_root / "configs/tiny.yaml", ["--model.name_or_path", str(tiny_artifacts.t5)])
+    adapter = str(trained / "sft/adapter")
+    out = merge_adapter(cfg, adapter, tmp_path / "merged")
+
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    assert len(tokenizer) == len(AutoTokenizer.from_pretrained(str(tiny_artifacts.t5)))
+    batch = tokenizer(["#Person1#: Hello, how are you?\n#Person2#: Fine, thanks."], return_tensors="pt")
+    decoder_input_ids = torch.tensor([[0, 5, 9, 17]])
+    merged = AutoModelForSeq2SeqLM.from_pretrained(str(out), use_safetensors=True).eval()
+    with_adapter = apply_lora(load_base_model(cfg.model), cfg.lora, adapter=adapter, trainable=False).eval()
+    with torch.no_grad():
+        merged_logits = merged(**batch, decoder_input_ids=decoder_input_ids).logits
+        adapter_logits = with_adapter(**batch, decoder_input_ids=decoder_input_ids).logits
+        with with_adapter.disable_adapter():
+            base_logits = with_adapter(**batch, decoder_input_ids=decoder_input_ids).logits
+    assert (adapter_logits - base_logits).abs().max() > 1e-2  # the adapter matters, so the match below is not vacuous
+    torch.testing.assert_close(merged_logits, adapter_logits, rtol=1e-4, atol=1e-5)
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+
+
+def test_compare_reports_zero_shot_and_sft_on_the_same_examples(tiny_artifacts, repo_root, trained, tmp_path, capsys):
+    summary = compare.main(
+        ["--config", str(repo_root / "configs/tiny.yaml"), "--output_dir", str(tmp_path),
+         "--data.path", str(tiny_artifacts.dialogsum), "--model.name_or_path", str(tiny_artifacts.t5),
+         "--adapter", str(trained / "sft/adapter"), "--eval.max_examples", "5", "--eval.generation.max_new_tokens", "8"]
+    )
+    cfg = load_config(repo_root / "configs/tiny.yaml", ["--data.path", str(tiny_artifacts.dialogsum)])
+    expected = build_eval_dataset(cfg.data, "test", 5)
+    assert summary["num_examples"] == len(expected) == 5 and summary["split"] == "test"
+    assert set(summary["systems"]) == {"zero-shot", "sft"}
+    assert all(s["num_examples"] == 5 for s in summary["systems"].values())
+
+    rows = read_jsonl(tmp_path / "compare/predictions.jsonl")
+    assert [r["id"] for r in rows] == expected["id"]
+    assert all(len(r["references"]) == 3 for r in rows)  # multi-reference: the tiny test split has three
+    for system, scores in summary["systems"].items():  # the table's means are the per-example means
+        assert scores["rouge"]["rouge1"] == pytest.approx(sum(r["systems"][system]["rouge1"] for r in rows) / 5)
+    assert json.loads((tmp_path / "compare/rouge.json").read_text()) == summary
+    table = capsys.readouterr().out
+    assert "| zero-shot | 5 |" in table and "| sft | 5 |" in table

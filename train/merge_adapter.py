@@ -1,0 +1,59 @@
+"""Merge a LoRA adapter into its base model and save a standalone model for export.
+
+Usage:
+    python -m train.merge_adapter --config configs/tiny.yaml --adapter runs/tiny/sft/adapter --out runs/tiny/merged
+
+The base model comes from `model.name_or_path` (in `model.dtype`); the output directory holds the merged
+weights (`model.safetensors`, via `save_pretrained`) and the tokenizer, loadable with
+`AutoModelForSeq2SeqLM.from_pretrained(out)` and no peft. A PPO adapter's value head is not part of the
+language model and is left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+from train.cli import config_from_cli, run_cli
+from train.config import ExperimentConfig
+from train.errors import ConfigError
+from train.models import apply_lora, load_base_model, load_tokenizer
+
+log = logging.getLogger("train.merge_adapter")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--adapter", required=True, help="LoRA adapter directory, e.g. runs/tiny/sft/adapter")
+    parser.add_argument("--out", required=True, help="directory for the merged model (replaced if it exists)")
+
+
+def merge_adapter(cfg: ExperimentConfig, adapter: str, out: str | os.PathLike) -> Path:
+    """Base + `adapter`, merged with peft's `merge_and_unload`, saved (safetensors) with its tokenizer to `out`."""
+    if cfg.model.quantization is not None:
+        raise ConfigError("cannot merge into a quantized base: set --model.quantization null to merge in full precision")
+    out = Path(out)
+    tokenizer = load_tokenizer(cfg.model)
+    model = apply_lora(load_base_model(cfg.model), cfg.lora, adapter=adapter, trainable=False)
+    merged = model.merge_and_unload()
+    tmp = out.with_name(f".tmp-{out.name}")  # written aside and renamed, so `out` is never half-written
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(str(tmp), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> Path:
+    args, cfg = config_from_cli(__doc__.splitlines()[0], argv, add_arguments)
+    out = merge_adapter(cfg, args.adapter, args.out)
+    print(f"merged {args.adapter} into {cfg.model.name_or_path}: {out}")
+    return out
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,448 @@
+"""LoRA supervised fine-tuning of FLAN-T5 on DialogSum: trains the adapter that PPO starts from.
+
+Usage:
+    python -m train.sft --config configs/tiny.yaml
+    python -m train.sft --config configs/flan_t5_base.yaml --data.path ../shared/data/dialogsum
+    accelerate launch --config_file accelerate_configs/cpu_2proc.yaml -m train.sft --config configs/tiny.yaml
+    accelerate launch --config_file accelerate_configs/<ddp|zero2|zero3>.yaml -m train.sft --config FILE
+    python -m train.sft --config configs/tiny.yaml --resume          # continue after a kill or preemption
+
+Writes `<output_dir>/sft/`: `checkpoints/checkpoint-<step>/`, `adapter/` (peft `save_pretrained`, safetensors),
+`config.yaml` (resolved config), `metrics.json` and `log.jsonl` (one JSON object per logged step / evaluation).
+`--log-example-rows` also logs which rows of the training set every process consumed at each step.
+Export a merged model afterwards with `python -m train.merge_adapter`.
+
+Why a short accelerate loop rather than transformers' Seq2SeqTrainer: both get DDP and DeepSpeed ZeRO-2/3 from
+`accelerate launch`, but the project's contracts (atomic checkpoints holding only trainable weights, shared with
+PPO; a preemption check every optimisation step; the same loop shape as `train.ppo`) would each need a Trainer
+callback or override, while here they are a few visible lines. The loop reads top to bottom:
+data -> model -> optimizer/scheduler -> train with periodic evaluation and checkpoints -> save.
+
+Precision: the base model is loaded in `model.dtype`; peft keeps the LoRA weights in float32, so the optimizer
+updates full-precision weights. On CUDA with a bfloat16 model the forward pass runs under bf16 autocast; on CPU,
+or with a float32 model, there is no autocast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import DistributedType, gather_object
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import DataCollatorForSeq2Seq, get_scheduler
+
+from train.checkpoint import (
+    atomic_checkpoint_dir, capture_rng_state, checkpoint_path, latest_checkpoint, prune_checkpoints, restore_rng_state,
+)
+from train.cli import config_from_cli, run_cli
+from train.config import ExperimentConfig, SFTConfig, save_config
+from train.data import build_eval_dataset, build_sft_datasets
+from train.errors import ConfigError
+from train.generation import generate_texts
+from train.models import apply_lora, load_base_model, load_tokenizer, parameter_report
+from train.preemption import PREEMPTED_EXIT_CODE, StopSignal
+from train.rouge import compute_rouge
+
+log = logging.getLogger("train.sft")
+
+LABEL_PAD = -100  # ignored by the loss
+STATE_FILE = "trainer_state.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+@dataclass
+class TrainerState:
+    """Where training stands; saved in every checkpoint so a resumed run continues exactly."""
+
+    step: int = 0  # optimisation steps done
+    epoch: int = 0  # current pass over the training set
+    batches_in_epoch: int = 0  # batches of `epoch` already consumed by each process
+    best_eval_loss: float = math.inf
+    evals_without_improvement: int = 0
+    num_processes: int = 1
+    history: list[dict[str, Any]] = field(default_factory=list)  # every evaluation so far
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of this output_dir")
+    parser.add_argument(
+        "--log-example-rows", action="store_true",
+        help="log, per step, the training-set rows each process consumed (checks data sharding)",
+    )
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    args, cfg = config_from_cli(__doc__.splitlines()[0], argv, add_arguments)
+    s = cfg.sft
+    check_settings(s)
+    sft_dir = Path(cfg.output_dir) / "sft"
+    checkpoints = sft_dir / "checkpoints"
+    resume_from = find_resume_checkpoint(checkpoints, args.resume)
+
+    use_bf16 = torch.cuda.is_available() and cfg.model.dtype == "bfloat16"
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision="bf16" if use_bf16 else "no",
+        gradient_accumulation_steps=s.gradient_accumulation_steps,
+        # The same shuffled order on every process (each takes its own batches of it), reproducible per epoch.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+    )
+    torch.manual_seed(cfg.seed)
+    stop = StopSignal()
+    main_process = accelerator.is_main_process
+    if main_process:
+        sft_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, sft_dir / "config.yaml")
+
+    # 1. Data: tokenized train/validation examples (filtered as the reference), plus a validation sample for ROUGE.
+    tokenizer = load_tokenizer(cfg.model)
+    with accelerator.main_process_first():  # tokenizing once fills the datasets cache for the other processes
+        datasets = build_sft_datasets(cfg.data, tokenizer)
+        rouge_examples = (
+            build_eval_dataset(cfg.data, "validation", s.eval_rouge_examples) if s.eval_rouge_examples else None
+        )
+    train_set = datasets["train"].add_column("row", list(range(len(datasets["train"]))))
+    collate = PaddingCollator(tokenizer)
+    # Loaders draw their seeds from their own generators, never from the global RNG that dropout uses: a resumed
+    # run starts a new data iterator where the uninterrupted run did not, and must still see the same dropout.
+    train_loader = DataLoader(train_set, batch_size=s.batch_size, shuffle=True, collate_fn=collate,
+                              generator=torch.Generator().manual_seed(cfg.seed))
+    val_loader = DataLoader(datasets["validation"], batch_size=s.batch_size, collate_fn=collate,
+                            generator=torch.Generator().manual_seed(cfg.seed))
+
+    # 2. Model: base + LoRA (fresh from `lora`, `model.adapter` to continue one, or the checkpoint's on resume).
+    base = load_base_model(cfg.model)
+    model = apply_lora(base, cfg.lora, adapter=str(resume_from) if resume_from else cfg.model.adapter)
+    params = parameter_report(model)
+    log.info("LoRA: %d trainable of %d parameters (%.2f%%)", params.trainable, params.total, params.percent)
+
+    # 3. Optimizer and schedule (stepped once per optimisation step, whatever the number of processes).
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=s.learning_rate, weight_decay=s.weight_decay
+    )
+    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    steps_per_epoch = math.ceil(len(train_loader) / s.gradient_accumulation_steps)
+    total_steps = s.max_steps or max(1, math.ceil(s.num_epochs * steps_per_epoch))
+    scheduler = get_scheduler(
+        "constant_with_warmup" if s.lr_scheduler == "constant" else s.lr_scheduler,
+        optimizer,
+        num_warmup_steps=round(s.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
+    state = TrainerState(num_processes=accelerator.num_processes)
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, accelerator, model, optimizer, scheduler)
+        if main_process:
+            trim_log(sft_dir / "log.jsonl", state.step)
+        log.info("resumed from %s at step %d of %d", resume_from, state.step, total_steps)
+    elif main_process:
+        (sft_dir / "log.jsonl").unlink(missing_ok=True)
+    logger = JsonlLog(sft_dir / "log.jsonl", enabled=main_process)
+
+    def evaluate() -> dict[str, Any]:
+        record = {"step": state.step, "eval/loss": validation_loss(model, val_loader, accelerator)}
+        if rouge_examples is not None:
+            record.update(validation_rouge(model, tokenizer, rouge_examples, cfg, accelerator))
+        logger.write(record)
+        log.info("step %d: validation loss %.4f", state.step, record["eval/loss"])
+        state.history.append(record)
+        return record
+
+    def save_checkpoint() -> None:
+        write_checkpoint(checkpoint_path(checkpoints, state.step), accelerator, model, optimizer, scheduler, state)
+        if main_process:
+            prune_checkpoints(checkpoints, s.keep_checkpoints)
+
+    # 4. Train: evaluate first (the zero-step baseline), then every eval_every_steps; checkpoint every save_every_steps.
+    if state.step == 0 and not state.history:
+        state.best_eval_loss = evaluate()["eval/loss"]
+    model.train()
+    progress = tqdm(total=total_steps, initial=state.step, desc="sft", disable=not main_process, unit="step")
+    loss_sum = torch.zeros(2, device=accelerator.device)  # (summed loss, batches) since the last log line
+    step_rows: list[torch.Tensor] = []
+    stopped_early = preempted = False
+    started, start_step = time.perf_counter(), state.step
+    while state.step < total_steps and not (stopped_early or preempted):
+        train_loader.set_epoch(state.epoch)
+        batches = accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
+        for batch in batches:
+            rows = batch.pop("row")
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and s.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), s.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            state.batches_in_epoch += 1
+            loss_sum += torch.stack([loss.detach().float(), torch.ones((), device=loss.device)])
+            if args.log_example_rows:
+                step_rows.append(accelerator.gather(rows).view(accelerator.num_processes, -1))
+            if not accelerator.sync_gradients:
+                continue  # still accumulating gradients for this step
+            scheduler.step()
+            state.step += 1
+            progress.update(1)
+
+            if args.log_example_rows:
+                logger.write({"step": state.step, "data/rows_by_rank": torch.cat(step_rows, dim=1).tolist()})
+                step_rows = []
+            if state.step % s.log_every_steps == 0 or state.step == total_steps:
+                total = accelerator.reduce(loss_sum, reduction="sum")
+                logger.write({"step": state.step, "train/loss": (total[0] / total[1]).item(),
+                              "train/lr": scheduler.get_last_lr()[0], "train/epoch": state.epoch})
+                loss_sum.zero_()
+            if state.step % s.eval_every_steps == 0 or state.step == total_steps:
+                stopped_early = update_early_stopping(state, evaluate()["eval/loss"], s.early_stopping_patience)
+                model.train()
+            preempted = stop.should_stop(accelerator)
+            if state.step % s.save_every_steps == 0 or state.step == total_steps or stopped_early or preempted:
+                save_checkpoint()
+            if state.step >= total_steps or stopped_early or preempted:
+                break
+        else:  # the epoch ran to its end
+            state.epoch += 1
+            state.batches_in_epoch = 0
+    progress.close()
+    seconds = time.perf_counter() - started
+
+    if preempted:
+        log.warning("stopped by a signal at step %d; rerun with --resume to continue", state.step)
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        sys.exit(PREEMPTED_EXIT_CODE)
+    if stopped_early:
+        log.info("early stop at step %d: no validation improvement in %d evaluations", state.step, s.early_stopping_patience)
+
+    # 5. Save the final adapter and the metrics.
+    save_adapter(model, accelerator, sft_dir / "adapter")
+    steps_run = state.step - start_step
+    metrics = {
+        "steps": state.step,
+        "total_steps": total_steps,
+        "stopped_early": stopped_early,
+        "num_processes": accelerator.num_processes,
+        "trainable_parameters": params.trainable,
+        "initial_eval": state.history[0],
+        "final_eval": state.history[-1],
+        "best_eval_loss": state.best_eval_loss,
+        "train_seconds": round(seconds, 2),
+        "train_examples_per_second": round(
+            steps_run * s.batch_size * s.gradient_accumulation_steps * accelerator.num_processes / seconds, 2
+        ) if seconds > 0 else None,
+        "history": state.history,
+    }
+    if main_process:
+        write_json(sft_dir / "metrics.json", metrics)
+        first, last = state.history[0]["eval/loss"], state.history[-1]["eval/loss"]
+        print(f"\nSFT done: {state.step} steps, validation loss {first:.4f} -> {last:.4f}; adapter: {sft_dir / 'adapter'}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------------
+# Settings and resume
+
+
+def check_settings(s: SFTConfig) -> None:
+    """Reject SFT settings that would fail later or silently do nothing."""
+    positive = {
+        "learning_rate": s.learning_rate, "batch_size": s.batch_size, "num_epochs": s.num_epochs,
+        "gradient_accumulation_steps": s.gradient_accumulation_steps, "eval_every_steps": s.eval_every_steps,
+        "save_every_steps": s.save_every_steps, "log_every_steps": s.log_every_steps,
+        "keep_checkpoints": s.keep_checkpoints, "max_steps": 1 if s.max_steps is None else s.max_steps,
+        "early_stopping_patience": 1 if s.early_stopping_patience is None else s.early_stopping_patience,
+    }
+    for name, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"sft.{name} must be positive, got {value}")
+    if not 0 <= s.warmup_ratio < 1:
+        raise ConfigError(f"sft.warmup_ratio must be in [0, 1), got {s.warmup_ratio}")
+    if s.eval_rouge_examples < 0:
+        raise ConfigError(f"sft.eval_rouge_examples must be >= 0 (0 = no ROUGE during SFT), got {s.eval_rouge_examples}")
+
+
+def find_resume_checkpoint(checkpoints: Path, resume: bool) -> Optional[Path]:
+    """The checkpoint to resume from, None to start fresh; an error when an earlier run would be overwritten."""
+    latest = latest_checkpoint(checkpoints)
+    if latest is not None and not resume:
+        raise ConfigError(
+            f"{checkpoints} has checkpoints from an earlier run: pass --resume to continue it "
+            "or choose another --output_dir"
+        )
+    if resume and latest is None:
+        log.info("--resume: no checkpoint under %s, starting fresh", checkpoints)
+    return latest
+
+
+def update_early_stopping(state: TrainerState, eval_loss: float, patience: Optional[int]) -> bool:
+    """Track the best validation loss; True when `patience` evaluations in a row did not improve on it."""
+    if eval_loss < state.best_eval_loss:
+        state.best_eval_loss = eval_loss
+        state.evals_without_improvement = 0
+    else:
+        state.evals_without_improvement += 1
+    return patience is not None and state.evals_without_improvement >= patience
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data
+
+
+class PaddingCollator:
+    """Pads prompts with the tokenizer's pad token and labels with -100; carries the `row` index along."""
+
+    def __init__(self, tokenizer):
+        self.pad = DataCollatorForSeq2Seq(
+            tokenizer, label_pad_token_id=LABEL_PAD, pad_to_multiple_of=8 if torch.cuda.is_available() else None
+        )
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = self.pad([{k: v for k, v in f.items() if k != "row"} for f in features])
+        if "row" in features[0]:
+            batch["row"] = torch.tensor([f["row"] for f in features])
+        return batch
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def validation_loss(model, loader: DataLoader, accelerator: Accelerator) -> float:
+    """Mean token-level cross-entropy over the whole validation split (each process scores its shard)."""
+    model.eval()
+    nll_total = tokens_total = 0.0
+    for batch in loader:
+        logits = model(**batch).logits
+        labels = batch["labels"]
+        nll = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=LABEL_PAD, reduction="none").sum(1)
+        tokens = (labels != LABEL_PAD).sum(1)
+        nll, tokens = accelerator.gather_for_metrics((nll, tokens))  # drops the padding of an uneven last batch
+        nll_total += nll.sum().item()
+        tokens_total += tokens.sum().item()
+    return nll_total / max(tokens_total, 1)
+
+
+def validation_rouge(model, tokenizer, examples, cfg: ExperimentConfig, accelerator: Accelerator) -> dict[str, Any]:
+    """Greedy (`eval.generation`) summaries of the validation sample, split across processes; ROUGE and 2 samples."""
+    model.eval()
+    prompts = examples["prompt"]
+    # Equal shares (the last padded) keep the processes in step: under ZeRO-3 every generate() is collective.
+    with accelerator.split_between_processes(list(range(len(prompts))), apply_padding=True) as mine:
+        predictions = generate_texts(
+            accelerator.unwrap_model(model), tokenizer, [prompts[i] for i in mine], cfg.eval.generation,
+            cfg.data.max_prompt_tokens, accelerator.device, progress=False,
+        )
+    predictions = gather_object(predictions)[: len(prompts)]
+    rouge = compute_rouge(predictions, examples["references"])
+    record: dict[str, Any] = {f"eval/{k}": v for k, v in rouge.mean.items()}
+    record["eval/samples"] = [{"id": i, "prediction": p} for i, p in zip(examples["id"][:2], predictions[:2])]
+    return record
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints and outputs
+
+
+def write_checkpoint(path: Path, accelerator: Accelerator, model, optimizer, scheduler, state: TrainerState) -> None:
+    """Adapter weights, optimizer, scheduler, per-process RNG and the trainer state, atomically.
+
+    Under DeepSpeed the optimizer state is partitioned across processes, so its engine saves it (trainable
+    parameters only); otherwise the main process saves the (replicated) optimizer state with torch.save.
+    """
+    with atomic_checkpoint_dir(path, accelerator.is_main_process) as tmp:
+        accelerator.wait_for_everyone()  # the main process has created `tmp`
+        save_adapter_weights(model, accelerator, tmp)
+        if accelerator.distributed_type == DistributedType.DEEPSPEED:
+            model.save_checkpoint(str(tmp / "deepspeed"), exclude_frozen_parameters=True)
+        elif accelerator.is_main_process:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if accelerator.is_main_process:
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+        torch.save(capture_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+        accelerator.wait_for_everyone()  # all writes are done before the directory is renamed into place
+
+
+def load_checkpoint(path: Path, accelerator: Accelerator, model, optimizer, scheduler) -> TrainerState:
+    """Restore what `write_checkpoint` saved (the adapter weights were loaded with the model)."""
+    state = TrainerState(**json.loads((path / STATE_FILE).read_text()))
+    if state.num_processes != accelerator.num_processes:
+        raise ConfigError(
+            f"{path} was written by {state.num_processes} process(es) but this run has {accelerator.num_processes}: "
+            "the data position is per process, so resume with the same number of processes"
+        )
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        model.load_checkpoint(str(path / "deepspeed"), load_module_strict=False, load_lr_scheduler_states=False)
+    else:
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    # Our own file, holding Python/NumPy RNG tuples that the weights-only unpickler does not accept.
+    restore_rng_state(torch.load(path / f"rng-{accelerator.process_index}.pt", weights_only=False))
+    return state
+
+
+def save_adapter_weights(model, accelerator: Accelerator, directory: Path) -> None:
+    """peft `save_pretrained` (adapter_model.safetensors + adapter_config.json) from the main process.
+
+    `get_state_dict` runs on every process: under ZeRO-3 it gathers the partitioned weights.
+    """
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(str(directory), state_dict=state_dict, safe_serialization=True)
+
+
+def save_adapter(model, accelerator: Accelerator, directory: Path) -> None:
+    """The final adapter, written next to `directory` and renamed into place."""
+    tmp = directory.with_name(f".tmp-{directory.name}")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    save_adapter_weights(model, accelerator, tmp)
+    if accelerator.is_main_process:
+        shutil.rmtree(directory, ignore_errors=True)
+        os.replace(tmp, directory)
+
+
+class JsonlLog:
+    """Appends one JSON object per line (main process only)."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def trim_log(path: Path, step: int) -> None:
+    """Drop log lines after `step`: a resumed run repeats the steps the killed run did after its checkpoint."""
+    if path.is_file():
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        path.write_text("".join(ln + "\n" for ln in lines))
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    run_cli(main)
