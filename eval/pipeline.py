@@ -29,18 +29,16 @@ TITLES = {"baseline": "zero-shot baseline", "sft": "LoRA SFT", "ppo": "PPO detox
 
 def stage_commands(config: str, overrides: list[str], output_dir: str, resume: bool) -> dict[str, list[str]]:
     out = Path(output_dir)
-    sft_adapter, ppo_adapter = out / "sft" / "adapter", out / "ppo" / "adapter"
+    sft_adapter = out / "sft" / "adapter"
     base = ["--config", config, *overrides]
     again = ["--resume"] if resume else []
     return {
         "baseline": ["-m", "eval.baseline", *base],
         "sft": ["-m", "train.sft", *base, *again],
         "ppo": ["-m", "train.ppo", *base, *again, "--model.adapter", str(sft_adapter)],
-        "eval": [
-            "-m", "eval.evaluate", *base,
-            "--eval.systems", f"base,sft={sft_adapter},ppo={ppo_adapter}",
-            "--eval.ppo_log", str(out / "ppo" / "log.jsonl"),
-        ],
+        # eval.systems defaults to base, sft and ppo of this output_dir and finds the PPO log itself. Before/after
+        # is SFT → PPO, as in the reference notebook (PPO starts from the SFT policy); base is reported too.
+        "eval": ["-m", "eval.evaluate", *base, "--eval.before", "sft", "--eval.after", "ppo"],
     }
 
 
