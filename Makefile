@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION := 2.13.0
 
-.PHONY: setup tiny-models demo test clean
+.PHONY: setup tiny-models demo bench test clean
 
 # torch goes in first, pinned, so nothing later pulls a CUDA build on a CPU machine.
 setup: $(VENV)/.installed
@@ -17,8 +17,13 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 tiny-models: setup
 	$(PY) -m train.tiny_models
 
+# The main job: zero-shot baseline -> LoRA SFT -> PPO -> evaluation report, on the tiny offline default.
 demo: tiny-models
-	$(PY) -m eval.baseline --config configs/tiny.yaml
+	$(PY) -m eval.pipeline --config configs/tiny.yaml
+
+# Stage benchmarks (generation, reward, PPO update, evaluation; 1 vs 2 processes), appended to bench/RESULTS.md.
+bench: tiny-models
+	$(PY) bench/run_all.py --append bench/RESULTS.md
 
 test: setup
 	$(PY) -m pytest -q
