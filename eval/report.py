@@ -9,13 +9,12 @@ each system's toxicity) and, given a PPO log.jsonl, `ppo_curves.png` (reward and
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from eval.metrics import ROUGE_TYPES
-from train.errors import DataError
+from train.jsonl import read_jsonl
 
 ROUGE_LABELS = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum"}
 # PPO log keys, first match wins: TRL-style names first, then the raw score statistic.
@@ -173,18 +172,7 @@ def plot_toxicity(records: Sequence[dict[str, Any]], systems: Sequence[str], pat
 
 def read_ppo_log(path: Path) -> list[dict[str, Any]]:
     """The rows of a PPO log.jsonl; DataError for a line that is not a JSON object."""
-    rows = []
-    for line_no, line in enumerate(Path(path).read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}, line {line_no}: not valid JSON ({e.msg}); is it a train.ppo log.jsonl?") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{path}, line {line_no}: expected a JSON object per line")
-        rows.append(row)
-    return rows
+    return [row for _, row in read_jsonl(path, fix="is it a train.ppo log.jsonl?")]
 
 
 def _series(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> tuple[Optional[str], list[float], list[float]]:

@@ -112,7 +112,7 @@ def test_export_rejects_bad_input(tmp_path: Path) -> None:
 
     with open(eval_dir / "examples.jsonl", "a") as f:
         f.write('{"id": "broken", "dialogue": \n')
-    with pytest.raises(DataError, match="line 5 is not valid JSON"):
+    with pytest.raises(DataError, match="line 5: not valid JSON"):
         export_study(eval_dir, tmp_path / "h5")
     assert not (tmp_path / "h5").exists()
 
@@ -135,7 +135,7 @@ def test_tampered_corrupt_or_mismatched_files_are_refused(tmp_path: Path, two_sy
 
     manifest["items_sha256"] = hashlib.sha256(items.read_bytes()).hexdigest()
     (two_system_study / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(DataError, match="line 6 is not valid JSON"):
+    with pytest.raises(DataError, match="line 6: not valid JSON"):
         load_study(two_system_study)
 
     (two_system_study / "manifest.json").unlink()

@@ -20,7 +20,6 @@ shuffling, with the same rounding as `Dataset.train_test_split(test_size=0.2, sh
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 import re
@@ -33,6 +32,7 @@ from datasets import Dataset, DatasetDict, Features, List, Value
 
 from train.config import DataConfig
 from train.errors import DataError
+from train.jsonl import read_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ Table = tuple[str, Iterable[tuple[int, dict[str, Any]]]]
 
 
 def _read_local_dir(directory: Path, splits: Sequence[str]) -> tuple[str, dict[str, Table]]:
-    for source, files, reader in (("jsonl", JSONL_FILES, _read_jsonl), ("csv", CSV_FILES, _read_csv)):
+    for source, files, reader in (("jsonl", JSONL_FILES, read_jsonl), ("csv", CSV_FILES, _read_csv)):
         if all((directory / files[s]).is_file() for s in splits):
             return source, {s: (str(directory / files[s]), reader(directory / files[s])) for s in splits}
     found = sorted(p.name for p in directory.iterdir())
@@ -129,19 +129,6 @@ def _read_local_dir(directory: Path, splits: Sequence[str]) -> tuple[str, dict[s
         f"({', '.join(CSV_FILES[s] for s in splits)}); found: {', '.join(found) or 'nothing'}"
     )
 
-
-def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}, line {line_no}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}, line {line_no}: expected a JSON object, got {type(record).__name__}")
-            yield line_no, record
 
 
 def _read_csv(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:

@@ -27,6 +27,7 @@ from eval.human.items import (
     slot_names,
 )
 from train.errors import ConfigError, DataError
+from train.jsonl import read_jsonl
 
 log = logging.getLogger("eval.human.export")
 EXAMPLES_FILE = "examples.jsonl"
@@ -40,23 +41,15 @@ def read_eval_examples(path: Path) -> list[dict[str, Any]]:
         raise DataError(f"evaluation examples not found at {path}: run `python -m eval.evaluate --config ...` first "
                         f"and pass its eval directory (e.g. runs/tiny/eval) as --eval-dir")
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path} line {number} is not valid JSON ({e.msg}): re-run eval.evaluate") from None
-            systems = record.get("systems") if isinstance(record, dict) else None
-            if not (isinstance(record, dict) and isinstance(record.get("dialogue"), str) and isinstance(systems, dict)
-                    and "id" in record):
-                raise DataError(f"{path} line {number}: expected an object with 'id', 'dialogue' and 'systems' "
-                                f"(the examples.jsonl written by eval.evaluate)")
-            for name, output in systems.items():
-                if not (isinstance(output, dict) and isinstance(output.get("summary"), str)):
-                    raise DataError(f"{path} line {number}: system {name!r} has no 'summary' string")
-            examples.append(record)
+    for number, record in read_jsonl(path, fix="re-run eval.evaluate"):
+        systems = record.get("systems")
+        if not (isinstance(record.get("dialogue"), str) and isinstance(systems, dict) and "id" in record):
+            raise DataError(f"{path} line {number}: expected an object with 'id', 'dialogue' and 'systems' "
+                            f"(the examples.jsonl written by eval.evaluate)")
+        for name, output in systems.items():
+            if not (isinstance(output, dict) and isinstance(output.get("summary"), str)):
+                raise DataError(f"{path} line {number}: system {name!r} has no 'summary' string")
+        examples.append(record)
     if not examples:
         raise DataError(f"{path} holds no examples")
     return examples

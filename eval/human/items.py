@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from train.errors import DataError
+from train.jsonl import read_jsonl
 
 ITEMS_FILE = "items.jsonl"
 MANIFEST_FILE = "manifest.json"
@@ -126,19 +127,12 @@ def read_items(path: Path) -> list[Item]:
         raise DataError(f"items file not found at {path}: run `python -m eval.human export ... --out {path.parent}` first")
     items: list[Item] = []
     seen: set[str] = set()
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path} line {number} is not valid JSON ({e.msg}): {fix}") from None
-            item = _parse_item(record, f"{path} line {number}")
-            if item.item_id in seen:
-                raise DataError(f"{path} line {number}: item id {item.item_id!r} appears twice: {fix}")
-            seen.add(item.item_id)
-            items.append(item)
+    for number, record in read_jsonl(path, fix=fix):
+        item = _parse_item(record, f"{path} line {number}")
+        if item.item_id in seen:
+            raise DataError(f"{path} line {number}: item id {item.item_id!r} appears twice: {fix}")
+        seen.add(item.item_id)
+        items.append(item)
     if not items:
         raise DataError(f"{path} holds no items: {fix}")
     return items
