@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from train.tiny_models import TinyArtifacts, build_tiny_artifacts
 
@@ -30,3 +31,12 @@ def shared_dialogsum() -> Path:
         pytest.fail(f"shared DialogSum data not found at {SHARED_DIALOGSUM}: it must sit next to the repository "
                     f"as ../shared/data/dialogsum (dialogsum.{{train,dev,test}}.jsonl)")
     return SHARED_DIALOGSUM
+
+
+@pytest.fixture
+def one_torch_thread():
+    """The tiny models gain nothing from intra-op threads, and on a busy 2-core machine they lose 10x to contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +25,7 @@ from train.config import load_config
 from train.errors import ConfigError, DataError, ModelError
 from train.generation import generate_texts
 from train.models import Seq2SeqPolicy, ValueHead, apply_lora, load_base_model, save_policy
+from helpers import free_port
 
 NUM_EXAMPLES = 7  # odd, and 4 batches of 2: the 2 processes get 4 and 3 examples
 RUN_ARGS = [
@@ -53,12 +53,6 @@ def make_adapters(root: Path) -> dict[str, Path]:
         else:
             model.save_pretrained(str(paths[name]))
     return paths
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def read_examples(out_dir: Path) -> list[dict]:

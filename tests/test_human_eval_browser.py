@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import pytest
 
 from eval.human.export import export_study
 from eval.human.stats import krippendorff_alpha, wilson_interval
+from helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -51,12 +51,6 @@ def write_eval_examples(path: Path, n: int) -> Path:
                             for s in SYSTEMS},
             }) + "\n")
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

@@ -13,7 +13,6 @@ import importlib.util
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from rewards.scorer import RewardScores
 from train.config import load_config
 from train.errors import ConfigError
 from train.rollout import PromptStream, ScoreShaper, generate_responses, score_responses
+from helpers import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 300
@@ -58,12 +58,6 @@ def run_ppo(args: list[str], launcher: list[str] | None = None, env: dict | None
     proc = subprocess.run(command, cwd=REPO_ROOT, env=env or run_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(command)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
     return proc
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def read_log(out: Path) -> list[dict]:

@@ -34,13 +34,7 @@ from train.ppo_core import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """The tiny models gain nothing from intra-op threads, and on a busy 2-core machine they lose 10x to contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # ----------------------------------------------------------------------------------------------------
 # Tensor helpers

@@ -30,13 +30,7 @@ PAD, EOS = 0, 1  # T5: the pad id is also the decoder start id
 LR = 1e-3  # large enough that a wrong gradient moves a weight far beyond the 1e-5 tolerance
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """The tiny models gain nothing from intra-op threads, and on a busy 2-core machine they lose 10x to contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # Scalar stats compared key by key (TRL's names). Array-valued TRL stats (kl_dist, ratio, ...) are left out.
 STAT_KEYS = [

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,17 +22,12 @@ from rewards.config import RewardConfig
 from rewards.errors import RewardError
 from rewards.scorer import RewardScorer, RewardScores
 from rewards.server import DynamicBatcher, QueueFullError, ServerSettings, build_app
+from helpers import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "test-token-123"
 MAX_TEXTS, MAX_CHARS = 16, 400
 STARTUP_TIMEOUT_S = 60
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServerProcess:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from train.data import build_eval_dataset
 from train.merge_adapter import merge_adapter
 from train.models import apply_lora, load_base_model
 from train.preemption import PREEMPTED_EXIT_CODE
+from helpers import free_port
 
 ADAPTER_FILE = "adapter/adapter_model.safetensors"
 # A loss drop this large cannot be noise: validation loss is computed in eval mode (no dropout) on fixed data,
@@ -74,12 +74,6 @@ def test_sft_lowers_validation_loss_and_writes_its_outputs(trained):
     assert json.loads((trained / "sft/adapter/adapter_config.json").read_text())["r"] == 8
     assert load_config(trained / "sft/config.yaml").sft.max_steps == 40  # the resolved config round-trips
     assert [step for step, _ in list_checkpoints(trained / "sft/checkpoints")] == [20, 40]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_process_run_shards_the_data_and_saves_the_same_adapter_shapes(tiny_artifacts, repo_root, tmp_path, trained):
