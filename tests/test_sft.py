@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -226,3 +228,28 @@ def test_compare_reports_zero_shot_and_sft_on_the_same_examples(tiny_artifacts, 
     assert json.loads((tmp_path / "compare/rouge.json").read_text()) == summary
     table = capsys.readouterr().out
     assert "| zero-shot | 5 |" in table and "| sft | 5 |" in table
+
+
+def test_deepspeed_zero2_on_cpu_trains_checkpoints_and_resumes(tiny_artifacts, repo_root, tmp_path):
+    """The DeepSpeed path (accelerate --use_deepspeed, ZeRO-2) on CPU: stop after a checkpoint, resume, finish."""
+    assert importlib.util.find_spec("deepspeed"), "deepspeed is not installed: pip install -e '.[dev]'"
+    launcher = [
+        sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
+        "--dynamo_backend", "no", "--use_deepspeed", "--zero_stage", "2", "--num_processes", "2",
+        "--main_process_port", str(free_port()), "-m", "train.sft",
+    ]
+    args = sft_args(repo_root, tiny_artifacts, tmp_path, "--data.max_examples", "32", "--sft.batch_size", "4",
+                    "--sft.save_every_steps", "3", "--sft.eval_every_steps", "100", "--sft.eval_rouge_examples", "2")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    first = subprocess.run([*launcher, *args, "--sft.max_steps", "3"], cwd=repo_root, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (tmp_path / "sft/checkpoints/checkpoint-3").is_dir()
+    resumed = subprocess.run([*launcher, *args, "--sft.max_steps", "6", "--resume"], cwd=repo_root, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    metrics = json.loads((tmp_path / "sft/metrics.json").read_text())
+    assert metrics["steps"] == 6 and metrics["num_processes"] == 2
+    logged_steps = [r["step"] for r in read_jsonl(tmp_path / "sft/log.jsonl") if "train/loss" in r]
+    assert len(logged_steps) == len(set(logged_steps))  # resume did not repeat steps
+    assert any(t.abs().sum() > 0 for name, t in adapter_tensors(tmp_path).items() if "lora_B" in name)
