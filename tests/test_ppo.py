@@ -33,7 +33,9 @@ from helpers import free_port
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 300
 # Fast tiny settings shared by the subprocess runs: short prompts, small batches, no periodic checkpoints.
-FAST = ["--data.max_prompt_tokens", "64", "--ppo.save_every_steps", "100"]
+# The tests were sized for LoRA r=8 on q,v (a test may widen the targets); the recipe's own LoRA can change.
+FAST = ["--data.max_prompt_tokens", "64", "--ppo.save_every_steps", "100",
+        "--lora.target_modules", "q,v", "--lora.r", "8", "--lora.alpha", "8"]
 
 
 def tiny_args(tiny, out: Path, *extra: str) -> list[str]:
@@ -250,8 +252,10 @@ def test_deepspeed_on_cpu_trains_sharded_with_identical_weights(tmp_path, tiny_a
     out, debug = tmp_path / "run", tmp_path / "debug"
     launcher = ACCELERATE + ["--use_deepspeed", "--zero_stage", str(zero_stage), "--num_processes", "2",
                              "--main_process_port", str(free_port())]
+    # ZeRO-3 also adapts lm_head: its frozen base weight is sharded there and must not end up in the adapter.
+    targets = "q,v,lm_head" if zero_stage == 3 else "q,v"
     run_ppo(tiny_args(tiny_artifacts, out, "--ppo.steps", "2", "--ppo.batch_size", "8", "--ppo.mini_batch_size", "4",
-                      "--ppo.learning_rate", "1e-3", "--ppo.save_every_steps", "2"),
+                      "--ppo.learning_rate", "1e-3", "--ppo.save_every_steps", "2", "--lora.target_modules", targets),
             launcher=launcher, env=run_env(DS_ACCELERATOR="cpu", DETOX_PPO_DEBUG_DIR=str(debug)))
     assert len(read_log(out)) == 2
     ranks = [debug_records(debug, r) for r in range(2)]
@@ -263,6 +267,7 @@ def test_deepspeed_on_cpu_trains_sharded_with_identical_weights(tmp_path, tiny_a
     trained = adapter_tensors(out / "ppo" / "adapter")
     lora_b = [v for k, v in trained.items() if "lora_B" in k]
     assert lora_b and all(v.numel() > 0 for v in trained.values())
+    assert not any("base_layer" in k for k in trained)  # no frozen base weights in the adapter
     assert any(bool(v.abs().sum() > 0) for v in lora_b)
     assert (out / "ppo" / "checkpoints" / "checkpoint-2" / "optimizer-rank1.pt").is_file()
 

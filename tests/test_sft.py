@@ -41,6 +41,7 @@ def sft_args(repo_root: Path, tiny, out: Path, *extra: str) -> list[str]:
         "--data.max_examples", "64", "--sft.batch_size", "8", "--sft.learning_rate", "1e-2",
         "--sft.eval_rouge_examples", "4", "--eval.generation.max_new_tokens", "8", "--sft.log_every_steps", "5",
         "--sft.max_steps", "null", "--sft.lr_scheduler", "linear",  # epoch-based unless a test says otherwise
+        "--lora.target_modules", "q,v", "--lora.r", "8", "--lora.alpha", "8",  # what these tests were sized for
         *extra,
     ]
 

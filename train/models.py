@@ -320,7 +320,9 @@ def save_policy(policy: Seq2SeqPolicy, directory: str | Path, tokenizer=None) ->
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    policy.peft_model.save_pretrained(str(directory), safe_serialization=True)
+    # save_embedding_layers=False: with lm_head among the LoRA targets peft would also save the frozen base head
+    # (megabytes of unchanged weights, and an empty shard under ZeRO-3); the base model supplies it on load.
+    policy.peft_model.save_pretrained(str(directory), safe_serialization=True, save_embedding_layers=False)
     state = {k: v.detach().contiguous().cpu() for k, v in policy.value_head.state_dict().items()}
     save_file(state, str(directory / VALUE_HEAD_FILE))
     if tokenizer is not None:

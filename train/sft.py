@@ -405,7 +405,10 @@ def save_adapter_weights(model, accelerator: Accelerator, directory: Path) -> No
     """
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(str(directory), state_dict=state_dict, safe_serialization=True)
+        # Frozen base embeddings/head are not adapter weights (see train.models.save_policy).
+        accelerator.unwrap_model(model).save_pretrained(
+            str(directory), state_dict=state_dict, safe_serialization=True, save_embedding_layers=False
+        )
 
 
 def save_adapter(model, accelerator: Accelerator, directory: Path) -> None:
