@@ -17,14 +17,12 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shlex
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from importlib.metadata import version
 from pathlib import Path
 from statistics import median
 
@@ -35,6 +33,7 @@ sys.path.insert(0, str(REPO_ROOT))  # run as a script from anywhere
 
 from train.config import load_config  # noqa: E402
 from train.models import apply_lora, load_base_model  # noqa: E402
+from machine import machine_line, versions_line  # bench/machine.py
 
 RESULTS_HEADER = "# Benchmark results\n\nBenchmark results. Every figure names the command that produced it, the machine and the date.\n"
 
@@ -78,24 +77,6 @@ def run_eval(processes: int, args: list[str], out_dir: Path, threads: int) -> tu
         raise SystemExit(f"evaluation failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}")
     summary = json.loads((out_dir / "eval" / "summary.json").read_text())
     return summary, wall, (out_dir / "eval" / "examples.jsonl").read_bytes()
-
-
-def machine_line(threads_note: str) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return f"{cpu}, {os.cpu_count()} cores visible, {threads_note}, load average at the end {load}"
-
-
-def versions_line() -> str:
-    names = ("torch", "transformers", "peft", "accelerate")
-    return f"Python {platform.python_version()}, " + ", ".join(f"{n} {version(n)}" for n in names)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import platform
 import random
 import statistics
 import sys
@@ -42,6 +41,7 @@ from train.generation import generation_kwargs  # noqa: E402
 from train.models import load_policy  # noqa: E402
 from train.ppo_core import Rollout, make_kl_controller, ppo_step, response_mask_from_ids  # noqa: E402
 from train.rollout import PromptStream, ScoreShaper, make_rollout, pad_right  # noqa: E402
+from machine import machine_line, versions_line  # bench/machine.py
 
 NOTEBOOK_REWARD_BATCH = 16
 
@@ -124,16 +124,14 @@ def main() -> None:
               f"speed-up {notebook / ours:.1f}x", flush=True)
 
     if args.append:
-        load = ", ".join(f"{x:.2f}" for x in __import__("os").getloadavg())
         command = "python bench/ppo_step_vs_notebook.py " + " ".join(sys.argv[1:])
         lines = [
             "",
             "## One PPO step: batched rollouts vs the reference notebook's loop (tiny model on cpu)",
             "",
             f"- Command: `{command}`",
-            f"- Machine: {platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores visible, "
-            f"torch threads {args.torch_threads}, load average at the end {load}",
-            f"- Versions: Python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}",
+            f"- Machine: {machine_line(f'torch threads {args.torch_threads}')}",
+            f"- Versions: {versions_line(('torch', 'transformers', 'peft'))}",
             f"- Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
             f"- Config {args.config}: ppo.batch_size {base.ppo.batch_size}, mini_batch_size {base.ppo.mini_batch_size}, "
             f"rollout.batch_size {base.rollout.batch_size}; median of {args.steps} steps after one warm-up",

@@ -15,7 +15,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shlex
 import socket
 import subprocess
@@ -23,7 +22,6 @@ import sys
 import threading
 import time
 from statistics import median
-from importlib.metadata import version
 from pathlib import Path
 
 import httpx
@@ -35,6 +33,7 @@ sys.path.insert(0, str(REPO_ROOT))  # run as a script from anywhere
 from rewards.client import RewardClient  # noqa: E402
 from rewards.config import RewardConfig  # noqa: E402
 from rewards.scorer import RewardScorer  # noqa: E402
+from machine import machine_line, versions_line  # bench/machine.py
 
 RESULTS_HEADER = "# Benchmark results\n\nBenchmark results. Every figure names the command that produced it, the machine and the date.\n"
 
@@ -135,25 +134,6 @@ class Server:
             self.proc.wait()
 
 
-def machine_line(device: torch.device) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    # The load average shows whether other jobs shared the CPU while this ran.
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    line = f"{cpu}, {os.cpu_count()} cores visible, torch threads {torch.get_num_threads()}, load average at the end {load}"
-    if device.type == "cuda":
-        line += f"; GPU {torch.cuda.get_device_name(device)}"
-    return line
-
-
-def versions_line() -> str:
-    packages = ["torch", "transformers", "fastapi", "uvicorn", "httpx"]
-    return f"Python {platform.python_version()}, " + ", ".join(f"{p} {version(p)}" for p in packages)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="artifacts/tiny/roberta-hate")
@@ -199,8 +179,8 @@ def main(argv: list[str] | None = None) -> None:
         f"## Reward throughput ({model_dir.name} on {scorer.device})",
         "",
         f"- Command: `{command}`",
-        f"- Machine: {machine_line(scorer.device)}",
-        f"- Versions: {versions_line()}",
+        f"- Machine: {machine_line(f'torch threads {torch.get_num_threads()}')}",
+        f"- Versions: {versions_line(('torch', 'transformers', 'fastapi', 'uvicorn', 'httpx'))}",
         f"- Date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
         f"- {len(texts)} texts per measurement, median of {args.repeats}; server --max-batch-size {max(batch_sizes)} --max-wait-ms {args.max_wait_ms}",
         "",

@@ -26,17 +26,16 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shlex
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from importlib.metadata import version
 from pathlib import Path
 
 import torch
+from machine import machine_line, versions_line  # bench/machine.py
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run as a script from anywhere
@@ -205,27 +204,6 @@ def run_workers(args, processes: int) -> dict[str, float]:
         return json.loads(out.read_text())
 
 
-def machine_line(device: str) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        mem_kb = next(int(l.split()[1]) for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal"))
-        ram = f"{mem_kb / 1024**2:.1f} GiB RAM"
-    except (OSError, StopIteration):
-        ram = "RAM unknown"
-    gpu = f", GPU {torch.cuda.get_device_name(0)}" if device == "cuda" and torch.cuda.is_available() else ""
-    load = ", load average at the start %.2f, %.2f, %.2f" % os.getloadavg() if hasattr(os, "getloadavg") else ""
-    return f"{cpu}, {os.cpu_count()} cores visible, {ram}{gpu}{load}"
-
-
-def versions_line() -> str:
-    names = ("torch", "transformers", "peft", "accelerate")
-    return f"Python {platform.python_version()}, " + ", ".join(f"{n} {version(n)}" for n in names)
-
-
 def format_section(args, results: dict[int, dict[str, float]], command: str, machine: str) -> str:
     counts = sorted(results)
     model = "tiny T5 (artifacts/tiny)" if args.model_size == "tiny" else "flan-t5-base-sized random weights"
@@ -298,7 +276,7 @@ def main(argv=None) -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA GPU is visible here; run on a GPU machine or use --device cpu")
     processes = [int(x) for x in (args.processes or ("1,2" if args.device == "cpu" else "1")).split(",")]
-    machine = machine_line(args.device)
+    machine = machine_line()  # taken before the runs: the load average is the one at the start
     results = {}
     for n in processes:
         started = time.perf_counter()
