@@ -21,7 +21,7 @@ from eval.human.app import COOKIE, annotator_order, create_app
 from eval.human.export import export_study
 from eval.human.items import load_key, load_study
 from eval.human.report import write_report
-from eval.human.stats import head_to_head, krippendorff_alpha, mean_ranks, wilson_interval, win_rates
+from eval.human.stats import fractional_ranks, head_to_head, krippendorff_alpha, mean_ranks, wilson_interval, win_rates
 from eval.human.store import AnswerStore
 from train.errors import ConfigError, DataError
 
@@ -318,21 +318,30 @@ def test_annotation_flow_duplicates_unknown_items_and_bad_forms(two_system_study
     assert stored[first].flags == {"B": ("toxic", "unusable")} and stored[first].submitted_at
 
 
-def test_three_systems_need_a_permutation(three_system_study: Path, tmp_path: Path) -> None:
+def test_three_systems_need_a_rank_each_and_ties_are_averaged(three_system_study: Path, tmp_path: Path) -> None:
     db = tmp_path / "answers.sqlite"
     client = client_for(three_system_study, db)
     sign_in(client, "bo")
     item_id = next_item_id(client)
     assert 'name="rank_readability_C"' in client.get(f"/item/{item_id}").text
-    not_a_permutation = {"rank_readability_A": "1", "rank_readability_B": "1", "rank_readability_C": "3",
-                         "rank_coherence_A": "2", "rank_coherence_B": "3", "rank_coherence_C": "1"}
-    response = client.post(f"/item/{item_id}", data=not_a_permutation)
-    assert response.status_code == 400 and "Readability: give each summary a different rank" in response.text
+    missing_rank = {"rank_readability_A": "1", "rank_readability_B": "1",
+                    "rank_coherence_A": "2", "rank_coherence_B": "3", "rank_coherence_C": "4"}
+    response = client.post(f"/item/{item_id}", data=missing_rank)
+    assert response.status_code == 400
+    assert "Readability: give every summary a rank from 1 (best) to 3" in response.text
+    assert "Coherence: give every summary a rank" in response.text  # 4 is out of range for 3 summaries
     assert count_rows(db, "submissions") == 0
-    good = not_a_permutation | {"rank_readability_B": "2"}
-    assert client.post(f"/item/{item_id}", data=good).status_code == 303
+    with_a_tie = missing_rank | {"rank_readability_C": "3", "rank_coherence_C": "1"}
+    assert client.post(f"/item/{item_id}", data=with_a_tie).status_code == 303
     (answer,) = AnswerStore(db, load_study(three_system_study).items_sha256).answers()
-    assert answer.ranks["readability"] == {"A": 1.0, "B": 2.0, "C": 3.0}
+    assert answer.ranks["readability"] == {"A": 1.5, "B": 1.5, "C": 3.0}  # A and B share ranks 1 and 2
+    assert answer.ranks["coherence"] == {"A": 2.0, "B": 3.0, "C": 1.0}
+
+
+def test_fractional_ranks_average_ties():
+    assert fractional_ranks({"A": 1, "B": 2, "C": 3}) == {"A": 1.0, "B": 2.0, "C": 3.0}
+    assert fractional_ranks({"A": 2, "B": 1, "C": 2}) == {"B": 1.0, "A": 2.5, "C": 2.5}
+    assert fractional_ranks({"A": 1, "B": 1, "C": 1, "D": 4}) == {"A": 2.0, "B": 2.0, "C": 2.0, "D": 4.0}
 
 
 # ---------------------------------------------------------------- report

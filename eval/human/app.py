@@ -21,6 +21,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from eval.human.items import CRITERIA, FLAGS, Item, Study
+from eval.human.stats import fractional_ranks
 from eval.human.store import Answer, AnswerStore, DuplicateSubmission
 
 log = logging.getLogger("eval.human.app")
@@ -69,12 +70,14 @@ def parse_answer(item: Item, form: dict[str, list[str]], annotator: str) -> Answ
             else:
                 problems.append(f"{label}: choose the better summary (or 'about the same').")
         else:
+            # Equal ranks are allowed (two systems may write the same summary) and averaged like a 2-way tie.
             given = {s: one(f"rank_{criterion}_{s}") for s in slots}
-            wanted = [str(r) for r in range(1, len(slots) + 1)]
-            if sorted(v or "" for v in given.values()) != wanted:
-                problems.append(f"{label}: give each summary a different rank from 1 (best) to {len(slots)}.")
+            allowed = {str(r) for r in range(1, len(slots) + 1)}
+            if any(v not in allowed for v in given.values()):
+                problems.append(f"{label}: give every summary a rank from 1 (best) to {len(slots)}; "
+                                "equally good summaries may share a rank.")
             else:
-                ranks[criterion] = {s: float(v) for s, v in given.items()}  # type: ignore[arg-type]
+                ranks[criterion] = fractional_ranks({s: int(v) for s, v in given.items()})  # type: ignore[arg-type]
     flags: dict[str, tuple[str, ...]] = {}
     for s in slots:
         raised = form.get(f"flag_{s}", [])

@@ -47,6 +47,22 @@ def pairwise_scores(ranks: Mapping[str, float]) -> list[tuple[str, str, float]]:
     return out
 
 
+def fractional_ranks(given: Mapping[str, int]) -> dict[str, float]:
+    """Ranks with ties averaged, like the two-summary "about the same" (1.5 each):
+    {A: 1, B: 1, C: 2} -> {A: 1.5, B: 1.5, C: 3.0}, so mean ranks compare across items."""
+    ordered = sorted(given, key=lambda s: given[s])
+    ranks: dict[str, float] = {}
+    start = 0
+    while start < len(ordered):
+        end = start
+        while end < len(ordered) and given[ordered[end]] == given[ordered[start]]:
+            end += 1
+        for s in ordered[start:end]:
+            ranks[s] = (start + 1 + end) / 2  # mean of the positions start+1 .. end
+        start = end
+    return ranks
+
+
 def win_rates(judgements: Sequence[Mapping[str, float]], systems: Sequence[str]) -> dict[str, WinRate]:
     """Per system: wins over all other systems / comparisons, with a 95% Wilson interval."""
     wins = {s: 0.0 for s in systems}
