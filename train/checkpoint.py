@@ -10,6 +10,7 @@ reloaded from its source, so a flan-t5-xxl checkpoint is megabytes, not 44 GB.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import re
@@ -20,6 +21,10 @@ from typing import Iterator, Optional
 
 import numpy as np
 import torch
+
+from train.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "COMPLETE"
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -73,6 +78,18 @@ def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
 def latest_checkpoint(root: str | os.PathLike) -> Optional[Path]:
     found = list_checkpoints(root)
     return found[-1][1] if found else None
+
+
+def find_resume_checkpoint(root: str | os.PathLike, resume: bool) -> Optional[Path]:
+    """The checkpoint a run continues from (None = start fresh). Without --resume, existing checkpoints are an
+    error rather than something to overwrite silently."""
+    latest = latest_checkpoint(root)
+    if latest is not None and not resume:
+        raise ConfigError(f"{root} has checkpoints from an earlier run: pass --resume to continue it "
+                          "or choose another --output_dir")
+    if resume and latest is None:
+        log.info("--resume: no checkpoint under %s, starting fresh", root)
+    return latest
 
 
 def prune_checkpoints(root: str | os.PathLike, keep_last: int) -> None:

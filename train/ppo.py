@@ -45,8 +45,7 @@ from train.checkpoint import (
     atomic_checkpoint_dir,
     capture_rng_state,
     checkpoint_path,
-    latest_checkpoint,
-    list_checkpoints,
+    find_resume_checkpoint,
     prune_checkpoints,
     restore_rng_state,
 )
@@ -234,17 +233,6 @@ def configure_deepspeed_batch(accelerator: Accelerator, cfg: ExperimentConfig) -
     ds_config.pop("train_batch_size", None)  # derived by DeepSpeed from the two above
     if cfg.ppo.max_grad_norm is not None:
         ds_config["gradient_clipping"] = cfg.ppo.max_grad_norm
-
-
-def find_resume_checkpoint(ckpt_root: Path, resume: bool) -> Optional[Path]:
-    """The checkpoint to resume from (None = fresh); refuses to overwrite an earlier run without --resume."""
-    if resume:
-        return latest_checkpoint(ckpt_root)
-    if list_checkpoints(ckpt_root):
-        raise ConfigError(
-            f"{ckpt_root} has checkpoints from an earlier run: pass --resume to continue it or choose another --output_dir"
-        )
-    return None
 
 
 # ----------------------------------------------------------------------------------------------------

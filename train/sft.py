@@ -46,7 +46,8 @@ from tqdm.auto import tqdm
 from transformers import DataCollatorForSeq2Seq, get_scheduler
 
 from train.checkpoint import (
-    atomic_checkpoint_dir, capture_rng_state, checkpoint_path, latest_checkpoint, prune_checkpoints, restore_rng_state,
+    atomic_checkpoint_dir, capture_rng_state, checkpoint_path, find_resume_checkpoint,
+    prune_checkpoints, restore_rng_state,
 )
 from train.cli import config_from_cli, run_cli
 from train.config import ExperimentConfig, SFTConfig, save_config
@@ -275,19 +276,6 @@ def check_settings(s: SFTConfig) -> None:
         raise ConfigError(f"sft.warmup_ratio must be in [0, 1), got {s.warmup_ratio}")
     if s.eval_rouge_examples < 0:
         raise ConfigError(f"sft.eval_rouge_examples must be >= 0 (0 = no ROUGE during SFT), got {s.eval_rouge_examples}")
-
-
-def find_resume_checkpoint(checkpoints: Path, resume: bool) -> Optional[Path]:
-    """The checkpoint to resume from, None to start fresh; an error when an earlier run would be overwritten."""
-    latest = latest_checkpoint(checkpoints)
-    if latest is not None and not resume:
-        raise ConfigError(
-            f"{checkpoints} has checkpoints from an earlier run: pass --resume to continue it "
-            "or choose another --output_dir"
-        )
-    if resume and latest is None:
-        log.info("--resume: no checkpoint under %s, starting fresh", checkpoints)
-    return latest
 
 
 def update_early_stopping(state: TrainerState, eval_loss: float, patience: Optional[int]) -> bool:
