@@ -19,6 +19,7 @@ from train.models import (
     ParamReport,
     Seq2SeqPolicy,
     ValueHead,
+    add_reference_adapter,
     apply_lora,
     build_from_architecture,
     load_base_model,
@@ -296,6 +297,58 @@ def test_policy_forward_and_adapter_off_reference(t5_dir):
 
     out = policy.generate(**{k: batch[k] for k in ("input_ids", "attention_mask")}, max_new_tokens=3, do_sample=False)
     assert out.shape[0] == B and out.shape[1] <= 4
+
+
+def test_initial_adapter_reference_stays_frozen_while_the_policy_trains(t5_dir, tmp_path):
+    """ppo.reference: initial_adapter: the reference is the adapter PPO started from, not the base, and stays it."""
+    torch.manual_seed(0)
+    policy, _ = load_policy(_cfg(t5_dir))
+    with torch.no_grad():
+        for name, p in policy.peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    sft_dir = save_policy(policy, tmp_path / "sft")
+
+    policy, _ = load_policy(_cfg(t5_dir, adapter=str(sft_dir)))
+    trainable_before = [n for n, p in policy.named_parameters() if p.requires_grad]
+    add_reference_adapter(policy, str(sft_dir))
+    assert [n for n, p in policy.named_parameters() if p.requires_grad] == trainable_before
+    assert policy.peft_model.active_adapter == "default"
+    reference_params = [p for n, p in policy.named_parameters() if f".{models.REFERENCE_ADAPTER}." in n]
+    assert reference_params and not any(p.requires_grad for p in reference_params)
+
+    policy.eval()
+    batch = _batch(policy.config.vocab_size)
+    with torch.no_grad():
+        start_logits = policy(**batch)[0]
+        reference = policy.reference_logits(**batch)
+        with policy.adapter_disabled():
+            base_logits = policy(**batch)[0]
+    torch.testing.assert_close(reference, start_logits)  # the reference is the starting policy...
+    assert not torch.allclose(reference, base_logits, atol=1e-3)  # ...not the base
+
+    optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        policy(**batch)[0].logsumexp(-1).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    with torch.no_grad():
+        trained_logits = policy(**batch)[0]
+        assert not torch.allclose(trained_logits, start_logits, atol=1e-3)
+        torch.testing.assert_close(policy.reference_logits(**batch), reference, rtol=0, atol=0)
+
+    # Only the trained adapter is saved, and it is the trained one.
+    out_dir = save_policy(policy, tmp_path / "trained")
+    assert not (out_dir / models.REFERENCE_ADAPTER).exists()
+    reloaded, _ = load_policy(_cfg(t5_dir, adapter=str(out_dir)))
+    assert _lora_state(reloaded).keys() == {n for n in _lora_state(policy) if f".{models.REFERENCE_ADAPTER}." not in n}
+    reloaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch)[0], trained_logits)
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="adapter_config.json"):
+        add_reference_adapter(reloaded, str(tmp_path / "empty"))
 
 
 def test_save_and_load_policy_round_trip(t5_dir, tmp_path):

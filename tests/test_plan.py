@@ -13,7 +13,8 @@ import torch
 from train.config import LoraSettings, load_config
 from train.errors import ConfigError
 from train.models import (
-    ValueHead, apply_lora, build_from_architecture, load_policy, resolve_architecture,
+    ValueHead, add_reference_adapter, apply_lora, build_from_architecture, load_policy, resolve_architecture,
+    save_policy,
 )
 from train.plan import (
     GIB, REFERENCE_REWARD_MODEL, Arch, PlanInputs, activation_bytes, count_parameters, main, markdown_table,
@@ -116,6 +117,27 @@ def test_reward_model_params_match_roberta_base_formula():
 
 def _inputs(**kw) -> PlanInputs:
     return dataclasses.replace(PlanInputs(), **kw)
+
+
+@pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`:UserWarning")  # tiny.yaml adapts lm_head
+def test_reference_adapter_bytes_match_a_real_second_adapter(tiny_artifacts, repo_root, tmp_path):
+    """ppo.reference: initial_adapter adds a frozen copy of the LoRA and nothing else; the planner counts exactly that."""
+    cfg = load_config(repo_root / "configs" / "tiny.yaml", ["--model.name_or_path", str(tiny_artifacts.t5)])
+    start = save_policy(load_policy(cfg)[0], tmp_path / "start")
+    cfg.model.adapter, cfg.ppo.reference = str(start), "initial_adapter"
+    policy, _ = load_policy(cfg)
+    frozen_without, trainable, _ = _actual_bytes(policy)
+    add_reference_adapter(policy, str(start))
+    frozen_with, trainable_after, _ = _actual_bytes(policy)
+    assert trainable_after == trainable
+
+    inputs = PlanInputs.from_config(cfg, gpus=2, zero=3, gpu_mem_gib=1.0)
+    assert inputs.reference_adapter
+    with_ref = plan_for(dataclasses.replace(inputs, zero=2)).components
+    assert with_ref["KL reference adapter (frozen LoRA)"] == frozen_with - frozen_without > 0
+    sharded = plan_for(inputs).components["KL reference adapter (frozen LoRA)"]
+    assert sharded == -(-(frozen_with - frozen_without) // 2)  # ZeRO-3 shards it over the 2 GPUs
+    assert "KL reference adapter (frozen LoRA)" not in plan_for(dataclasses.replace(inputs, reference_adapter=False)).components
 
 
 def test_more_gpus_under_zero3_means_less_per_gpu():

@@ -34,8 +34,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 300
 # Fast tiny settings shared by the subprocess runs: short prompts, small batches, no periodic checkpoints.
 # The tests were sized for LoRA r=8 on q,v (a test may widen the targets); the recipe's own LoRA can change.
-FAST = ["--data.max_prompt_tokens", "64", "--ppo.save_every_steps", "100",
-        "--lora.target_modules", "q,v", "--lora.r", "8", "--lora.alpha", "8"]
+FAST_LORA = ["--lora.target_modules", "q,v", "--lora.r", "8", "--lora.alpha", "8"]
+FAST = ["--data.max_prompt_tokens", "64", "--ppo.save_every_steps", "100", *FAST_LORA]
 
 
 def tiny_args(tiny, out: Path, *extra: str) -> list[str]:
@@ -72,6 +72,21 @@ def adapter_tensors(directory: Path) -> dict[str, torch.Tensor]:
 
 def debug_records(directory: Path, rank: int) -> list[dict]:
     return [json.loads(line) for line in (directory / f"rank{rank}.jsonl").read_text().splitlines()]
+
+
+def _sft_like_adapter(tiny, directory: Path, targets: str = "q,v") -> Path:
+    """A saved r=8 adapter (FAST's LoRA) with non-zero B matrices: a starting policy that differs from the base."""
+    from train.models import load_policy, save_policy
+
+    cfg = load_config(REPO_ROOT / "configs" / "tiny.yaml",
+                      ["--model.name_or_path", str(tiny.t5), *FAST_LORA, "--lora.target_modules", targets])
+    torch.manual_seed(3)
+    policy, _ = load_policy(cfg)
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.2)
+    return save_policy(policy, directory)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -254,21 +269,31 @@ def test_deepspeed_on_cpu_trains_sharded_with_identical_weights(tmp_path, tiny_a
                              "--main_process_port", str(free_port())]
     # ZeRO-3 also adapts lm_head: its frozen base weight is sharded there and must not end up in the adapter.
     targets = "q,v,lm_head" if zero_stage == 3 else "q,v"
+    start = []
+    if zero_stage == 3:  # ZeRO-3 also runs the KL reference as a frozen second adapter, partitioned like the rest
+        sft = _sft_like_adapter(tiny_artifacts, tmp_path / "sft", targets)
+        start = ["--model.adapter", str(sft), "--ppo.reference", "initial_adapter"]
     run_ppo(tiny_args(tiny_artifacts, out, "--ppo.steps", "2", "--ppo.batch_size", "8", "--ppo.mini_batch_size", "4",
-                      "--ppo.learning_rate", "1e-3", "--ppo.save_every_steps", "2", "--lora.target_modules", targets),
+                      "--ppo.learning_rate", "1e-3", "--ppo.save_every_steps", "2", "--lora.target_modules", targets,
+                      *start),
             launcher=launcher, env=run_env(DS_ACCELERATOR="cpu", DETOX_PPO_DEBUG_DIR=str(debug)))
-    assert len(read_log(out)) == 2
+    log = read_log(out)
+    assert len(log) == 2
+    if zero_stage == 3:
+        assert abs(log[0]["objective/kl"]) < 1e-4 < abs(log[1]["objective/kl"])  # anchored to the starting adapter
     ranks = [debug_records(debug, r) for r in range(2)]
     assert [len(r) for r in ranks] == [2, 2]
     for a, b in zip(*ranks):  # really two processes with their own prompts, kept in step by DeepSpeed
         assert len(a["prompt_ids"]) == 4 and not set(a["prompt_ids"]) & set(b["prompt_ids"])
         assert a["params_sha256"] == b["params_sha256"]
-    # The saved adapter is whole (under ZeRO-3 the shards are gathered) and trained: LoRA B starts at zero.
+    # The saved adapter is whole (under ZeRO-3 the shards are gathered) and trained: it moved from where it started
+    # (LoRA B = 0 for a fresh adapter).
     trained = adapter_tensors(out / "ppo" / "adapter")
-    lora_b = [v for k, v in trained.items() if "lora_B" in k]
+    initial = adapter_tensors(sft) if start else {k: torch.zeros_like(v) for k, v in trained.items() if "lora_B" in k}
+    lora_b = [k for k in trained if "lora_B" in k]
     assert lora_b and all(v.numel() > 0 for v in trained.values())
-    assert not any("base_layer" in k for k in trained)  # no frozen base weights in the adapter
-    assert any(bool(v.abs().sum() > 0) for v in lora_b)
+    assert not any("base_layer" in k or ".reference." in k for k in trained)  # no frozen weights in the adapter
+    assert any(not torch.equal(trained[k], initial[k]) for k in lora_b)
     assert (out / "ppo" / "checkpoints" / "checkpoint-2" / "optimizer-rank1.pt").is_file()
 
 
@@ -299,6 +324,32 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_artifac
     # Same rollouts after the resume point, too: the logged rewards agree.
     for a, b in zip(read_log(straight), read_log(killed)):
         assert a["env/reward_mean"] == pytest.approx(b["env/reward_mean"], abs=1e-6)
+
+
+def test_initial_adapter_reference_anchors_the_kl_to_the_starting_policy_and_resumes(tmp_path, tiny_artifacts):
+    adapter = _sft_like_adapter(tiny_artifacts, tmp_path / "sft")
+    common = ["--model.adapter", str(adapter), "--ppo.batch_size", "8", "--ppo.learning_rate", "3e-3",
+              "--ppo.forward_batch_size", "8"]
+    # Anchored to the base, the starting policy is already far from its reference; anchored to itself it is not.
+    run_ppo(tiny_args(tiny_artifacts, tmp_path / "base", *common, "--ppo.steps", "1", "--ppo.reference", "base"))
+    base_kl = read_log(tmp_path / "base")[0]["objective/kl"]
+    straight = tmp_path / "straight"
+    run_ppo(tiny_args(tiny_artifacts, straight, *common, "--ppo.steps", "3", "--ppo.reference", "initial_adapter"))
+    log = read_log(straight)
+    assert abs(log[0]["objective/kl"]) < 1e-4 < 0.1 < base_kl, (log[0]["objective/kl"], base_kl)
+    assert abs(log[-1]["objective/kl"]) > 1e-4  # the policy moved away from its frozen reference
+
+    # Resume: the reference is again the configured starting adapter, not the checkpoint's adapter.
+    resumed = tmp_path / "resumed"
+    args = [*common, "--ppo.reference", "initial_adapter", "--ppo.save_every_steps", "1"]
+    run_ppo(tiny_args(tiny_artifacts, resumed, *args, "--ppo.steps", "1"))
+    run_ppo(tiny_args(tiny_artifacts, resumed, *args, "--ppo.steps", "3", "--resume"))
+    for a, b in zip(log, read_log(resumed), strict=True):
+        assert b["objective/kl"] == pytest.approx(a["objective/kl"], abs=1e-6)
+    expected, got = adapter_tensors(straight / "ppo" / "adapter"), adapter_tensors(resumed / "ppo" / "adapter")
+    assert expected.keys() == got.keys() and not any(".reference." in k for k in got)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
 
 
 def test_sigterm_checkpoints_the_current_step_and_exits_with_status_3(tmp_path, tiny_artifacts):

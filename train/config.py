@@ -125,6 +125,14 @@ class PPOConfig:
     # TRL 0.11.4 masks out the first generated token of encoder-decoder responses (an off-by-one); true
     # reproduces that exactly (differential test), false (default) trains on every response token.
     trl_first_token_mask: bool = False
+    # The KL reference. "base": the base model with the adapter switched off (the reference workflow).
+    # "initial_adapter": a frozen second copy of the adapter PPO starts from (model.adapter, e.g. the SFT
+    # adapter), as the notebook's create_reference_model did, so the KL measures drift from the SFT policy.
+    # Either way one base model is in memory; without model.adapter both are the same model.
+    reference: Literal["base", "initial_adapter"] = "base"
+    # Rows per no-grad forward pass for the old and reference log-probs, per process; null = the mini-batch
+    # size (TRL's choice). Larger is faster and needs more memory (the planner's training-phase logits).
+    forward_batch_size: Optional[int] = None
     save_every_steps: int = 5
     log_every_steps: int = 1
 
@@ -327,6 +335,8 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(
             f"ppo.batch_size ({p.batch_size}) must be a multiple of ppo.mini_batch_size ({p.mini_batch_size})"
         )
+    if p.forward_batch_size is not None and p.forward_batch_size < 1:
+        raise ConfigError(f"ppo.forward_batch_size must be positive or null, got {p.forward_batch_size}")
     for name, g in (("rollout", cfg.rollout), ("eval.generation", cfg.eval.generation)):
         if g.max_new_tokens_min is not None and not 0 < g.max_new_tokens_min < g.max_new_tokens:
             raise ConfigError(f"{name}.max_new_tokens_min must be between 0 and {name}.max_new_tokens")

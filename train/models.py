@@ -261,12 +261,16 @@ class Seq2SeqPolicy(nn.Module):
         super().__init__()
         self.peft_model = peft_model
         self.value_head = value_head
+        # None: the KL reference is the base (adapter off); else the name of a frozen adapter (add_reference_adapter).
+        self.reference_adapter: Optional[str] = None
 
     @property
     def config(self):
         return self.peft_model.config
 
-    def _model_outputs(self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, hidden: bool):
+    def _model_outputs(
+        self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, hidden: bool, **peft_kwargs
+    ):
         return self.peft_model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -275,6 +279,7 @@ class Seq2SeqPolicy(nn.Module):
             output_hidden_states=hidden,
             use_cache=False,
             return_dict=True,
+            **peft_kwargs,
         )
 
     def forward(
@@ -303,7 +308,13 @@ class Seq2SeqPolicy(nn.Module):
         decoder_input_ids: torch.Tensor,
         decoder_attention_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """Logits (B, T, V) of the base model with the adapter switched off."""
+        """Logits (B, T, V) of the KL reference: the base model with the adapter switched off, or the frozen
+        `reference_adapter`. The latter goes through peft's per-call `adapter_names` (eval mode only), which
+        leaves the trainable adapter active and its `requires_grad` untouched, as DDP and DeepSpeed need."""
+        if self.reference_adapter is not None:
+            names = [self.reference_adapter] * input_ids.shape[0]
+            args = (input_ids, attention_mask, decoder_input_ids, decoder_attention_mask)
+            return self._model_outputs(*args, hidden=False, adapter_names=names).logits
         with self.adapter_disabled():
             out = self._model_outputs(
                 input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, hidden=False
@@ -322,7 +333,11 @@ def save_policy(policy: Seq2SeqPolicy, directory: str | Path, tokenizer=None) ->
     directory.mkdir(parents=True, exist_ok=True)
     # save_embedding_layers=False: with lm_head among the LoRA targets peft would also save the frozen base head
     # (megabytes of unchanged weights, and an empty shard under ZeRO-3); the base model supplies it on load.
-    policy.peft_model.save_pretrained(str(directory), safe_serialization=True, save_embedding_layers=False)
+    # selected_adapters: only the trainable adapter, never the frozen KL reference copy.
+    policy.peft_model.save_pretrained(
+        str(directory), safe_serialization=True, save_embedding_layers=False,
+        selected_adapters=[policy.peft_model.active_adapter],
+    )
     state = {k: v.detach().contiguous().cpu() for k, v in policy.value_head.state_dict().items()}
     save_file(state, str(directory / VALUE_HEAD_FILE))
     if tokenizer is not None:
@@ -361,6 +376,30 @@ def load_policy(cfg, trainable: bool = True, device_map: Any = None) -> tuple[Se
         load_value_head(value_head, adapter)
     value_head.requires_grad_(trainable)
     return Seq2SeqPolicy(peft_model, value_head), tokenizer
+
+
+REFERENCE_ADAPTER = "reference"
+
+
+def add_reference_adapter(policy: Seq2SeqPolicy, adapter: str) -> Seq2SeqPolicy:
+    """Load `adapter` a second time, frozen, as the KL reference (`ppo.reference: initial_adapter`).
+
+    The base weights stay shared: the extra memory is one LoRA adapter. The trainable adapter stays active.
+    """
+    if Path(adapter).exists() and not (Path(adapter) / ADAPTER_CONFIG_FILE).is_file():
+        raise ModelError(f"reference adapter {adapter!r} is not a LoRA adapter directory: it has no {ADAPTER_CONFIG_FILE}")
+    peft_model = policy.peft_model
+    active = peft_model.active_adapter
+    trainable = [id(p) for p in policy.parameters() if p.requires_grad]
+    try:
+        with _quiet_peft_deprecation():
+            peft_model.load_adapter(adapter, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+    except (OSError, ValueError) as e:
+        raise _load_error(adapter, "reference adapter", e) from None
+    if peft_model.active_adapter != active or [id(p) for p in policy.parameters() if p.requires_grad] != trainable:
+        raise ModelError(f"loading the reference adapter {adapter!r} changed the trainable adapter (peft version?)")
+    policy.reference_adapter = REFERENCE_ADAPTER
+    return policy
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -29,6 +29,8 @@ Weights of the frozen base, as `train.models.load_base_model` leaves them:
 Trainable parameters (LoRA A/B of the targeted Linear layers + the value head, `d_model + 1`): fp32 (peft
   keeps adapters in fp32 whatever the base dtype; the value head is fp32), 4 bytes/param, so no separate fp32
   master copy. Sharded under ZeRO-3.
+KL reference adapter (only with `ppo.reference: initial_adapter`): a frozen fp32 copy of the LoRA A/B, sharded
+  under ZeRO-3; the base weights are shared, so that is all the reference costs.
 Optimizer: Adam (as TRL/`ppo_core`): `exp_avg` and `exp_avg_sq` in fp32 (8 bytes/param) plus a 4-byte `step`
   tensor per parameter tensor. Sharded under ZeRO >= 1; off the GPU with CPU offload.
 Gradients: fp32, one per trainable parameter (the frozen base has none). Sharded under ZeRO >= 2; off the GPU
@@ -325,6 +327,7 @@ class PlanInputs:
     prompt_len: int = 512  # data.max_prompt_tokens
     max_new_tokens: int = 400  # rollout.max_new_tokens
     gradient_checkpointing: bool = False
+    reference_adapter: bool = False  # ppo.reference: initial_adapter keeps a frozen fp32 copy of the LoRA
     offload: bool = False  # DeepSpeed CPU offload: optimizer (ZeRO >= 2) and, under ZeRO-3, parameters
     reward_model: str = REFERENCE_REWARD_MODEL
     reward_dtype: str = "float32"
@@ -342,7 +345,7 @@ class PlanInputs:
             gen_batch=cfg.rollout.batch_size, prompt_len=cfg.data.max_prompt_tokens,
             max_new_tokens=cfg.rollout.max_new_tokens, reward_model=cfg.reward.model_name_or_path,
             reward_dtype=cfg.reward.dtype, reward_batch=cfg.reward.batch_size,
-            reward_len=cfg.reward.max_length or 512,
+            reward_len=cfg.reward.max_length or 512, reference_adapter=cfg.ppo.reference == "initial_adapter",
         )
         return dataclasses.replace(inputs, **{k: v for k, v in overrides.items() if v is not None})
 
@@ -413,6 +416,8 @@ def plan(inputs: PlanInputs, counts: Optional[ParamCounts] = None, config=None) 
         "trainable (LoRA + value head)": _shard(trainable_bytes(counts), n, z == 3),
         "optimizer (Adam)": 0 if offloaded else _shard(optimizer_bytes(counts), n, z >= 1),
     }
+    if inputs.reference_adapter:
+        components["KL reference adapter (frozen LoRA)"] = _shard(counts.lora * 4, n, z == 3)
     train_phase = (
         (0 if offloaded else _shard(gradient_bytes(counts), n, z >= 2))
         + activation_bytes(arch, mini, inputs.prompt_len, response_len, inputs.dtype, counts.lora_targets,

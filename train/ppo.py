@@ -10,8 +10,8 @@ Usage:
 Each PPO step, read top to bottom in `main`:
   1. rollout: this process's shard of the global batch of prompts, generated in batches (train/rollout.py);
   2. score: the reward model on the summaries (in-process on `reward.device` or the server at `reward.url`);
-  3-6. `ppo_step` (train/ppo_core.py): log-probs/values and reference log-probs (adapter off), KL-penalised
-     rewards, GAE advantages, PPO epochs over mini-batches (gradients synchronised by accelerate);
+  3-6. `ppo_step` (train/ppo_core.py): log-probs/values and reference log-probs (adapter off, or the frozen
+     starting adapter with `ppo.reference: initial_adapter`), KL-penalised rewards, GAE advantages, PPO epochs over mini-batches (gradients synchronised by accelerate);
   7. log: namespaced stats to `log.jsonl`, TensorBoard and the progress bar;
   8. checkpoint every `ppo.save_every_steps` (and on SIGUSR1/SIGTERM, then exit with status 3).
 
@@ -53,7 +53,7 @@ from train.cli import config_from_cli, run_cli
 from train.config import ExperimentConfig, save_config
 from train.data import build_ppo_datasets
 from train.errors import ConfigError
-from train.models import load_policy, parameter_report, save_policy
+from train.models import add_reference_adapter, load_policy, parameter_report, save_policy
 from train.ppo_core import make_kl_controller, ppo_step
 from train.preemption import PREEMPTED_EXIT_CODE, StopSignal
 from train.rollout import PromptStream, RolloutInfo, ScoreShaper, gather_rows, make_rollout
@@ -99,11 +99,18 @@ def main(argv: Optional[list[str]] = None) -> dict[str, float]:
     set_seed(cfg.seed)  # same initial weights on every process
 
     # ============================================================================================
-    # 2. Policy (base + LoRA + value head; the KL reference is the base with the adapter off) and prompts
+    # 2. Policy (base + LoRA + value head), its KL reference, and the prompts
     # ============================================================================================
     # On resume the adapter and value head come from the checkpoint; everything else as configured.
     model_cfg = cfg.model if resume_from is None else dataclasses.replace(cfg.model, adapter=str(resume_from / POLICY_DIR))
     policy, tokenizer = load_policy(dataclasses.replace(cfg, model=model_cfg))
+    # The reference is the base with the adapter off, or a frozen copy of the adapter this run started from
+    # (the configured model.adapter, also on resume). A fresh adapter starts as the base, so both are the base.
+    if cfg.ppo.reference == "initial_adapter" and cfg.model.adapter is not None:
+        add_reference_adapter(policy, cfg.model.adapter)
+    if is_main:
+        log.info("KL reference: %s", f"the initial adapter {cfg.model.adapter}" if policy.reference_adapter
+                 else "the base model (adapter off)")
     with accelerator.main_process_first():  # the main process fills the datasets cache first
         prompts = build_ppo_datasets(cfg.data, tokenizer)["train"]
     # A seeded order over the prompts; every process takes its own slice of each global batch.

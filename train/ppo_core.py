@@ -9,8 +9,9 @@ with `optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires
 cfg.ppo.gradient_accumulation_steps)` with the policy and optimizer passed through `accelerator.prepare`.
 
 One PPO step (numbered as in `ppo_step`):
-  1. no-grad forward passes: old log-probs and values of the policy, reference log-probs with the LoRA adapter
-     switched off (the base model is the KL reference, as TRL did for PEFT models);
+  1. no-grad forward passes (`ppo.forward_batch_size` rows at a time): old log-probs and values of the policy,
+     reference log-probs with the LoRA adapter switched off (the base model is the KL reference, as TRL did for
+     PEFT models) or, with `ppo.reference: initial_adapter`, with the frozen copy of the starting adapter;
   2. per-token rewards: `-kl_coef * (logp - logp_ref)`, plus the score on the last response token;
   3. GAE advantages (gamma, lambda), returns = advantages + values, advantages whitened over the batch;
   4. `ppo_epochs` passes over shuffled mini-batches: clipped policy loss + `vf_coef` * clipped value loss,
@@ -395,7 +396,7 @@ class PPOBatch:
 
     scores: torch.Tensor  # (B,)
     logprobs: torch.Tensor  # old policy log-probs of the decoder tokens
-    ref_logprobs: torch.Tensor  # reference (adapter off) log-probs
+    ref_logprobs: torch.Tensor  # reference log-probs (adapter off, or the initial adapter)
     values: torch.Tensor  # old values, zeroed where masked
     masks: torch.Tensor  # predicted positions that count (see response_loss_mask)
     kls: torch.Tensor  # logprobs - ref_logprobs
@@ -426,7 +427,7 @@ def build_ppo_batch(
     for start in range(0, len(rollout), chunk_size):
         rows = rollout.select(slice(start, start + chunk_size))
         _, logprobs, values, masks = _forward(policy, rows, cfg.trl_first_token_mask)
-        # The KL reference: the base model, i.e. the policy with its adapter switched off.
+        # The KL reference: the policy with its adapter switched off, or its frozen initial adapter.
         ref_logits = unwrapped.reference_logits(rows.query_ids, rows.query_mask, rows.response_ids, rows.response_mask)
         ref_logprobs = logprobs_from_logits(ref_logits[:, :-1], rows.response_ids[:, 1:])
         for key, value in zip(parts, (logprobs, values, ref_logprobs, masks)):
@@ -530,7 +531,8 @@ def ppo_step(
 
     # 1-3. Old log-probs, values, reference log-probs; KL-penalised rewards; advantages and returns.
     kl_coef = kl_ctl.value
-    batch = build_ppo_batch(policy, rollout, kl_coef, cfg, chunk_size=mini, accelerator=accelerator)
+    chunk = cfg.forward_batch_size or mini
+    batch = build_ppo_batch(policy, rollout, kl_coef, cfg, chunk_size=chunk, accelerator=accelerator)
     timing["time/ppo/forward_pass"] = time.time() - t0
 
     # 4. PPO epochs over mini-batches, dropout off as in TRL (see the module docstring).
