@@ -1,9 +1,19 @@
-"""Time one PPO step of `train.ppo` against a reference-notebook-style step on the same tiny model, in one run.
+"""Time one PPO step of `train.ppo` against a reference-notebook-style step on the same model, in one run.
 
     python bench/ppo_step_vs_notebook.py [--config configs/tiny.yaml] [--steps 3] [--append bench/RESULTS.md]
+    python bench/ppo_step_vs_notebook.py --device cuda --model-size base --dtype bfloat16 --append bench/RESULTS.md
+
+By default: the tiny model on the CPU with the recipe's (configs/tiny.yaml) settings. `--model-size base`: a
+flan-t5-base-sized model with random weights (the shipped architecture) and the reference workflow's LoRA,
+rollout and PPO settings (configs/flan_t5_base.yaml, LengthSampler(100, 400) lengths), still with the tiny
+prompts, tokenizer and reward model (prompt ids are valid flan-t5 ids; generated ids beyond the tiny vocabulary
+decode to nothing, which only changes what the reward model reads). On `--device cuda` our reward model sits on
+the GPU (placed deliberately), the notebook-style one on the CPU, as in the notebook.
 
 Both steps use the same policy, prompts, reward model, sampling settings and PPO update (`ppo_core.ppo_step`, the
-same math as TRL's `PPOTrainer.step` that the notebook called); they differ in experience making:
+same math as TRL's `PPOTrainer.step` that the notebook called; the notebook-style step does its no-grad forward
+passes in mini-batch-sized chunks as TRL did, ours uses `ppo.forward_batch_size` from the config); they differ in
+experience making:
 
 * ours (`train.rollout.make_rollout`): `rollout.batch_size` prompts per `generate()` call with attention masks,
   all summaries scored in one reward call;
@@ -12,8 +22,11 @@ same math as TRL's `PPOTrainer.step` that the notebook called); they differ in e
   sample by the LengthSampler when configured), then the reward model on the CPU in batches of 16 (the notebook's
   `sentiment_pipe(..., batch_size=16)`).
 
-Each variant runs one warm-up step, then `--steps` timed steps (median reported). Rows are measured for the
-recipe's rollout lengths and, with `--reference-lengths`, for the notebook's LengthSampler(100, 400) too.
+Each variant runs one warm-up step, then `--steps` timed steps (median reported), each split into experience
+making (generation + rewards) and the update. Rows are measured for the recipe's rollout lengths and, with
+`--reference-lengths`, for the notebook's LengthSampler(100, 400) too. The last column is the ceiling that any
+experience making can reach against this notebook-style step: notebook-style step time / our update time, i.e.
+the speed-up if our rollouts and rewards took no time at all.
 """
 
 from __future__ import annotations
@@ -29,7 +42,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
 
 import datasets  # noqa: E402
 import transformers  # noqa: E402
@@ -38,25 +52,25 @@ from rewards.reward_fn import make_reward_fn  # noqa: E402
 from train.config import load_config  # noqa: E402
 from train.data import build_ppo_datasets  # noqa: E402
 from train.generation import generation_kwargs  # noqa: E402
-from train.models import load_policy  # noqa: E402
 from train.ppo_core import Rollout, make_kl_controller, ppo_step, response_mask_from_ids  # noqa: E402
 from train.rollout import PromptStream, ScoreShaper, make_rollout, pad_right  # noqa: E402
+from bench_policy import load_bench_policy  # bench/bench_policy.py
 from machine import machine_line, versions_line  # bench/machine.py
 
 NOTEBOOK_REWARD_BATCH = 16
 
 
-def notebook_rollout(policy, tokenizer, prompts, reward_fn, cfg) -> Rollout:
+def notebook_rollout(policy, tokenizer, prompts, reward_fn, cfg, device) -> Rollout:
     """Experience making as the reference notebook wrote it: one generate() per prompt."""
     responses = []
     with torch.no_grad():
         policy.eval()
         for ids in prompts["input_ids"]:
-            query = torch.tensor([ids])
+            query = torch.tensor([ids], device=device)
             out = policy.generate(input_ids=query, attention_mask=torch.ones_like(query), **generation_kwargs(cfg.rollout))
             responses.append(out[0])
     mask_rows = [response_mask_from_ids(r.unsqueeze(0), tokenizer.eos_token_id)[0] for r in responses]
-    responses = [r[: int(m.sum())] for r, m in zip(responses, mask_rows)]
+    responses = [r[: int(m.sum())].cpu() for r, m in zip(responses, mask_rows)]
     summaries = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in responses]
     queries = list(prompts["query"])
     rewards = []
@@ -65,33 +79,56 @@ def notebook_rollout(policy, tokenizer, prompts, reward_fn, cfg) -> Rollout:
         rewards.append(part.rewards)
     query_ids, query_mask = pad_right([torch.tensor(q) for q in prompts["input_ids"]], tokenizer.pad_token_id)
     response_ids, response_mask = pad_right(responses, tokenizer.pad_token_id)
-    return Rollout(query_ids, query_mask, response_ids, response_mask, torch.cat(rewards).float())
+    rollout = Rollout(query_ids, query_mask, response_ids, response_mask, torch.cat(rewards).float().cpu())
+    return Rollout(*(t.to(device) for t in dataclasses.astuple(rollout)))
 
 
-def time_steps(variant: str, cfg, steps: int) -> list[float]:
-    """Seconds per full PPO step (experience making + update) of `variant`, after one warm-up step."""
+def _now(device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()  # CUDA work is asynchronous: time what has finished
+    return time.perf_counter()
+
+
+def time_steps(variant: str, cfg, steps: int, model_size: str = "tiny", device: str = "cpu") -> list[tuple[float, float]]:
+    """(experience making, update) seconds per PPO step of `variant`, after one warm-up step."""
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    policy, tokenizer = load_policy(cfg)
+    policy, tokenizer = load_bench_policy(cfg, model_size, device)
     prompts = build_ppo_datasets(cfg.data, tokenizer)["train"]
     stream = PromptStream(len(prompts), cfg.ppo.batch_size, cfg.seed)
     optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=cfg.ppo.learning_rate)
     kl_ctl, shaper = make_kl_controller(cfg.ppo), ScoreShaper(cfg)
     generator = torch.Generator().manual_seed(cfg.seed)
-    reward_fn = make_reward_fn(cfg.reward)
+    # Ours places the reward model on the training device; the notebook scored on the CPU.
+    reward_device = device if variant == "ours" else "cpu"
+    reward_fn = make_reward_fn(dataclasses.replace(cfg.reward, device=reward_device))
+    ppo_cfg = cfg.ppo if variant == "ours" else dataclasses.replace(cfg.ppo, forward_batch_size=None)
     seconds = []
     for i in range(steps + 1):
         batch = prompts.select(stream.next_rows())
-        started = time.perf_counter()
+        started = _now(device)
         if variant == "ours":
             rollout, _ = make_rollout(policy, tokenizer, batch, reward_fn, shaper, cfg, None, random)
         else:
-            rollout = notebook_rollout(policy, tokenizer, batch, reward_fn, cfg)
-        ppo_step(policy, optimizer, rollout, kl_ctl, cfg.ppo, generator=generator)
+            rollout = notebook_rollout(policy, tokenizer, batch, reward_fn, cfg, device)
+        made = _now(device)
+        ppo_step(policy, optimizer, rollout, kl_ctl, ppo_cfg, generator=generator)
         if i > 0:  # the first step warms up allocators and kernels
-            seconds.append(time.perf_counter() - started)
+            seconds.append((made - started, _now(device) - made))
     reward_fn.close()
     return seconds
+
+
+class Timing:
+    """Medians over timed steps of experience making, update and their sum."""
+
+    def __init__(self, steps: list[tuple[float, float]]):
+        self.experience = statistics.median(e for e, _ in steps)
+        self.update = statistics.median(u for _, u in steps)
+        self.total = statistics.median(e + u for e, u in steps)
+
+    def __str__(self) -> str:
+        return f"{self.experience:.2f} + {self.update:.2f} = {self.total:.2f}"
 
 
 def main() -> None:
@@ -101,33 +138,47 @@ def main() -> None:
     parser.add_argument("--torch-threads", type=int, default=1, help="1 is stable on a shared 2-core VM")
     parser.add_argument("--reference-lengths", action="store_true",
                         help="also measure with the notebook's LengthSampler(100, 400) for max_new_tokens")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--model-size", choices=["tiny", "base"], default="tiny",
+                        help="base: flan-t5-base-sized random weights with the reference workflow's settings")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="model dtype (default: the config's)")
     parser.add_argument("--append", type=Path, help="append a results section to this markdown file")
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA GPU is visible here; run on a GPU machine or use --device cpu")
     torch.set_num_threads(args.torch_threads)
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
 
     base = load_config(args.config)
-    settings = [("recipe", base)]
-    if args.reference_lengths:
+    if args.model_size == "base":  # the reference workflow's LoRA, sampling and PPO settings
+        reference = load_config(REPO_ROOT / "configs" / "flan_t5_base.yaml")
+        base = dataclasses.replace(base, lora=reference.lora, rollout=reference.rollout, ppo=reference.ppo)
+    if args.dtype:
+        base = dataclasses.replace(base, model=dataclasses.replace(base.model, dtype=args.dtype))
+    label = "recipe" if args.model_size == "tiny" else "reference workflow"
+    settings = [(label, base)]
+    if args.reference_lengths and args.model_size == "tiny":
         rollout = dataclasses.replace(base.rollout, max_new_tokens_min=100, max_new_tokens=400)
         settings.append(("notebook LengthSampler(100, 400)", dataclasses.replace(base, rollout=rollout)))
 
     rows = []
     for label, cfg in settings:
-        ours = statistics.median(time_steps("ours", cfg, args.steps))
-        notebook = statistics.median(time_steps("notebook", cfg, args.steps))
+        ours = Timing(time_steps("ours", cfg, args.steps, args.model_size, args.device))
+        notebook = Timing(time_steps("notebook", cfg, args.steps, args.model_size, args.device))
         lengths = (f"{cfg.rollout.max_new_tokens_min}-{cfg.rollout.max_new_tokens}"
                    if cfg.rollout.max_new_tokens_min else str(cfg.rollout.max_new_tokens))
         rows.append((label, lengths, ours, notebook))
-        print(f"{label}: max_new_tokens {lengths}: ours {ours:.2f} s/step, notebook-style {notebook:.2f} s/step, "
-              f"speed-up {notebook / ours:.1f}x", flush=True)
+        print(f"{label}: max_new_tokens {lengths}: ours {ours} s/step, notebook-style {notebook} s/step, "
+              f"speed-up {notebook.total / ours.total:.1f}x, ceiling {notebook.total / ours.update:.1f}x", flush=True)
 
     if args.append:
         command = "python bench/ppo_step_vs_notebook.py " + " ".join(sys.argv[1:])
+        model = ("tiny model" if args.model_size == "tiny"
+                 else f"flan-t5-base-sized random weights, {base.model.dtype}")
         lines = [
             "",
-            "## One PPO step: batched rollouts vs the reference notebook's loop (tiny model on cpu)",
+            f"## One PPO step: batched rollouts vs the reference notebook's loop ({model} on {args.device})",
             "",
             f"- Command: `{command}`",
             f"- Machine: {machine_line(f'torch threads {args.torch_threads}')}",
@@ -136,10 +187,17 @@ def main() -> None:
             f"- Config {args.config}: ppo.batch_size {base.ppo.batch_size}, mini_batch_size {base.ppo.mini_batch_size}, "
             f"rollout.batch_size {base.rollout.batch_size}; median of {args.steps} steps after one warm-up",
             "",
-            "| rollout lengths | max_new_tokens | ours s/step | notebook-style s/step | speed-up |",
-            "|---|---:|---:|---:|---:|",
+            "s/step columns: experience making (generation + rewards) + update = total.",
+            "",
+            "| rollout lengths | max_new_tokens | ours s/step | notebook-style s/step | speed-up | experience making "
+            "speed-up | ceiling: notebook step / our update |",
+            "|---|---:|---:|---:|---:|---:|---:|",
         ]
-        lines += [f"| {label} | {lengths} | {ours:.2f} | {nb:.2f} | {nb / ours:.1f}x |" for label, lengths, ours, nb in rows]
+        lines += [
+            f"| {label} | {lengths} | {ours} | {nb} | {nb.total / ours.total:.1f}x | "
+            f"{nb.experience / ours.experience:.1f}x | {nb.total / ours.update:.1f}x |"
+            for label, lengths, ours, nb in rows
+        ]
         with open(args.append, "a") as f:
             f.write("\n".join(lines) + "\n")
 

@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_policy import load_bench_policy  # bench/bench_policy.py
 from machine import machine_line, versions_line  # bench/machine.py
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -62,17 +63,6 @@ def _timed(fn, accelerator) -> float:
     return float(accelerator.reduce(elapsed, reduction="max"))
 
 
-def _policy(args, cfg, device):
-    from train.models import ValueHead, Seq2SeqPolicy, apply_lora, build_from_architecture, load_policy, torch_dtype
-
-    if args.model_size == "tiny":
-        policy, tokenizer = load_policy(cfg)
-        return policy.to(device), tokenizer
-    base = build_from_architecture("google/flan-t5-base", device=device).to(torch_dtype(cfg.model.dtype))
-    policy = Seq2SeqPolicy(apply_lora(base, cfg.lora), ValueHead(base.config.d_model).to(device))
-    return policy, None
-
-
 def worker(args) -> None:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -96,7 +86,9 @@ def worker(args) -> None:
         # 2-core VM loses up to 10-30x to OpenMP oversubscription, which would swamp the 1 -> 2 process scaling.
         torch.set_num_threads(args.torch_threads or max(1, (os.cpu_count() or 1) // n))
     set_seed(args.seed + rank)
-    policy, tokenizer = _policy(args, cfg, device)
+    policy, tokenizer = load_bench_policy(cfg, args.model_size, device)
+    if args.model_size != "tiny":
+        tokenizer = None  # random weights: evaluation times generation only (see the module docstring)
     vocab = policy.config.vocab_size
     rows = cfg.ppo.batch_size // n
     q_len, new_tokens = args.prompt_len, args.max_new_tokens

@@ -334,6 +334,43 @@ def test_build_ppo_batch_default_mask_keeps_the_first_generated_token(tiny_artif
     assert ours.kls[:, 0].abs().max() > 0  # the first token now carries a KL penalty
 
 
+def _padded_wider(rollout: Rollout, extra_q: int, extra_r: int, pad_id: int = 0) -> Rollout:
+    """`rollout` with `extra_q` / `extra_r` more all-padding columns, as a longer row elsewhere in the batch makes."""
+    pad = lambda t, n, value: torch.nn.functional.pad(t, (0, n), value=value)
+    return Rollout(pad(rollout.query_ids, extra_q, pad_id), pad(rollout.query_mask, extra_q, 0),
+                   pad(rollout.response_ids, extra_r, pad_id), pad(rollout.response_mask, extra_r, 0), rollout.scores)
+
+
+def test_trailing_padding_is_trimmed_and_changes_no_result(tiny_artifacts):
+    policy, tokenizer, cfg = _tiny_policy(tiny_artifacts, batch_size=4, mini_batch_size=2, learning_rate=1e-3)
+    rollout = _generated_rollout(policy, tokenizer, rows=4)
+    wide = _padded_wider(rollout, extra_q=9, extra_r=7)
+    trimmed = wide.trimmed()
+    assert trimmed.query_ids.shape[1] == int(rollout.query_mask.sum(1).max())
+    assert trimmed.response_ids.shape[1] == int(rollout.response_mask.sum(1).max())
+    assert torch.equal(trimmed.response_ids, rollout.response_ids[:, : trimmed.response_ids.shape[1]])
+
+    narrow_batch = build_ppo_batch(policy, rollout, 0.2, cfg, chunk_size=1)  # each row trimmed to itself
+    wide_batch = build_ppo_batch(policy, wide, 0.2, cfg, chunk_size=4)
+    assert wide_batch.logprobs.shape[1] == narrow_batch.logprobs.shape[1] + 7  # the batch width is kept...
+    assert not wide_batch.masks[:, -7:].any()  # ...and the extra columns are masked out
+    for name in ("logprobs", "ref_logprobs", "values", "advantages", "returns"):
+        got, expected = getattr(wide_batch, name)[:, :-7], getattr(narrow_batch, name)
+        torch.testing.assert_close(got * narrow_batch.masks, expected * narrow_batch.masks, atol=1e-5, rtol=0)
+
+    # A whole step on the padded rollout trains the same weights.
+    results = []
+    for r in (rollout, wide):
+        policy, _, _ = _tiny_policy(tiny_artifacts, batch_size=4, mini_batch_size=2)
+        optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=1e-3)
+        stats = ppo_step(policy, optimizer, r, make_kl_controller(cfg), cfg, generator=torch.Generator().manual_seed(0))
+        results.append((stats, _trainable(policy)))
+    (stats_a, weights_a), (stats_b, weights_b) = results
+    assert stats_a["ppo/loss/total"] == pytest.approx(stats_b["ppo/loss/total"], abs=1e-6)
+    for name in weights_a:
+        torch.testing.assert_close(weights_b[name], weights_a[name], atol=1e-6, rtol=0)
+
+
 def test_ppo_step_with_accelerator_and_accumulation_matches_plain_loop(tiny_artifacts):
     from accelerate import Accelerator
 

@@ -80,6 +80,23 @@ class Rollout:
             self.scores[index],
         )
 
+    def trimmed(self) -> "Rollout":
+        """The same rows without the trailing columns that are padding in every row.
+
+        A chunk or mini-batch then costs what its own longest prompt and response cost, not the batch's (TRL
+        padded each mini-batch to its own length too). Exact: T5 masks padded keys and its position biases are
+        relative, so outputs at real positions do not depend on trailing padding.
+        """
+        q, r = _used_width(self.query_mask, 1), _used_width(self.response_mask, 2)
+        return Rollout(self.query_ids[:, :q], self.query_mask[:, :q], self.response_ids[:, :r],
+                       self.response_mask[:, :r], self.scores)
+
+
+def _used_width(mask: torch.Tensor, minimum: int) -> int:
+    """1 + the last column holding a real token in any row (at least `minimum`)."""
+    used = torch.nonzero(mask.any(dim=0)).flatten()
+    return max(int(used.max()) + 1 if len(used) else 0, minimum)
+
 
 def response_mask_from_ids(response_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
     """(B, R) decoder ids from generate() -> (B, R) mask: 1 up to and including the first eos, 0 after.
@@ -424,14 +441,15 @@ def build_ppo_batch(
     was_training = policy.training
     policy.eval()
     parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "values": [], "ref_logprobs": [], "masks": []}
+    width = rollout.response_ids.shape[1] - 1  # predicted positions
     for start in range(0, len(rollout), chunk_size):
-        rows = rollout.select(slice(start, start + chunk_size))
+        rows = rollout.select(slice(start, start + chunk_size)).trimmed()
         _, logprobs, values, masks = _forward(policy, rows, cfg.trl_first_token_mask)
         # The KL reference: the policy with its adapter switched off, or its frozen initial adapter.
         ref_logits = unwrapped.reference_logits(rows.query_ids, rows.query_mask, rows.response_ids, rows.response_mask)
         ref_logprobs = logprobs_from_logits(ref_logits[:, :-1], rows.response_ids[:, 1:])
         for key, value in zip(parts, (logprobs, values, ref_logprobs, masks)):
-            parts[key].append(value)
+            parts[key].append(F.pad(value, (0, width - value.shape[1])))  # back to the batch width, masked out
     policy.train(was_training)
     logprobs, values, ref_logprobs, masks = (torch.cat(v) for v in parts.values())
     scores = rollout.scores.float()
@@ -472,10 +490,11 @@ def _optimize(
             # accelerate's accumulate() skips the gradient all-reduce until the `accumulation`-th mini-batch.
             context = accelerator.accumulate(policy) if accelerator is not None else nullcontext()
             with context:
-                logits, logprobs, vpreds, _ = _forward(policy, rollout.select(idx), cfg.trl_first_token_mask)
+                logits, logprobs, vpreds, _ = _forward(policy, rollout.select(idx).trimmed(), cfg.trl_first_token_mask)
+                t = logprobs.shape[1]  # this mini-batch's own width; the columns after it are masked out
                 loss, stats = ppo_loss(
-                    batch.logprobs[idx], batch.values[idx], logprobs, vpreds, logits, batch.masks[idx],
-                    batch.advantages[idx], batch.returns[idx], cfg,
+                    batch.logprobs[idx, :t], batch.values[idx, :t], logprobs, vpreds, logits, batch.masks[idx, :t],
+                    batch.advantages[idx, :t], batch.returns[idx, :t], cfg,
                 )
                 if accelerator is not None:
                     accelerator.backward(loss)  # divides by the accumulation steps itself
