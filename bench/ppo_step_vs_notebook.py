@@ -26,7 +26,8 @@ Each variant runs one warm-up step, then `--steps` timed steps (median reported)
 making (generation + rewards) and the update. Rows are measured for the recipe's rollout lengths and, with
 `--reference-lengths`, for the notebook's LengthSampler(100, 400) too. The last column is the ceiling that any
 experience making can reach against this notebook-style step: notebook-style step time / our update time, i.e.
-the speed-up if our rollouts and rewards took no time at all.
+the speed-up if our rollouts and rewards took no time at all. The ms per decoding step (experience making time /
+model calls made by generate()) compares one batched decoding step with one single-row step.
 """
 
 from __future__ import annotations
@@ -60,8 +61,9 @@ from machine import machine_line, versions_line  # bench/machine.py
 NOTEBOOK_REWARD_BATCH = 16
 
 
-def notebook_rollout(policy, tokenizer, prompts, reward_fn, cfg, device) -> Rollout:
-    """Experience making as the reference notebook wrote it: one generate() per prompt."""
+def notebook_rollout(policy, tokenizer, prompts, reward_fn, cfg, device) -> tuple[Rollout, int]:
+    """Experience making as the reference notebook wrote it: one generate() per prompt. Also returns the number
+    of decoding steps (model calls) the generate() calls made."""
     responses = []
     with torch.no_grad():
         policy.eval()
@@ -69,6 +71,7 @@ def notebook_rollout(policy, tokenizer, prompts, reward_fn, cfg, device) -> Roll
             query = torch.tensor([ids], device=device)
             out = policy.generate(input_ids=query, attention_mask=torch.ones_like(query), **generation_kwargs(cfg.rollout))
             responses.append(out[0])
+    decode_steps = sum(len(r) - 1 for r in responses)  # each row's own length: generate() stops at its eos
     mask_rows = [response_mask_from_ids(r.unsqueeze(0), tokenizer.eos_token_id)[0] for r in responses]
     responses = [r[: int(m.sum())].cpu() for r, m in zip(responses, mask_rows)]
     summaries = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in responses]
@@ -80,7 +83,7 @@ def notebook_rollout(policy, tokenizer, prompts, reward_fn, cfg, device) -> Roll
     query_ids, query_mask = pad_right([torch.tensor(q) for q in prompts["input_ids"]], tokenizer.pad_token_id)
     response_ids, response_mask = pad_right(responses, tokenizer.pad_token_id)
     rollout = Rollout(query_ids, query_mask, response_ids, response_mask, torch.cat(rewards).float().cpu())
-    return Rollout(*(t.to(device) for t in dataclasses.astuple(rollout)))
+    return Rollout(*(t.to(device) for t in dataclasses.astuple(rollout))), decode_steps
 
 
 def _now(device: str) -> float:
@@ -89,8 +92,10 @@ def _now(device: str) -> float:
     return time.perf_counter()
 
 
-def time_steps(variant: str, cfg, steps: int, model_size: str = "tiny", device: str = "cpu") -> list[tuple[float, float]]:
-    """(experience making, update) seconds per PPO step of `variant`, after one warm-up step."""
+def time_steps(
+    variant: str, cfg, steps: int, model_size: str = "tiny", device: str = "cpu"
+) -> list[tuple[float, float, int]]:
+    """(experience making s, update s, decoding steps) per PPO step of `variant`, after one warm-up step."""
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     policy, tokenizer = load_bench_policy(cfg, model_size, device)
@@ -109,12 +114,15 @@ def time_steps(variant: str, cfg, steps: int, model_size: str = "tiny", device: 
         started = _now(device)
         if variant == "ours":
             rollout, _ = make_rollout(policy, tokenizer, batch, reward_fn, shaper, cfg, None, random)
+            # One generate() call per rollout.batch_size rows, each as long as its longest row.
+            calls = -(-len(rollout) // cfg.rollout.batch_size)
+            decode_steps = calls * (rollout.response_ids.shape[1] - 1)
         else:
-            rollout = notebook_rollout(policy, tokenizer, batch, reward_fn, cfg, device)
+            rollout, decode_steps = notebook_rollout(policy, tokenizer, batch, reward_fn, cfg, device)
         made = _now(device)
         ppo_step(policy, optimizer, rollout, kl_ctl, ppo_cfg, generator=generator)
         if i > 0:  # the first step warms up allocators and kernels
-            seconds.append((made - started, _now(device) - made))
+            seconds.append((made - started, _now(device) - made, decode_steps))
     reward_fn.close()
     return seconds
 
@@ -122,10 +130,12 @@ def time_steps(variant: str, cfg, steps: int, model_size: str = "tiny", device: 
 class Timing:
     """Medians over timed steps of experience making, update and their sum."""
 
-    def __init__(self, steps: list[tuple[float, float]]):
-        self.experience = statistics.median(e for e, _ in steps)
-        self.update = statistics.median(u for _, u in steps)
-        self.total = statistics.median(e + u for e, u in steps)
+    def __init__(self, steps: list[tuple[float, float, int]]):
+        self.experience = statistics.median(e for e, _, _ in steps)
+        self.update = statistics.median(u for _, u, _ in steps)
+        self.total = statistics.median(e + u for e, u, _ in steps)
+        # Experience making per model call of generate() (rewards included, they are small).
+        self.ms_per_decode_step = statistics.median(1000 * e / n for e, _, n in steps)
 
     def __str__(self) -> str:
         return f"{self.experience:.2f} + {self.update:.2f} = {self.total:.2f}"
@@ -170,7 +180,8 @@ def main() -> None:
                    if cfg.rollout.max_new_tokens_min else str(cfg.rollout.max_new_tokens))
         rows.append((label, lengths, ours, notebook))
         print(f"{label}: max_new_tokens {lengths}: ours {ours} s/step, notebook-style {notebook} s/step, "
-              f"speed-up {notebook.total / ours.total:.1f}x, ceiling {notebook.total / ours.update:.1f}x", flush=True)
+              f"speed-up {notebook.total / ours.total:.1f}x, ceiling {notebook.total / ours.update:.1f}x, "
+              f"ms per decoding step {ours.ms_per_decode_step:.2f} / {notebook.ms_per_decode_step:.2f}", flush=True)
 
     if args.append:
         command = "python bench/ppo_step_vs_notebook.py " + " ".join(sys.argv[1:])
@@ -190,12 +201,14 @@ def main() -> None:
             "s/step columns: experience making (generation + rewards) + update = total.",
             "",
             "| rollout lengths | max_new_tokens | ours s/step | notebook-style s/step | speed-up | experience making "
-            "speed-up | ceiling: notebook step / our update |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "speed-up | ceiling: notebook step / our update | experience ms per decoding step: ours "
+            f"({base.rollout.batch_size} rows) / notebook-style (1 row) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         lines += [
             f"| {label} | {lengths} | {ours} | {nb} | {nb.total / ours.total:.1f}x | "
-            f"{nb.experience / ours.experience:.1f}x | {nb.total / ours.update:.1f}x |"
+            f"{nb.experience / ours.experience:.1f}x | {nb.total / ours.update:.1f}x | "
+            f"{ours.ms_per_decode_step:.2f} / {nb.ms_per_decode_step:.2f} |"
             for label, lengths, ours, nb in rows
         ]
         with open(args.append, "a") as f:

@@ -44,6 +44,8 @@ def test_ppo_step_vs_notebook_appends_a_consistent_row(repo_root, tiny_artifacts
     assert ceiling == pytest.approx(notebook[2] / ours[1], rel=0.1) and ceiling >= speed_up
     # One summary per generate() call is slower than batched generation, whatever the machine's load.
     assert experience_speed_up > 1.5
+    batched_ms, single_ms = (float(x) for x in cells[7].split(" / "))
+    assert batched_ms > 0 and single_ms > 0
 
 
 def test_run_all_measures_every_stage_for_one_and_two_processes(repo_root, tiny_artifacts, tmp_path):
