@@ -19,6 +19,9 @@ One PPO step (numbered as in `ppo_step`):
   5. TRL's namespaced statistics, averaged over mini-batches (and processes);
   6. the KL controller update with the global batch size.
 
+Every forward pass (chunk or mini-batch) drops the trailing columns that are padding in all its rows
+(`Rollout.trimmed`), so it costs what its own longest prompt and response cost, as TRL's per-mini-batch padding did.
+
 Shapes: B = rollout rows on this process, Q = query length, R = decoder length (start token included), T = R - 1
 predicted positions (position t predicts decoder token t + 1), V = vocabulary size.
 
