@@ -31,8 +31,8 @@ import launch_helpers  # noqa: E402  (slurm/ is not a package: the templates run
 TEMPLATES = {"sft": REPO / "slurm/sft.sbatch", "ppo": REPO / "slurm/ppo.sbatch", "eval": REPO / "slurm/eval.sbatch"}
 PY = sys.executable
 
-# Tiny PPO that takes about a second a step here; the same settings for the uninterrupted and preempted runs.
-PPO_STEPS = 16
+# Tiny PPO (a fraction of a second a step here); the same settings for the uninterrupted and preempted runs.
+PPO_STEPS = 30  # the stop signal lands after step 2: plenty of steps left even on a fast machine
 PPO_ARGS = [
     "--config", "configs/tiny.yaml", "--ppo.steps", str(PPO_STEPS), "--ppo.save_every_steps", "5",
     "--ppo.batch_size", "4", "--ppo.mini_batch_size", "2", "--rollout.batch_size", "4",
@@ -322,9 +322,14 @@ def test_preempted_ppo_job_is_requeued_and_resumes(cluster, ppo_run, tmp_path):
     log = tmp_path / f"detox-ppo-{job_id}.out"
     _wait_for(lambda: len(_log_lines(run / "ppo/log.jsonl")) >= 2, "the first PPO steps", interval_s=0.2)
     _sh("scancel", "--batch", "--signal=USR1", job_id)
-    # SLURM holds a requeued job for about two minutes (BeginTime); release it now to keep the test short.
+    # SLURM holds a requeued job for about two minutes (BeginTime); release it now to keep the test short, but only
+    # once the first run's slurmstepd processes are gone: released while they were still tearing down, the new run
+    # failed to launch (same job id) in about one run in five. SLURM's own hold is what prevents that on a cluster.
     _wait_for(lambda: _job_field(job_id, "Restarts") == "1" and _job_field(job_id, "JobState") == "PENDING",
               "the requeue", interval_s=0.5)
+    old_steps = ["pgrep", "-f", rf"slurmstepd: \[{job_id}\."]
+    _wait_for(lambda: subprocess.run(old_steps, capture_output=True).returncode == 1, "the first run to leave the node",
+              interval_s=0.2)
     _sh("scontrol", "update", f"JobId={job_id}", "StartTime=now")
     _wait_done(job_id, log)
 
