@@ -83,7 +83,7 @@ def notebook_rollout(policy, tokenizer, prompts, reward_fn, cfg, device) -> tupl
     query_ids, query_mask = pad_right([torch.tensor(q) for q in prompts["input_ids"]], tokenizer.pad_token_id)
     response_ids, response_mask = pad_right(responses, tokenizer.pad_token_id)
     rollout = Rollout(query_ids, query_mask, response_ids, response_mask, torch.cat(rewards).float().cpu())
-    return Rollout(*(t.to(device) for t in dataclasses.astuple(rollout))), decode_steps
+    return Rollout(*(getattr(rollout, f.name).to(device) for f in dataclasses.fields(rollout))), decode_steps
 
 
 def _now(device: str) -> float:
