@@ -245,3 +245,13 @@ def test_planner_against_cuda_allocations():
     p = plan_for(inputs)
     predicted = (optimizer_bytes(counts) + p.components["training: grads + activations + logits"])
     assert abs(predicted - peak_training) / peak_training < 0.25, (predicted / GIB, peak_training / GIB)
+
+
+def test_readme_table_is_the_planner_output(repo_root, capsys):
+    """The README's memory table must be what `python -m train.plan --table` prints with the shipped code."""
+    table = main(["--table"])
+    capsys.readouterr()
+    expected = [line for line in table.splitlines() if line.startswith("| google/")]
+    readme = [line for line in (repo_root / "README.md").read_text().splitlines() if line.startswith("| google/")]
+    assert len(expected) == 20  # small..xxl x {1, 8} GPUs x ZeRO {2, 3}
+    assert readme == expected, "README table is stale: paste the output of `python -m train.plan --table`"
