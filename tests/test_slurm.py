@@ -338,7 +338,7 @@ def test_preempted_ppo_job_is_requeued_and_resumes(cluster, ppo_run, tmp_path):
     resumed = re.search(r"resumed from \S+checkpoint-(\d+) at step (\d+)", text)
     assert resumed, text[-4000:]
     assert 1 <= int(resumed.group(2)) < PPO_STEPS, "the signal must land mid-run"
-    assert re.search(rf"restart 1, .* --resume$", text, re.MULTILINE)
+    assert re.search(r"restart 1, .* --resume$", text, re.MULTILINE)
     assert not list((run / ".slurm").glob("*.preempted"))
     steps, reference = _log_lines(run / "ppo/log.jsonl"), _log_lines(reference_dir / "run/ppo/log.jsonl")
     assert [s["step"] for s in steps] == [s["step"] for s in reference] == list(range(1, PPO_STEPS + 1))

@@ -176,7 +176,7 @@ def _interview(rng: random.Random) -> Scenario:
         ("A", f"I have worked as a {position} for {years} years at a company in {city}."),
         ("B", "What salary do you expect?"),
         ("A", f"I hope to earn about {salary} dollars a month."),
-        ("B", f"That sounds reasonable. When can you start?"),
+        ("B", "That sounds reasonable. When can you start?"),
         ("A", f"I can start next {day}."),
     ]
     return Scenario("job interview", turns, [
@@ -250,11 +250,11 @@ def _neighbours(rng: random.Random) -> Scenario:
     when = rng.choice(["late at night", "early in the morning", "every weekend", "all afternoon"])
     name = rng.choice(SURNAMES)
     gift = rng.choice(["some cookies", "a bottle of wine", "some fruit", "a cake"])
-    turns = _opener(rng, f"Hello, Mr. {name}. Do you have a minute?", f"Oh, hello. Can I help you with something?")
+    turns = _opener(rng, f"Hello, Mr. {name}. Do you have a minute?", "Oh, hello. Can I help you with something?")
     turns += [
         ("B", "Sure, what's the matter?"),
         ("A", f"I'm sorry to bother you, but the {problem} is really bothering my family {when}."),
-        ("B", f"Oh, I didn't realize that. I'm very sorry."),
+        ("B", "Oh, I didn't realize that. I'm very sorry."),
         ("A", "We have a baby who needs to sleep, you see."),
         ("B", f"I understand. I promise I will {fix} from now on."),
         ("A", "Thank you, I really appreciate it."),
@@ -299,12 +299,12 @@ def _weekend(rng: random.Random) -> Scenario:
     friend = rng.choice(FIRST_NAMES)
     turns = _opener(rng, f"Are you free this {day}? Would you like to {activity}?", "Hey, what are you doing?")
     turns += [
-        ("B", f"I'd love to. What time?"),
+        ("B", "I'd love to. What time?"),
         ("A", f"How about {time}?"),
         ("B", f"{time.capitalize()} is fine. Where shall we meet?"),
         ("A", f"Let's meet {place}."),
         ("B", f"OK. Can I bring {friend}? {friend} has wanted to {activity} for ages."),
-        ("A", f"Of course, the more the merrier."),
+        ("A", "Of course, the more the merrier."),
     ]
     return Scenario("plan", turns, [
         f"{{A}} invites {{B}} to {activity} on {day}. They will meet {place} at {time} and {{B}} will bring {friend}.",
