@@ -11,7 +11,8 @@ Each PPO step, read top to bottom in `main`:
   1. rollout: this process's shard of the global batch of prompts, generated in batches (train/rollout.py);
   2. score: the reward model on the summaries (in-process on `reward.device` or the server at `reward.url`);
   3-6. `ppo_step` (train/ppo_core.py): log-probs/values and reference log-probs (adapter off, or the frozen
-     starting adapter with `ppo.reference: initial_adapter`), KL-penalised rewards, GAE advantages, PPO epochs over mini-batches (gradients synchronised by accelerate);
+     starting adapter with `ppo.reference: initial_adapter`), KL-penalised rewards, GAE advantages, PPO epochs
+     over mini-batches (gradients synchronised by accelerate);
   7. log: namespaced stats to `log.jsonl`, TensorBoard and the progress bar;
   8. checkpoint every `ppo.save_every_steps` (and on SIGUSR1/SIGTERM, then exit with status 3).
 
