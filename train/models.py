@@ -189,9 +189,8 @@ def _quiet_peft_deprecation() -> Iterator[None]:
         yield
 
 
-def _load_adapter(base: nn.Module, adapter: str, trainable: bool):
-    from peft import PeftModel
-
+def _check_adapter_source(adapter: str) -> None:
+    """A LoRA adapter directory (with its config) or something shaped like a hub id; else one clear error."""
     path = Path(adapter)
     if path.exists():
         if not (path / ADAPTER_CONFIG_FILE).is_file():
@@ -201,6 +200,12 @@ def _load_adapter(base: nn.Module, adapter: str, trainable: bool):
             )
     elif not _HUB_ID.match(adapter):
         raise ModelError(f"adapter {adapter!r} not found: no such directory, and it is not a hub id. Check model.adapter.")
+
+
+def _load_adapter(base: nn.Module, adapter: str, trainable: bool):
+    from peft import PeftModel
+
+    _check_adapter_source(adapter)
     try:
         with _quiet_peft_deprecation():
             return PeftModel.from_pretrained(base, adapter, is_trainable=trainable)
@@ -386,8 +391,7 @@ def add_reference_adapter(policy: Seq2SeqPolicy, adapter: str) -> Seq2SeqPolicy:
 
     The base weights stay shared: the extra memory is one LoRA adapter. The trainable adapter stays active.
     """
-    if Path(adapter).exists() and not (Path(adapter) / ADAPTER_CONFIG_FILE).is_file():
-        raise ModelError(f"reference adapter {adapter!r} is not a LoRA adapter directory: it has no {ADAPTER_CONFIG_FILE}")
+    _check_adapter_source(adapter)
     peft_model = policy.peft_model
     active = peft_model.active_adapter
     trainable = [id(p) for p in policy.parameters() if p.requires_grad]
