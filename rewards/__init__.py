@@ -17,7 +17,6 @@ _EXPORTS = {
     "RewardScores": "rewards.scorer",
     "scored_texts": "rewards.scorer",
     "RewardClient": "rewards.client",
-    "RewardNormalizer": "rewards.normalize",
     "RewardFunction": "rewards.reward_fn",
     "make_reward_fn": "rewards.reward_fn",
 }

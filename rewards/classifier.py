@@ -7,6 +7,7 @@ come from `RewardConfig`, and every failure (missing directory, unreachable hub,
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -36,9 +37,12 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 
 def resolve_device(spec: str) -> torch.device:
-    """'auto' -> cuda:0 when a GPU is visible, else cpu; explicit devices ('cpu', 'cuda:7') are checked to exist."""
+    """'auto' -> this process's own GPU when one is visible (LOCAL_RANK, as launchers set it: never GPU 0 for every
+    process), else cpu; explicit devices ('cpu', 'cuda:7') are checked to exist."""
     if spec == "auto":
-        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        spec = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     try:
         device = torch.device(spec)
     except (RuntimeError, ValueError) as exc:

@@ -14,8 +14,8 @@ class RewardConfig:
     toxic_label: str = "hate"  # toxicity = softmax probability of this class
     # What is scored: the reference notebook scored prompt + summary; "summary" scores the summary alone.
     text: Literal["prompt_and_summary", "summary"] = "prompt_and_summary"
-    # Placement: "auto" = the first process's device; or an explicit one such as "cpu" or "cuda:7",
-    # which keeps the classifier off the training GPUs.
+    # Placement: "auto" = each process's own device (its GPU by LOCAL_RANK, or the CPU); or an explicit one
+    # such as "cpu" or "cuda:7", which keeps the classifier off the training GPUs.
     device: str = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     batch_size: int = 64
@@ -25,7 +25,4 @@ class RewardConfig:
     token_env: str = "DETOX_REWARD_TOKEN"  # bearer token is read from this environment variable, never from YAML
     timeout_s: float = 30.0
     max_retries: int = 3
-    # Optional reward shaping for PPO; off by default to match the reference.
-    normalize: bool = False
-    clip: Optional[float] = None
     trust_remote_code: bool = False

@@ -1,7 +1,9 @@
-"""Unit tests of the PPO math in train/ppo_core.py (hand-computed tensors) and of `ppo_step` on the tiny T5."""
+"""Unit tests of the PPO math in train/ppo_core.py (hand-computed tensors) and of `train.ppo.ppo_step` on the tiny T5
+(one process; tests/test_ppo_distributed.py runs it on several)."""
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 
@@ -11,12 +13,12 @@ import torch
 
 from train.config import PPOConfig, load_config
 from train.errors import ConfigError
+from train.ppo import check_batch_sizes, ppo_step
 from train.ppo_core import (
     AdaptiveKLController,
     FixedKLController,
-    Rollout,
-    RunningMoments,
-    build_ppo_batch,
+    ScoreShaper,
+    Trajectory,
     clip_by_value,
     entropy_from_logits,
     gae_advantages,
@@ -27,11 +29,10 @@ from train.ppo_core import (
     masked_var,
     masked_whiten,
     ppo_loss,
-    ppo_step,
     response_loss_mask,
     response_mask_from_ids,
-    scale_scores,
 )
+from train.rollout import forward_trajectory
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -158,7 +159,7 @@ def _loss_inputs():
 
 def test_ppo_loss_clips_policy_ratio_and_value():
     inputs = _loss_inputs()
-    loss, stats = ppo_loss(**inputs, cfg=PPOConfig(cliprange=0.2, cliprange_value=0.2, vf_coef=0.1))
+    loss, stats = ppo_loss(**inputs, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, ratio_threshold=10.0)
     # ratios 1.5, 0.5: losses -1.5 / clipped -1.2 -> -1.2; -0.5 / clipped -0.8 -> -0.5; mean -0.85
     # values 0.5, -0.1 (old 0, clipped to 0.2, -0.1) vs return 1: max(0.25, 0.64), 1.21 -> 0.5 * mean = 0.4625
     assert stats["loss/policy"].item() == pytest.approx(-0.85)
@@ -179,7 +180,7 @@ def test_ppo_loss_ratio_guard_skips_with_zero_finite_gradients():
     inputs = _loss_inputs()
     inputs["logprobs"] = torch.tensor([[200.0, 0.0]], requires_grad=True)  # exp(200) overflows to inf
     with pytest.warns(UserWarning, match="Skipping batch"):
-        loss, stats = ppo_loss(**inputs, cfg=PPOConfig(ratio_threshold=10.0))
+        loss, stats = ppo_loss(**inputs, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, ratio_threshold=10.0)
     loss.backward()
     assert loss.item() == 0.0 and stats["policy/skipped"].item() == 1.0
     assert stats["loss/policy"].item() == 0.0 and stats["loss/value"].item() == 0.0
@@ -192,7 +193,7 @@ def test_ppo_loss_ratio_guard_skips_with_zero_finite_gradients():
 
 
 def test_adaptive_kl_controller_moves_towards_target_with_clipped_error():
-    ctl = make_kl_controller(PPOConfig())  # init 0.2, target 6, horizon 10000
+    ctl = make_kl_controller(0.2, adaptive=True, target=6.0, horizon=10000)
     assert isinstance(ctl, AdaptiveKLController)
     ctl.update(current_kl=12.0, n_steps=16)  # error 12/6 - 1 = 1 is clipped to 0.2
     assert ctl.value == pytest.approx(0.2 * (1 + 0.2 * 16 / 10000))
@@ -205,34 +206,40 @@ def test_adaptive_kl_controller_moves_towards_target_with_clipped_error():
 
 
 def test_fixed_kl_controller_never_changes():
-    ctl = make_kl_controller(PPOConfig(adaptive_kl=False, init_kl_coef=0.3))
+    ctl = make_kl_controller(0.3, adaptive=False, target=6.0, horizon=10000)
     assert isinstance(ctl, FixedKLController)
     ctl.update(100.0, 16)
     assert ctl.value == 0.3
 
 
-def test_running_moments_match_whole_stream_statistics():
-    running = RunningMoments()
+def test_score_shaper_running_statistics_match_the_whole_stream_and_survive_a_checkpoint():
+    shaper = ScoreShaper("standardize")
     batches = [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([4.0, 5.0]), torch.tensor([-2.0, 0.5, 7.0, 1.0])]
     for b in batches:
-        running.update(b)
-    stream = torch.cat(batches).numpy()
-    assert running.mean == pytest.approx(stream.mean(), rel=1e-6)
-    assert running.std == pytest.approx(stream.std(ddof=1), rel=1e-6)
-    copy = RunningMoments()
-    copy.load_state_dict(running.state_dict())
-    assert copy.state_dict() == running.state_dict()
+        out = shaper(b)
+    stream = torch.cat(batches).double()
+    assert shaper.count == stream.numel()
+    assert shaper.mean == pytest.approx(stream.mean().item(), rel=1e-9)
+    assert shaper.std == pytest.approx(stream.std().item(), rel=1e-9)  # unbiased, as TRL's RunningMoments
+    torch.testing.assert_close(out, ((batches[-1].double() - stream.mean()) / stream.std()).float())
+    restored = ScoreShaper("standardize")
+    restored.load_state_dict(json.loads(json.dumps(shaper.state_dict())))  # survives the JSON checkpoint
+    probe = torch.tensor([-2.0, 0.0, 9.0])
+    torch.testing.assert_close(restored(probe), shaper(probe))
 
 
-def test_scale_scores_scaling_norm_and_clip():
+def test_score_shaper_scale_standardize_and_clip():
     scores = torch.tensor([1.0, 3.0, 5.0])
     std = float(np.std([1.0, 3.0, 5.0], ddof=1))
-    scaled = scale_scores(scores, PPOConfig(score_scaling=True), RunningMoments())
-    torch.testing.assert_close(scaled, scores / std)
-    normed = scale_scores(scores, PPOConfig(score_scaling=True, score_norm=True), RunningMoments())
-    torch.testing.assert_close(normed, (scores - 3.0) / std)
-    torch.testing.assert_close(scale_scores(scores, PPOConfig(score_clip=2.0)), torch.tensor([1.0, 2.0, 2.0]))
-    torch.testing.assert_close(scale_scores(scores, PPOConfig()), scores)  # reference workflow: unchanged
+    torch.testing.assert_close(ScoreShaper("scale")(scores), scores / std)
+    torch.testing.assert_close(ScoreShaper("standardize")(scores), (scores - 3.0) / std)
+    torch.testing.assert_close(ScoreShaper(clip=2.0)(scores), torch.tensor([1.0, 2.0, 2.0]))
+    torch.testing.assert_close(ScoreShaper("standardize", clip=0.5)(scores), torch.tensor([-0.5, 0.0, 0.5]))
+    plain = ScoreShaper()  # the reference workflow: raw scores pass through, no statistics kept
+    torch.testing.assert_close(plain(scores), scores)
+    assert plain.count == 0
+    with pytest.raises(ValueError, match="positive"):
+        ScoreShaper(clip=0.0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -255,7 +262,8 @@ def _tiny_policy(tiny_artifacts, **ppo):
     return policy, tokenizer, cfg.ppo
 
 
-def _generated_rollout(policy, tokenizer, rows: int) -> Rollout:
+def _generated_rollout(policy, tokenizer, rows: int) -> dict[str, torch.Tensor]:
+    """Sampled responses to `rows` prompts, with scores: the ids a rollout produces, before its forward passes."""
     prompts = [f"#Person1#: hello number {i}. #Person2#: hi, how are you?" for i in range(rows)]
     enc = tokenizer(prompts, return_tensors="pt", padding=True)
     torch.manual_seed(1)
@@ -265,7 +273,24 @@ def _generated_rollout(policy, tokenizer, rows: int) -> Rollout:
         )
     response_mask = response_mask_from_ids(response_ids, tokenizer.eos_token_id)
     scores = torch.linspace(-1.0, 1.0, rows)
-    return Rollout(enc.input_ids, enc.attention_mask, response_ids, response_mask, scores)
+    return dict(query_ids=enc.input_ids, query_mask=enc.attention_mask, response_ids=response_ids,
+                response_mask=response_mask, scores=scores)
+
+
+def _trajectory(policy, rollout: dict, cfg: PPOConfig, chunk_size: int = 4, accelerator=None) -> Trajectory:
+    return forward_trajectory(policy, **rollout, chunk_size=chunk_size, trl_first_token_mask=cfg.trl_first_token_mask,
+                              accelerator=accelerator)
+
+
+def _kl(cfg: PPOConfig):
+    return make_kl_controller(cfg.init_kl_coef, cfg.adaptive_kl, cfg.kl_target, cfg.kl_horizon)
+
+
+def _step(policy, optimizer, rollout: dict, kl_ctl, cfg: PPOConfig, accelerator=None, generator=None):
+    """What one step of the training loop does with a rollout: forward passes, then `ppo_step`."""
+    trajectory = _trajectory(policy, rollout, cfg, cfg.mini_batch_size, accelerator)
+    return ppo_step(policy, optimizer, trajectory, kl_ctl, ScoreShaper(), cfg, accelerator=accelerator,
+                    generator=generator)
 
 
 def _trainable(policy) -> dict[str, torch.Tensor]:
@@ -277,10 +302,10 @@ def test_ppo_step_runs_repeatedly_with_finite_stats(tiny_artifacts):
     policy.train()
     optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate)
     rollout = _generated_rollout(policy, tokenizer, rows=8)
-    kl_ctl = make_kl_controller(cfg)
+    kl_ctl = _kl(cfg)
     generator = torch.Generator().manual_seed(0)
     before = _trainable(policy)
-    history = [ppo_step(policy, optimizer, rollout, kl_ctl, cfg, generator=generator) for _ in range(3)]
+    history = [_step(policy, optimizer, rollout, kl_ctl, cfg, generator=generator) for _ in range(3)]
 
     for stats in history:
         assert all(math.isfinite(v) for v in stats.values()), stats
@@ -289,7 +314,7 @@ def test_ppo_step_runs_repeatedly_with_finite_stats(tiny_artifacts):
     # A fresh rollout: old and new policies agree on the first mini-batch, so its ratio is exactly 1.
     assert history[0]["objective/kl"] != 0.0
     assert history[0]["objective/kl_coef"] == cfg.init_kl_coef and kl_ctl.value != cfg.init_kl_coef
-    assert history[0]["tokens/responses_len_mean"] == rollout.response_mask.sum(1).float().mean().item()
+    assert history[0]["tokens/responses_len_mean"] == rollout["response_mask"].sum(1).float().mean().item()
     after = _trainable(policy)
     assert all(not torch.equal(before[n], after[n]) for n in before if "lora_B" in n or "value_head" in n)
     # Training on the same rollout fits the value head: the value error falls.
@@ -300,7 +325,7 @@ def test_ppo_step_first_minibatch_ratio_is_one(tiny_artifacts):
     policy, tokenizer, cfg = _tiny_policy(tiny_artifacts, batch_size=4, mini_batch_size=4)
     rollout = _generated_rollout(policy, tokenizer, rows=4)
     optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate)
-    stats = ppo_step(policy, optimizer, rollout, make_kl_controller(cfg), cfg)
+    stats = _step(policy, optimizer, rollout, _kl(cfg), cfg)
     assert stats["ppo/policy/ratio_mean"] == pytest.approx(1.0, abs=1e-6)
     assert stats["ppo/policy/approxkl"] == pytest.approx(0.0, abs=1e-10)
 
@@ -312,7 +337,7 @@ def test_ppo_step_ratio_guard_skips_every_minibatch(tiny_artifacts):
     before = _trainable(policy)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        stats = ppo_step(policy, optimizer, rollout, make_kl_controller(cfg), cfg)
+        stats = _step(policy, optimizer, rollout, _kl(cfg), cfg)
     assert sum("Skipping batch" in str(w.message) for w in caught) == 2  # both mini-batches
     assert stats["ppo/policy/skipped"] == 1.0 and stats["ppo/loss/total"] == 0.0
     after = _trainable(policy)
@@ -320,41 +345,43 @@ def test_ppo_step_ratio_guard_skips_every_minibatch(tiny_artifacts):
     assert all(torch.equal(before[n], after[n]) for n in before)
 
 
-def test_build_ppo_batch_default_mask_keeps_the_first_generated_token(tiny_artifacts):
+def test_forward_trajectory_default_mask_keeps_the_first_generated_token(tiny_artifacts):
     policy, tokenizer, cfg = _tiny_policy(tiny_artifacts, batch_size=4, mini_batch_size=4)
     rollout = _generated_rollout(policy, tokenizer, rows=4)
-    ours = build_ppo_batch(policy, rollout, 0.2, cfg, chunk_size=2)
-    trl = build_ppo_batch(policy, rollout, 0.2, PPOConfig(batch_size=4, mini_batch_size=4, trl_first_token_mask=True),
-                          chunk_size=4)
+    ours = _trajectory(policy, rollout, cfg, chunk_size=2)
+    trl = _trajectory(policy, rollout, PPOConfig(batch_size=4, mini_batch_size=4, trl_first_token_mask=True), 4)
     assert torch.equal(ours.masks[:, 0], torch.ones(4, dtype=ours.masks.dtype))
     assert torch.equal(trl.masks[:, 0], torch.zeros(4, dtype=trl.masks.dtype))
     torch.testing.assert_close(ours.masks[:, 1:], trl.masks[:, 1:])
     # Chunking does not change the forward pass results.
     torch.testing.assert_close(ours.logprobs, trl.logprobs, atol=1e-5, rtol=0)
-    assert ours.kls[:, 0].abs().max() > 0  # the first token now carries a KL penalty
+    _, _, kls = kl_penalized_rewards(ours.scores, ours.logprobs, ours.ref_logprobs, ours.masks, 0.2)
+    assert kls[:, 0].abs().max() > 0  # the first token now carries a KL penalty
 
 
-def _padded_wider(rollout: Rollout, extra_q: int, extra_r: int, pad_id: int = 0) -> Rollout:
+def _padded_wider(rollout: dict, extra_q: int, extra_r: int, pad_id: int = 0) -> dict:
     """`rollout` with `extra_q` / `extra_r` more all-padding columns, as a longer row elsewhere in the batch makes."""
     pad = lambda t, n, value: torch.nn.functional.pad(t, (0, n), value=value)
-    return Rollout(pad(rollout.query_ids, extra_q, pad_id), pad(rollout.query_mask, extra_q, 0),
-                   pad(rollout.response_ids, extra_r, pad_id), pad(rollout.response_mask, extra_r, 0), rollout.scores)
+    return dict(query_ids=pad(rollout["query_ids"], extra_q, pad_id), query_mask=pad(rollout["query_mask"], extra_q, 0),
+                response_ids=pad(rollout["response_ids"], extra_r, pad_id),
+                response_mask=pad(rollout["response_mask"], extra_r, 0), scores=rollout["scores"])
 
 
 def test_trailing_padding_is_trimmed_and_changes_no_result(tiny_artifacts):
     policy, tokenizer, cfg = _tiny_policy(tiny_artifacts, batch_size=4, mini_batch_size=2, learning_rate=1e-3)
     rollout = _generated_rollout(policy, tokenizer, rows=4)
     wide = _padded_wider(rollout, extra_q=9, extra_r=7)
-    trimmed = wide.trimmed()
-    assert trimmed.query_ids.shape[1] == int(rollout.query_mask.sum(1).max())
-    assert trimmed.response_ids.shape[1] == int(rollout.response_mask.sum(1).max())
-    assert torch.equal(trimmed.response_ids, rollout.response_ids[:, : trimmed.response_ids.shape[1]])
+    narrow_batch = _trajectory(policy, rollout, cfg, chunk_size=1)  # each row trimmed to itself
+    wide_batch = _trajectory(policy, wide, cfg, chunk_size=4)
+    trimmed = wide_batch.trimmed()
+    assert trimmed.query_ids.shape[1] == int(rollout["query_mask"].sum(1).max())
+    assert trimmed.response_ids.shape[1] == int(rollout["response_mask"].sum(1).max())
+    assert trimmed.logprobs.shape[1] == trimmed.response_ids.shape[1] - 1
+    assert torch.equal(trimmed.response_ids, rollout["response_ids"][:, : trimmed.response_ids.shape[1]])
 
-    narrow_batch = build_ppo_batch(policy, rollout, 0.2, cfg, chunk_size=1)  # each row trimmed to itself
-    wide_batch = build_ppo_batch(policy, wide, 0.2, cfg, chunk_size=4)
     assert wide_batch.logprobs.shape[1] == narrow_batch.logprobs.shape[1] + 7  # the batch width is kept...
     assert not wide_batch.masks[:, -7:].any()  # ...and the extra columns are masked out
-    for name in ("logprobs", "ref_logprobs", "values", "advantages", "returns"):
+    for name in ("logprobs", "ref_logprobs", "values"):
         got, expected = getattr(wide_batch, name)[:, :-7], getattr(narrow_batch, name)
         torch.testing.assert_close(got * narrow_batch.masks, expected * narrow_batch.masks, atol=1e-5, rtol=0)
 
@@ -362,11 +389,13 @@ def test_trailing_padding_is_trimmed_and_changes_no_result(tiny_artifacts):
     results = []
     for r in (rollout, wide):
         policy, _, _ = _tiny_policy(tiny_artifacts, batch_size=4, mini_batch_size=2)
+        start = _trainable(policy)
         optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=1e-3)
-        stats = ppo_step(policy, optimizer, r, make_kl_controller(cfg), cfg, generator=torch.Generator().manual_seed(0))
+        stats = _step(policy, optimizer, r, _kl(cfg), cfg, generator=torch.Generator().manual_seed(0))
         results.append((stats, _trainable(policy)))
     (stats_a, weights_a), (stats_b, weights_b) = results
     assert stats_a["ppo/loss/total"] == pytest.approx(stats_b["ppo/loss/total"], abs=1e-6)
+    assert any(not torch.equal(weights_a[n], start[n]) for n in start)  # the step moved the weights
     for name in weights_a:
         torch.testing.assert_close(weights_b[name], weights_a[name], atol=1e-6, rtol=0)
 
@@ -379,28 +408,29 @@ def test_ppo_step_with_accelerator_and_accumulation_matches_plain_loop(tiny_arti
         policy, tokenizer, cfg = _tiny_policy(
             tiny_artifacts, batch_size=8, mini_batch_size=2, gradient_accumulation_steps=2, max_grad_norm=0.5
         )
+        start = _trainable(policy)
         optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=1e-3)
         rollout = _generated_rollout(policy, tokenizer, rows=8)
         accelerator = None
         if use_accelerator:
             accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
             policy, optimizer = accelerator.prepare(policy, optimizer)
-        ppo_step(policy, optimizer, rollout, make_kl_controller(cfg), cfg, accelerator=accelerator,
-                 generator=torch.Generator().manual_seed(3))
+        _step(policy, optimizer, rollout, _kl(cfg), cfg, accelerator=accelerator,
+              generator=torch.Generator().manual_seed(3))
         results.append(_trainable(policy))
     plain, accelerated = results
+    moved = [n for n in start if not torch.equal(plain[n], start[n])]
+    assert any("lora_B" in n for n in moved) and any("value_head" in n for n in moved)  # the optimizer stepped
     for name in plain:
         torch.testing.assert_close(plain[name], accelerated[name], atol=1e-6, rtol=0)
 
 
-def test_ppo_step_rejects_sizes_that_do_not_fit(tiny_artifacts):
-    policy, tokenizer, cfg = _tiny_policy(tiny_artifacts, batch_size=8, mini_batch_size=4)
-    optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=1e-3)
-    rollout = _generated_rollout(policy, tokenizer, rows=4)
-    with pytest.raises(ConfigError, match="rollout has 4 rows but each process needs"):
-        ppo_step(policy, optimizer, rollout, make_kl_controller(cfg), cfg)
+def test_batch_sizes_that_do_not_split_are_one_clear_error():
+    cfg = PPOConfig(batch_size=8, mini_batch_size=4)
+    check_batch_sizes(cfg, 2, rows=8)  # two processes: 4 rows each, mini-batch shares of 2
+    with pytest.raises(ConfigError, match="trajectory has 4 rows but ppo.batch_size is 8"):
+        check_batch_sizes(cfg, 1, rows=4)
     with pytest.raises(ConfigError, match="multiples of the number of processes"):
-        ppo_step(policy, optimizer, rollout, make_kl_controller(cfg), cfg, num_processes=3)
-    # Two processes: 8 global rows = 4 per process, mini-batches of 2 each.
-    stats = ppo_step(policy, optimizer, rollout, make_kl_controller(cfg), cfg, num_processes=2)
-    assert math.isfinite(stats["ppo/loss/total"])
+        check_batch_sizes(cfg, 3)
+    with pytest.raises(ConfigError, match="mini_batch_size .4. x ppo.gradient_accumulation_steps .3."):
+        check_batch_sizes(PPOConfig(batch_size=8, mini_batch_size=4, gradient_accumulation_steps=3), 1)

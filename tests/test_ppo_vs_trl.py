@@ -1,9 +1,10 @@
-"""Differential test: `train.ppo_core.ppo_step` against the classic TRL 0.11.4 `PPOTrainer.step`.
+"""Differential test: our PPO step (`train.rollout.forward_trajectory` + `train.ppo.ppo_step`) against the classic
+TRL 0.11.4 `PPOTrainer.step`.
 
 Both sides get the same tiny T5 + LoRA + value head (dropout 0 everywhere), the same queries, responses and
 scores, and the same mini-batch order; ours runs with `trl_first_token_mask=True` (TRL's encoder-decoder mask).
 TRL's KL-penalised rewards, advantages and returns are captured by wrapping its `compute_rewards` and
-`compute_advantages`; ours come from `build_ppo_batch` on an identical copy of the policy.
+`compute_advantages`; ours from `kl_penalized_rewards` and `gae_advantages` on our trajectory, as `ppo_step` computes them.
 
 trl==0.11.4 is a dev-only dependency (setup.cfg `dev` extra); its `step` runs in-process with transformers 5.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -23,7 +25,9 @@ from trl import PPOConfig as TrlPPOConfig
 
 from train.config import PPOConfig
 from train.models import Seq2SeqPolicy, ValueHead, untie_lm_head
-from train.ppo_core import Rollout, build_ppo_batch, make_kl_controller, ppo_step
+from train.ppo import ppo_step
+from train.ppo_core import ScoreShaper, gae_advantages, kl_penalized_rewards, make_kl_controller
+from train.rollout import forward_trajectory
 
 VOCAB = 48
 PAD, EOS = 0, 1  # T5: the pad id is also the decoder start id
@@ -130,10 +134,16 @@ def _run_both(monkeypatch, batch: int, mini: int, epochs: int, accumulation: int
     # Ours, on deep copies.
     policy = Seq2SeqPolicy(copy.deepcopy(peft_model), copy.deepcopy(value_head))
     optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate)
-    rollout = Rollout(*_pad(queries), *_pad(responses), scores.clone())
-    kl_ctl = make_kl_controller(cfg)
-    ours_batch = build_ppo_batch(policy, rollout, kl_ctl.value, cfg, chunk_size=mini)
-    ours_stats = ppo_step(policy, optimizer, rollout, kl_ctl, cfg, generator=torch.Generator().manual_seed(7))
+    trajectory = forward_trajectory(policy, *_pad(queries), *_pad(responses), scores.clone(), chunk_size=mini,
+                                    trl_first_token_mask=True)
+    kl_ctl = make_kl_controller(cfg.init_kl_coef, cfg.adaptive_kl, cfg.kl_target, cfg.kl_horizon)
+    rewards, non_score_rewards, kls = kl_penalized_rewards(
+        trajectory.scores, trajectory.logprobs, trajectory.ref_logprobs, trajectory.masks, kl_ctl.value)
+    values, advantages, returns = gae_advantages(trajectory.values, rewards, trajectory.masks, cfg.gamma, cfg.lam)
+    ours_batch = SimpleNamespace(masks=trajectory.masks, kls=kls, non_score_rewards=non_score_rewards,
+                                 rewards=rewards, values=values, advantages=advantages, returns=returns)
+    ours_stats = ppo_step(policy, optimizer, trajectory, kl_ctl, ScoreShaper(), cfg,
+                          generator=torch.Generator().manual_seed(7))
 
     # TRL, on the originals, with its step's intermediate tensors captured and our mini-batch order.
     trl_model = AutoModelForSeq2SeqLMWithValueHead.from_pretrained(peft_model, summary_dropout_prob=0.0)

@@ -21,7 +21,6 @@ from transformers import (
 from rewards.client import RewardClient, total_backoff_s
 from rewards.config import RewardConfig
 from rewards.errors import RewardError
-from rewards.normalize import RewardNormalizer
 from rewards.reward_fn import make_reward_fn
 from rewards.scorer import RewardScorer, scored_texts
 
@@ -182,31 +181,6 @@ def test_bad_devices_and_dtypes_are_reward_errors(reversed_classifier):
     )
     assert next(scorer.model.parameters()).dtype == torch.bfloat16
     assert scorer.score(TEXTS[:2]).rewards.dtype == torch.float32
-
-
-def test_normalizer_tracks_running_stats_and_restores_state():
-    torch.manual_seed(0)
-    batches = [torch.randn(n) * 3 + 5 for n in (7, 1, 16, 9)]
-    normalizer = RewardNormalizer(normalize=True, clip=None)
-    for batch in batches:
-        out = normalizer(batch)
-    seen = torch.cat(batches).double()
-    assert normalizer.count == seen.numel()
-    assert normalizer.mean == pytest.approx(seen.mean().item(), rel=1e-9)
-    assert normalizer.std == pytest.approx(seen.std(unbiased=False).item(), rel=1e-9)
-    torch.testing.assert_close(out, ((batches[-1].double() - seen.mean()) / seen.std(unbiased=False)).float())
-
-    restored = RewardNormalizer(normalize=True)
-    restored.load_state_dict(json.loads(json.dumps(normalizer.state_dict())))  # survives a JSON round trip
-    probe = torch.tensor([-2.0, 0.0, 9.0])
-    torch.testing.assert_close(restored(probe), normalizer(probe))
-
-    clipped = RewardNormalizer(normalize=False, clip=1.5)
-    assert clipped(torch.tensor([-4.0, 0.3, 2.0])).tolist() == pytest.approx([-1.5, 0.3, 1.5])
-    identity = RewardNormalizer.from_config(RewardConfig())
-    assert torch.equal(identity(probe), probe) and identity.count == 0
-    with pytest.raises(RewardError, match="lacks"):
-        restored.load_state_dict({"mean": 0.0})
 
 
 def test_make_reward_fn_picks_in_process_or_server(reversed_classifier, monkeypatch):

@@ -10,6 +10,7 @@ reloaded from its source, so a flan-t5-xxl checkpoint is megabytes, not 44 GB.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -17,16 +18,20 @@ import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
 
+from train.distributed import is_deepspeed
 from train.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "COMPLETE"
+OPTIMIZER_FILE = "optimizer.pt"
+TRAINER_STATE_FILE = "trainer_state.json"
+DEEPSPEED_DIR = "deepspeed"  # the engine's own checkpoint: partitioned optimizer state and fp32 master weights
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -60,6 +65,19 @@ def atomic_checkpoint_dir(final: str | os.PathLike, is_main_process: bool = True
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(final.parent)
+
+
+def save_atomically(directory: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """`write(tmp)` into a temporary sibling of `directory`, then swap it in: a kill never leaves half of it."""
+    directory = Path(directory)
+    tmp = directory.with_name(f".tmp-{directory.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    _fsync_dir(tmp)
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(tmp, directory)
+    _fsync_dir(directory.parent)
+    return directory
 
 
 def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -99,19 +117,110 @@ def prune_checkpoints(root: str | os.PathLike, keep_last: int) -> None:
 
 
 def capture_rng_state() -> dict:
-    """RNG states of python, numpy and torch (CPU and CUDA) of this process."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """RNG states of python, numpy and torch (CPU and CUDA) of this process, as tensors and plain numbers only, so
+    that `torch.load(weights_only=True)` reads them back (a checkpoint never needs to unpickle code)."""
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": {"version": version, "mt": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def restore_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["mt"].tolist()), py["gauss"]))
+    np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def rng_file(directory: Path, rank: int) -> Path:
+    return Path(directory) / f"rng-rank{rank}.pt"
+
+
+def save_training_state(directory: Path, accelerator: Any, model: Any, optimizer: Any, **generators: torch.Generator) -> None:
+    """The optimizer state and this process's RNG states (plus named torch generators) into `directory`.
+
+    Every process must call it. Under DeepSpeed the engine saves its partitioned optimizer state, which holds the
+    fp32 master weights of a bf16 model (trainable parameters only), and restores both on load; otherwise the main
+    process saves the (replicated) optimizer state.
+    """
+    directory = Path(directory)
+    if is_deepspeed(accelerator):
+        model.save_checkpoint(str(directory / DEEPSPEED_DIR), exclude_frozen_parameters=True)
+    elif accelerator.is_main_process:
+        torch.save(optimizer.state_dict(), directory / OPTIMIZER_FILE)
+    rng = {"global": capture_rng_state(), **{name: g.get_state() for name, g in generators.items()}}
+    torch.save(rng, rng_file(directory, accelerator.process_index))
+
+
+def load_training_state(directory: Path, accelerator: Any, model: Any, optimizer: Any, **generators: torch.Generator) -> None:
+    """Restore what `save_training_state` wrote (the trainable weights come back with the model)."""
+    directory = Path(directory)
+    if is_deepspeed(accelerator):
+        # load_from_fp32_weights (DeepSpeed's default): the fp32 master weights come from the checkpoint, not
+        # from the bf16 model weights, so a bf16 run resumes exactly.
+        model.load_checkpoint(str(directory / DEEPSPEED_DIR), load_module_strict=False, load_lr_scheduler_states=False)
+    else:
+        optimizer.load_state_dict(torch.load(directory / OPTIMIZER_FILE, map_location="cpu", weights_only=True))
+    rng = torch.load(rng_file(directory, accelerator.process_index), weights_only=True)
+    restore_rng_state(rng["global"])
+    for name, generator in generators.items():
+        generator.set_state(rng[name])
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    accelerator: Any,
+    model: Any,
+    optimizer: Any,
+    trainer_state: dict[str, Any],
+    write_weights: Callable[[Path], None],
+    keep: int,
+    **generators: torch.Generator,
+) -> Path:
+    """`checkpoint-<step>` under `root`, atomically: `write_weights(dir)` (called on every process: a ZeRO-3
+    gather is collective), the optimizer and RNG states (`save_training_state`), and `trainer_state` (JSON, with
+    the process count added) from the main process; then all but the newest `keep` checkpoints are pruned.
+    Every process must call it."""
+    final = checkpoint_path(root, step)
+    is_main = accelerator.is_main_process
+    with atomic_checkpoint_dir(final, is_main) as tmp:
+        accelerator.wait_for_everyone()  # the main process has created `tmp`
+        write_weights(tmp)
+        save_training_state(tmp, accelerator, model, optimizer, **generators)
+        if is_main:
+            state = {**trainer_state, "num_processes": accelerator.num_processes}
+            (tmp / TRAINER_STATE_FILE).write_text(json.dumps(state, indent=2))
+        accelerator.wait_for_everyone()  # every process has written before the main process renames
+    if is_main:
+        prune_checkpoints(root, keep)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(
+    directory: Path, accelerator: Any, model: Any, optimizer: Any, **generators: torch.Generator
+) -> dict[str, Any]:
+    """Restore the optimizer and RNG states from `directory` and return its trainer state (the trainable weights
+    were loaded with the model)."""
+    state = json.loads((Path(directory) / TRAINER_STATE_FILE).read_text())
+    if state["num_processes"] != accelerator.num_processes:
+        raise ConfigError(
+            f"{directory} was written by {state['num_processes']} process(es) but this run has "
+            f"{accelerator.num_processes}: the per-process RNG states need the same number, so resume with it"
+        )
+    load_training_state(directory, accelerator, model, optimizer, **generators)
+    return state
 
 
 def _fsync_dir(path: Path) -> None:

@@ -117,8 +117,10 @@ class PPOConfig:
     cliprange_value: float = 0.2
     vf_coef: float = 0.1
     whiten_rewards: bool = False
-    score_scaling: bool = False
-    score_norm: bool = False
+    # Score shaping before the KL penalty (off in the reference workflow: raw nothate logits). "scale" divides by
+    # the running std of all scores seen (TRL's use_score_scaling), "standardize" also subtracts the running mean
+    # (TRL's use_score_norm); score_clip then clips to [-score_clip, score_clip].
+    score_normalization: Literal["none", "scale", "standardize"] = "none"
     score_clip: Optional[float] = None
     ratio_threshold: float = 10.0
     max_grad_norm: Optional[float] = None
@@ -130,10 +132,11 @@ class PPOConfig:
     # adapter), as the notebook's create_reference_model did, so the KL measures drift from the SFT policy.
     # Either way one base model is in memory; without model.adapter both are the same model.
     reference: Literal["base", "initial_adapter"] = "base"
-    # Rows per no-grad forward pass for the old and reference log-probs, per process; null = the mini-batch
-    # size (TRL's choice). Larger is faster and needs more memory (the planner's training-phase logits).
+    # Rows per no-grad forward pass for the old and reference log-probs, per process; null = this process's
+    # share of a mini-batch (TRL's choice). Larger is faster and needs more memory (the planner's logits).
     forward_batch_size: Optional[int] = None
     save_every_steps: int = 5
+    keep_checkpoints: int = 2  # newest complete checkpoints kept on disk; older ones are deleted
     log_every_steps: int = 1
 
 
@@ -212,6 +215,15 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     return raw
 
 
+# Keys that earlier versions had, and what replaced them: named in the error instead of a generic "unknown key".
+RENAMED_KEYS = {
+    "reward.normalize": "ppo.score_normalization: standardize",
+    "reward.clip": "ppo.score_clip",
+    "ppo.score_scaling": "ppo.score_normalization: scale",
+    "ppo.score_norm": "ppo.score_normalization: standardize",
+}
+
+
 def build_dataclass(cls: type, raw: Any, where: str, prefix: str = ""):
     """Instantiate dataclass `cls` from a nested dict, rejecting unknown keys and wrong types."""
     if not isinstance(raw, dict):
@@ -221,6 +233,8 @@ def build_dataclass(cls: type, raw: Any, where: str, prefix: str = ""):
     kwargs = {}
     for key, value in raw.items():
         if key not in names:
+            if f"{prefix}{key}" in RENAMED_KEYS:
+                raise ConfigError(f"{where}: '{prefix}{key}' was replaced: use {RENAMED_KEYS[prefix + key]}")
             raise ConfigError(f"{where}: unknown key '{prefix}{key}'{_suggest(key, names, prefix)}")
         kwargs[key] = coerce(value, hints[key], f"{prefix}{key}", where)
     return cls(**kwargs)
@@ -306,6 +320,8 @@ def set_by_path(cfg: Any, dotted: str, value: Any) -> None:
     for depth, part in enumerate(parts):
         names = [f.name for f in dataclasses.fields(obj)]
         if part not in names:
+            if f"{prefix}{part}" in RENAMED_KEYS:
+                raise ConfigError(f"--{prefix}{part} was replaced: use --{RENAMED_KEYS[prefix + part].replace(': ', ' ')}")
             raise ConfigError(f"unknown option --{prefix}{part}{_suggest(part, names, prefix, cli=True)}")
         if depth == len(parts) - 1:
             tp = typing.get_type_hints(type(obj))[part]
@@ -331,6 +347,11 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"data.train_fraction must be between 0 and 1, got {d.train_fraction}")
     if "{dialogue}" not in d.prompt_template:
         raise ConfigError("data.prompt_template must contain the placeholder {dialogue}")
+    positive = ("learning_rate", "batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs", "steps",
+                "save_every_steps", "keep_checkpoints", "log_every_steps")
+    for name in positive:
+        if not getattr(p, name) > 0:
+            raise ConfigError(f"ppo.{name} must be positive, got {getattr(p, name)}")
     if p.batch_size % p.mini_batch_size != 0:
         raise ConfigError(
             f"ppo.batch_size ({p.batch_size}) must be a multiple of ppo.mini_batch_size ({p.mini_batch_size})"

@@ -1,22 +1,23 @@
-"""Experience making for PPO: prompts -> batched generation -> reward scores -> a typed `Rollout`.
+"""Experience making for PPO: prompts -> batched generation -> reward scores -> no-grad forward passes -> one typed
+`Trajectory` (train/ppo_core.py), gathered from every process into the global batch.
 
-Kept apart from the optimisation (`train/ppo_core.py`), as OpenRLHF keeps its experience maker apart from its
-trainer. `train/ppo.py` calls, once per PPO step:
+`train/ppo.py` calls, once per PPO step:
 
-    rows = stream.next_rows()                                    # this process's shard of the global batch
-    rollout, info = make_rollout(policy, tokenizer, prompts.select(rows), reward_fn, shaper, cfg, accelerator)
+    rows = stream.next_rows()                                         # this process's shard of the global batch
+    local, info = make_experience(policy, tokenizer, prompts.select(rows), reward_fn, cfg, accelerator, rng)
+    trajectory = gather_trajectory(local, collectives, tokenizer.pad_token_id)
 
 * `PromptStream`: a seeded order over the PPO prompts, one permutation per epoch; each step takes the next
-  `ppo.batch_size` prompts and each process its disjoint slice of them. Its state (epoch, position) goes into
-  checkpoints, so a resumed run continues with the next unseen prompts.
+  `ppo.batch_size` prompts and each process its contiguous slice of them, so the gathered rows are in the order a
+  single process would have had. Its state (epoch, position) goes into checkpoints.
 * `generate_responses`: `rollout.batch_size` prompts per `generate()` call with attention masks, the sampling
   settings of `cfg.rollout` (LengthSampler included); the decoder start token stays at position 0 and
   everything after the first eos becomes padding, masked out by `response_mask`.
 * `score_responses`: the reward model on the decoded summaries; missing or non-finite scores stop the run.
-* `ScoreShaper`: optional reward normalisation/clipping (`reward.normalize`/`reward.clip`, on the global batch so
-  every process shapes alike) and TRL's score scaling (`ppo.score_scaling`/`score_clip`); state checkpointed.
+* `forward_trajectory`: old log-probs and values of the policy and the KL reference's log-probs, in no-grad chunks
+  of `ppo.forward_batch_size` rows, dropout off; each chunk trimmed to its own padding.
 
-Shapes: B = rows on this process, Q = prompt length, R = decoder length (start token included).
+Shapes: B = rows on this process, Q = prompt length, R = decoder length (start token included), T = R - 1.
 """
 
 from __future__ import annotations
@@ -28,27 +29,28 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from rewards.errors import RewardError
-from rewards.normalize import RewardNormalizer
 from rewards.scorer import RewardScores
 from train.config import ExperimentConfig, GenerationSettings
+from train.distributed import Collectives, zero_stage
 from train.errors import ConfigError, DataError
 from train.generation import generation_kwargs
-from train.ppo_core import Rollout, RunningMoments, response_mask_from_ids, scale_scores
+from train.ppo_core import Trajectory, logprobs_from_logits, response_loss_mask, response_mask_from_ids
 
 
 @dataclass
 class RolloutInfo:
-    """What the loop logs about a rollout besides the `Rollout` itself (this process's rows)."""
+    """What the loop logs about a rollout besides its `Trajectory` (this process's rows)."""
 
     prompt_ids: list[str]  # dataset ids of the prompts
     summaries: list[str]  # decoded responses
-    raw_rewards: torch.Tensor  # (B,) reward-model scores before any shaping
     toxicity: torch.Tensor  # (B,) probability of the toxic class
     response_lengths: torch.Tensor  # (B,) generated tokens (eos included, start token excluded)
     time_generate: float
     time_score: float
+    time_forward: float  # the no-grad forward passes
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -109,11 +111,6 @@ class PromptStream:
 # Generation
 
 
-def _zero_stage(accelerator: Any) -> int:
-    plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
-    return int(plugin.zero_stage) if plugin is not None else 0
-
-
 @contextmanager
 def unwrap_for_generation(model: Any, accelerator: Any = None) -> Iterator[Any]:
     """The bare policy to call `generate` on, in eval mode.
@@ -128,7 +125,7 @@ def unwrap_for_generation(model: Any, accelerator: Any = None) -> Iterator[Any]:
     else:
         unwrapped = accelerator.unwrap_model(model)
         engine_context = None
-        if _zero_stage(accelerator) == 3:
+        if zero_stage(accelerator) == 3:
             from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
 
             engine_context = unwrap_model_for_generation(model)
@@ -212,67 +209,76 @@ def score_responses(reward_fn: Any, prompts: Sequence[str], summaries: Sequence[
     return scores
 
 
-def gather_rows(tensor: torch.Tensor, accelerator: Any) -> torch.Tensor:
-    """Concatenate every process's (N, ...) tensor along dim 0, in rank order (equal N on every process).
-
-    `torch.distributed.all_gather` into a list rather than `accelerator.gather`: under DeepSpeed on CPU the latter
-    takes the all_gather_into_tensor path, which gloo rejects.
-    """
-    if accelerator is None or accelerator.num_processes == 1:
-        return tensor
-    parts = [torch.empty_like(tensor) for _ in range(accelerator.num_processes)]
-    torch.distributed.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts)
-
-
-class ScoreShaper:
-    """Optional transforms from raw reward-model scores to the PPO scores, with state for checkpoints.
-
-    First `reward.normalize`/`reward.clip` (RewardNormalizer), updated with the GLOBAL batch so every process
-    keeps the same statistics; then TRL's `ppo.score_scaling`/`score_norm`/`score_clip` (ppo_core.scale_scores).
-    """
-
-    def __init__(self, cfg: ExperimentConfig):
-        self.normalizer = RewardNormalizer.from_config(cfg.reward)
-        self.running = RunningMoments()
-        self.ppo_cfg = cfg.ppo
-
-    def __call__(self, raw: torch.Tensor, accelerator: Any = None) -> torch.Tensor:
-        """(B,) raw scores of this process -> (B,) shaped scores."""
-        scores = raw.float()
-        if self.normalizer.normalize or self.normalizer.clip is not None:
-            if accelerator is not None and accelerator.num_processes > 1:
-                everyone = gather_rows(scores.to(accelerator.device), accelerator).cpu()
-                shaped = self.normalizer(everyone)
-                rank, local = accelerator.process_index, len(scores)
-                scores = shaped[rank * local : (rank + 1) * local]
-            else:
-                scores = self.normalizer(scores)
-        return scale_scores(scores, self.ppo_cfg, self.running, accelerator)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"normalizer": self.normalizer.state_dict(), "running_moments": self.running.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.normalizer.load_state_dict(state["normalizer"])
-        self.running.load_state_dict(state["running_moments"])
-
-
 # ----------------------------------------------------------------------------------------------------
-# One rollout
+# Forward passes and the trajectory
 
 
-def make_rollout(
+def policy_forward(policy: Any, rows: Trajectory, trl_first_token_mask: bool = False):
+    """The policy (or its accelerator wrapper) on `rows` -> logits (b, T, V), log-probs (b, T), float32 values
+    (b, T) of the predicted positions, and their loss mask (b, T)."""
+    logits, values = policy(rows.query_ids, rows.query_mask, rows.response_ids, rows.response_mask)
+    logits = logits[:, :-1].float()
+    logprobs = logprobs_from_logits(logits, rows.response_ids[:, 1:])
+    return logits, logprobs, values[:, :-1].float(), response_loss_mask(rows.response_mask, trl_first_token_mask)
+
+
+@torch.no_grad()
+def forward_trajectory(
+    policy: Any,
+    query_ids: torch.Tensor,
+    query_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    scores: torch.Tensor,
+    *,
+    chunk_size: int,
+    trl_first_token_mask: bool = False,
+    accelerator: Any = None,
+) -> Trajectory:
+    """The `Trajectory` of generated rows: old log-probs and values of the policy and the reference log-probs
+    (adapter off, or the frozen starting adapter: `Seq2SeqPolicy.reference_logits`), in eval mode (no dropout, as
+    TRL), `chunk_size` rows at a time. Under ZeRO-3 every process must make the same number of calls."""
+    unwrapped = accelerator.unwrap_model(policy) if accelerator is not None else policy
+    width = response_ids.shape[1] - 1  # predicted positions
+    rows = Trajectory(query_ids, query_mask, response_ids, response_mask, scores.float(),
+                      *(torch.zeros(len(scores), width, device=response_ids.device) for _ in range(3)),
+                      masks=torch.zeros_like(response_ids[:, 1:]))
+    parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "ref_logprobs": [], "values": [], "masks": []}
+    was_training = policy.training
+    policy.eval()
+    for start in range(0, len(rows), chunk_size):
+        chunk = rows.select(slice(start, start + chunk_size)).trimmed()
+        _, logprobs, values, masks = policy_forward(policy, chunk, trl_first_token_mask)
+        ref_logits = unwrapped.reference_logits(chunk.query_ids, chunk.query_mask, chunk.response_ids,
+                                                chunk.response_mask)
+        ref_logprobs = logprobs_from_logits(ref_logits[:, :-1], chunk.response_ids[:, 1:])
+        for key, value in zip(parts, (logprobs, ref_logprobs, values, masks)):
+            parts[key].append(F.pad(value, (0, width - value.shape[1])))  # back to the batch width, masked out
+    policy.train(was_training)
+    for key, chunks in parts.items():
+        setattr(rows, key, torch.cat(chunks))
+    return rows
+
+
+def gather_trajectory(local: Trajectory, collectives: Collectives, pad_token_id: int) -> Trajectory:
+    """Every process's rows in rank order: the global batch, on every process (padded to the widest process)."""
+    if collectives.world_size == 1:
+        return local
+    pad = {"query_ids": pad_token_id, "response_ids": pad_token_id}
+    return Trajectory(**{name: collectives.gather_rows(value, pad.get(name, 0))
+                         for name, value in vars(local).items()})
+
+
+def make_experience(
     policy: Any,
     tokenizer: Any,
     prompts: Any,
     reward_fn: Any,
-    shaper: ScoreShaper,
     cfg: ExperimentConfig,
     accelerator: Any = None,
     rng: Optional[random.Random] = None,
-) -> tuple[Rollout, RolloutInfo]:
-    """Generate, decode and score this process's prompts (rows of the PPO dataset: input_ids, query, id).
+) -> tuple[Trajectory, RolloutInfo]:
+    """Generate, decode, score and forward this process's prompts (rows of the PPO dataset: input_ids, query, id).
 
     The classifier sees the dataset's `query` (the decoded prompt) and the summary, as the reference notebook did.
     """
@@ -287,30 +293,40 @@ def make_rollout(
 
     started = time.perf_counter()
     scores = score_responses(reward_fn, prompts["query"], summaries)
-    shaped = shaper(scores.rewards, accelerator)
     time_score = time.perf_counter() - started
 
-    rollout = Rollout(query_ids, query_mask, response_ids, response_mask, shaped.to(device))
+    started = time.perf_counter()
+    processes = accelerator.num_processes if accelerator is not None else 1
+    chunk = cfg.ppo.forward_batch_size or max(cfg.ppo.mini_batch_size // processes, 1)
+    trajectory = forward_trajectory(
+        policy, query_ids, query_mask, response_ids, response_mask, scores.rewards.float().to(device),
+        chunk_size=chunk, trl_first_token_mask=cfg.ppo.trl_first_token_mask, accelerator=accelerator,
+    )
     info = RolloutInfo(
         prompt_ids=list(prompts["id"]),
         summaries=summaries,
-        raw_rewards=scores.rewards.float(),
         toxicity=scores.toxicity.float(),
         response_lengths=(response_mask.sum(dim=1) - 1).float().cpu(),
         time_generate=time_generate,
         time_score=time_score,
+        time_forward=time.perf_counter() - started,
     )
-    return rollout, info
+    return trajectory, info
 
 
-__all__ = [
-    "PromptStream",
-    "RolloutInfo",
-    "ScoreShaper",
-    "gather_rows",
-    "generate_responses",
-    "make_rollout",
-    "pad_right",
-    "score_responses",
-    "unwrap_for_generation",
-]
+def rollout_stats(trajectory: Trajectory, info: RolloutInfo, collectives: Collectives) -> dict[str, float]:
+    """Reward, toxicity and response-length stats over the global batch; timings averaged over processes."""
+    local = torch.stack([info.toxicity, info.response_lengths], dim=1)
+    toxicity, lengths = collectives.gather_rows(local).unbind(dim=1)
+    timings = torch.tensor([info.time_generate, info.time_score, info.time_forward], dtype=torch.float64)
+    timings = collectives.all_reduce_sum(timings) / collectives.world_size
+    rewards = trajectory.scores.float().cpu()
+    return {
+        "env/reward_mean": rewards.mean().item(),
+        "env/reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
+        "env/toxicity_mean": toxicity.mean().item(),
+        "tokens/response_len": lengths.mean().item(),
+        "time/generate": timings[0].item(),
+        "time/score": timings[1].item(),
+        "time/forward": timings[2].item(),
+    }

@@ -1,0 +1,45 @@
+"""The JSON-lines training log (`log.jsonl`) of SFT and PPO: one object per logged step, main process only."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+log = logging.getLogger(__name__)
+
+
+class JsonlLog:
+    """Appends one JSON object per line. A fresh run starts an empty log; a resumed run first drops the lines of
+    steps after its checkpoint (the interrupted run logged them, the resumed run repeats them), atomically."""
+
+    def __init__(self, path: Path, enabled: bool, resumed_step: Optional[int] = None):
+        self.path, self.enabled = Path(path), enabled
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = [] if resumed_step is None else self._lines_up_to(resumed_step)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
+    def _lines_up_to(self, step: int) -> list[str]:
+        if not self.path.is_file():
+            return []
+        kept = []
+        for number, line in enumerate(self.path.read_text().splitlines(), 1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                log.warning("%s line %d is not JSON (a write cut short?): dropped", self.path, number)
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(line)
+        return kept
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
