@@ -10,12 +10,12 @@ prompts, tokenizer and reward model (prompt ids are valid flan-t5 ids; generated
 decode to nothing, which only changes what the reward model reads). On `--device cuda` our reward model sits on
 the GPU (placed deliberately), the notebook-style one on the CPU, as in the notebook.
 
-Both steps use the same policy, prompts, reward model, sampling settings and PPO update (`ppo_core.ppo_step`, the
-same math as TRL's `PPOTrainer.step` that the notebook called; the notebook-style step does its no-grad forward
-passes in mini-batch-sized chunks as TRL did, ours uses `ppo.forward_batch_size` from the config); they differ in
-experience making:
+Both steps use the same policy, prompts, reward model, sampling settings and PPO update (`train.ppo.ppo_step`,
+the same math as TRL's `PPOTrainer.step` that the notebook called); they differ in experience making, which
+includes the no-grad forward passes (the notebook-style step does them in mini-batch-sized chunks as TRL did,
+ours uses `ppo.forward_batch_size` from the config):
 
-* ours (`train.rollout.make_rollout`): `rollout.batch_size` prompts per `generate()` call with attention masks,
+* ours (`train.rollout.make_experience`): `rollout.batch_size` prompts per `generate()` call with attention masks,
   all summaries scored in one reward call;
 * notebook-style: a python loop generating ONE summary per `generate()` call (the notebook's
   `for prompt_tensor in prompt_tensors: ppo_trainer.generate(prompt_tensor, ...)`, max_new_tokens drawn per
@@ -23,7 +23,7 @@ experience making:
   `sentiment_pipe(..., batch_size=16)`).
 
 Each variant runs one warm-up step, then `--steps` timed steps (median reported), each split into experience
-making (generation + rewards) and the update. Rows are measured for the recipe's rollout lengths and, with
+making (generation + rewards + no-grad forward passes) and the update. Rows are measured for the recipe's rollout lengths and, with
 `--reference-lengths`, for the notebook's LengthSampler(100, 400) too. The last column is the ceiling that any
 experience making can reach against this notebook-style step: notebook-style step time / our update time, i.e.
 the speed-up if our rollouts and rewards took no time at all. The ms per decoding step (experience making time /
@@ -53,17 +53,18 @@ from rewards.reward_fn import make_reward_fn  # noqa: E402
 from train.config import load_config  # noqa: E402
 from train.data import build_ppo_datasets  # noqa: E402
 from train.generation import generation_kwargs  # noqa: E402
-from train.ppo_core import Rollout, make_kl_controller, ppo_step, response_mask_from_ids  # noqa: E402
-from train.rollout import PromptStream, ScoreShaper, make_rollout, pad_right  # noqa: E402
+from train.ppo import ppo_step  # noqa: E402
+from train.ppo_core import ScoreShaper, Trajectory, make_kl_controller, response_mask_from_ids  # noqa: E402
+from train.rollout import PromptStream, forward_trajectory, make_experience, pad_right  # noqa: E402
 from bench_policy import load_bench_policy  # bench/bench_policy.py
 from machine import machine_line, versions_line  # bench/machine.py
 
 NOTEBOOK_REWARD_BATCH = 16
 
 
-def notebook_rollout(policy, tokenizer, prompts, reward_fn, cfg, device) -> tuple[Rollout, int]:
-    """Experience making as the reference notebook wrote it: one generate() per prompt. Also returns the number
-    of decoding steps (model calls) the generate() calls made."""
+def notebook_rollout(policy, tokenizer, prompts, reward_fn, cfg, device) -> tuple[Trajectory, int]:
+    """Experience making as the reference notebook wrote it: one generate() per prompt, then TRL's forward passes
+    (one mini-batch at a time). Also returns the number of decoding steps (model calls) the generate() calls made."""
     responses = []
     with torch.no_grad():
         policy.eval()
@@ -82,8 +83,9 @@ def notebook_rollout(policy, tokenizer, prompts, reward_fn, cfg, device) -> tupl
         rewards.append(part.rewards)
     query_ids, query_mask = pad_right([torch.tensor(q) for q in prompts["input_ids"]], tokenizer.pad_token_id)
     response_ids, response_mask = pad_right(responses, tokenizer.pad_token_id)
-    rollout = Rollout(query_ids, query_mask, response_ids, response_mask, torch.cat(rewards).float().cpu())
-    return Rollout(*(getattr(rollout, f.name).to(device) for f in dataclasses.fields(rollout))), decode_steps
+    tensors = [t.to(device) for t in (query_ids, query_mask, response_ids, response_mask, torch.cat(rewards).float())]
+    trajectory = forward_trajectory(policy, *tensors, chunk_size=cfg.ppo.mini_batch_size)
+    return trajectory, decode_steps
 
 
 def _now(device: str) -> float:
@@ -102,25 +104,25 @@ def time_steps(
     prompts = build_ppo_datasets(cfg.data, tokenizer)["train"]
     stream = PromptStream(len(prompts), cfg.ppo.batch_size, cfg.seed)
     optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=cfg.ppo.learning_rate)
-    kl_ctl, shaper = make_kl_controller(cfg.ppo), ScoreShaper(cfg)
+    p = cfg.ppo
+    kl_ctl, shaper = make_kl_controller(p.init_kl_coef, p.adaptive_kl, p.kl_target, p.kl_horizon), ScoreShaper()
     generator = torch.Generator().manual_seed(cfg.seed)
     # Ours places the reward model on the training device; the notebook scored on the CPU.
     reward_device = device if variant == "ours" else "cpu"
     reward_fn = make_reward_fn(dataclasses.replace(cfg.reward, device=reward_device))
-    ppo_cfg = cfg.ppo if variant == "ours" else dataclasses.replace(cfg.ppo, forward_batch_size=None)
     seconds = []
     for i in range(steps + 1):
         batch = prompts.select(stream.next_rows())
         started = _now(device)
         if variant == "ours":
-            rollout, _ = make_rollout(policy, tokenizer, batch, reward_fn, shaper, cfg, None, random)
+            trajectory, _ = make_experience(policy, tokenizer, batch, reward_fn, cfg, None, random)
             # One generate() call per rollout.batch_size rows, each as long as its longest row.
-            calls = -(-len(rollout) // cfg.rollout.batch_size)
-            decode_steps = calls * (rollout.response_ids.shape[1] - 1)
+            calls = -(-len(trajectory) // cfg.rollout.batch_size)
+            decode_steps = calls * (trajectory.response_ids.shape[1] - 1)
         else:
-            rollout, decode_steps = notebook_rollout(policy, tokenizer, batch, reward_fn, cfg, device)
+            trajectory, decode_steps = notebook_rollout(policy, tokenizer, batch, reward_fn, cfg, device)
         made = _now(device)
-        ppo_step(policy, optimizer, rollout, kl_ctl, ppo_cfg, generator=generator)
+        ppo_step(policy, optimizer, trajectory, kl_ctl, shaper, cfg.ppo, generator=generator)
         if i > 0:  # the first step warms up allocators and kernels
             seconds.append((made - started, _now(device) - made, decode_steps))
     reward_fn.close()

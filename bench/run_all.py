@@ -71,7 +71,10 @@ def worker(args) -> None:
     from train.config import load_config
     from train.data import build_eval_dataset
     from train.generation import generate_texts
-    from train.ppo_core import Rollout, make_kl_controller, ppo_step
+    from train.distributed import Collectives
+    from train.ppo import ppo_step
+    from train.ppo_core import ScoreShaper, make_kl_controller
+    from train.rollout import forward_trajectory, gather_trajectory
     from train.rouge import compute_rouge
 
     overrides = ["--model.dtype", args.dtype] if args.dtype else []
@@ -121,15 +124,26 @@ def worker(args) -> None:
     prepared, optimizer = accelerator.prepare(policy, optimizer)
     response = torch.randint(2, vocab, (rows, new_tokens + 1), device=device)
     response[:, 0] = policy.config.decoder_start_token_id
-    rollout = Rollout(queries, torch.ones_like(queries), response, torch.ones_like(response), torch.randn(rows, device=device))
-    kl_ctl = make_kl_controller(cfg.ppo)
+    p = cfg.ppo
+    kl_ctl = make_kl_controller(p.init_kl_coef, p.adaptive_kl, p.kl_target, p.kl_horizon)
     generator = torch.Generator().manual_seed(args.seed)
-    step = lambda: ppo_step(prepared, optimizer, rollout, kl_ctl, cfg.ppo, accelerator=accelerator, generator=generator)
+    collectives = Collectives.of(accelerator)
+    timing: dict[str, float] = {}
+
+    def step() -> None:  # what train.ppo does after generation and scoring: forward passes, gather, update
+        started = time.perf_counter()
+        local = forward_trajectory(prepared, queries, torch.ones_like(queries), response, torch.ones_like(response),
+                                   torch.randn(rows, device=device), chunk_size=p.forward_batch_size or p.mini_batch_size // n,
+                                   accelerator=accelerator)
+        trajectory = gather_trajectory(local, collectives, 0)
+        timing["forward"] = time.perf_counter() - started
+        started = time.perf_counter()
+        ppo_step(prepared, optimizer, trajectory, kl_ctl, ScoreShaper(), p, accelerator=accelerator, generator=generator)
+        timing["update"] = time.perf_counter() - started
+
     step()  # warm-up
-    stats: dict[str, float] = {}
-    results["ppo"] = _timed(lambda: stats.update(step()), accelerator)
-    for key in ("forward_pass", "optimize_step", "calc_stats"):  # ppo_step's own per-stage timing
-        results[f"ppo_{key}"] = stats.get(f"time/ppo/{key}", float("nan"))
+    results["ppo"] = _timed(step, accelerator)
+    results["ppo_forward"], results["ppo_update"] = timing["forward"], timing["update"]
 
     # Evaluation: examples/s.
     gen = cfg.eval.generation
@@ -224,9 +238,8 @@ def format_section(args, results: dict[int, dict[str, float]], command: str, mac
     for n in counts:
         r = results[n]
         lines.append("")
-        lines.append(f"PPO step per stage, {n} process{'es' if n > 1 else ''} (main process): forward passes + rewards + "
-                     f"advantages {r['ppo_forward_pass']:.2f} s, "
-                     f"optimisation {r['ppo_optimize_step']:.2f} s, statistics {r['ppo_calc_stats']:.3f} s "
+        lines.append(f"PPO step per stage, {n} process{'es' if n > 1 else ''} (main process): no-grad forward passes "
+                     f"and gather {r['ppo_forward']:.2f} s, rewards + advantages + optimisation {r['ppo_update']:.2f} s "
                      f"(total {r['ppo']:.2f} s).")
     lines.append("")
     lines.append("For s/step lower is better: a ratio above 1 there means 2 processes were slower.")
