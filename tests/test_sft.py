@@ -80,12 +80,12 @@ def test_sft_lowers_validation_loss_and_writes_its_outputs(trained):
 
 
 def test_two_process_run_shards_the_data_and_saves_the_same_adapter_shapes(tiny_artifacts, repo_root, tmp_path, trained):
-    # 32 examples, 4 per process and step, 2 processes: one epoch is exactly 4 steps with no padded batch.
+    # 32 examples, global batches of 8 (4 per process), 2 processes: one epoch is exactly 4 steps.
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file",
         str(repo_root / "accelerate_configs/cpu_2proc.yaml"), "--main_process_port", str(free_port()),
         "-m", "train.sft", *sft_args(repo_root, tiny_artifacts, tmp_path, "--data.max_examples", "32",
-                                     "--sft.batch_size", "4", "--sft.eval_rouge_examples", "3", "--log-example-rows"),
+                                     "--sft.batch_size", "8", "--sft.eval_rouge_examples", "3", "--log-example-rows"),
     ]
     result = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -239,7 +239,7 @@ def test_deepspeed_zero2_on_cpu_trains_checkpoints_and_resumes(tiny_artifacts, r
         "--dynamo_backend", "no", "--use_deepspeed", "--zero_stage", "2", "--num_processes", "2",
         "--main_process_port", str(free_port()), "-m", "train.sft",
     ]
-    args = sft_args(repo_root, tiny_artifacts, tmp_path, "--data.max_examples", "32", "--sft.batch_size", "4",
+    args = sft_args(repo_root, tiny_artifacts, tmp_path, "--data.max_examples", "32", "--sft.batch_size", "8",
                     "--sft.save_every_steps", "3", "--sft.eval_every_steps", "100", "--sft.eval_rouge_examples", "2")
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     first = subprocess.run([*launcher, *args, "--sft.max_steps", "3"], cwd=repo_root, env=env,

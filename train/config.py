@@ -82,7 +82,7 @@ class GenerationSettings:
 class SFTConfig:
     # Defaults follow the reference notebook's adapter training (AdamW, lr 1e-3, one epoch).
     learning_rate: float = 1e-3
-    batch_size: int = 8  # per process
+    batch_size: int = 8  # global: examples per optimisation step (before accumulation) over all processes
     gradient_accumulation_steps: int = 1
     num_epochs: float = 1.0
     max_steps: Optional[int] = None  # overrides num_epochs when set

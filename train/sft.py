@@ -10,6 +10,11 @@ Usage:
 Writes `<output_dir>/sft/`: `checkpoints/checkpoint-<step>/`, `adapter/` (peft `save_pretrained`, safetensors),
 `config.yaml` (resolved config), `metrics.json` and `log.jsonl` (one JSON object per logged step / evaluation).
 `--log-example-rows` also logs which rows of the training set every process consumed at each step.
+
+The global batch: `sft.batch_size` counts examples over all processes (each takes an equal share of every batch;
+the last incomplete batch of an epoch is dropped), and the loss of an optimisation step is the mean over all its
+label tokens on all processes and accumulation steps. So N processes compute the 1-process update on the same
+examples (up to float rounding; tests/test_sft_distributed.py).
 Export a merged model afterwards with `python -m train.merge_adapter`.
 
 Why a short accelerate loop rather than transformers' Seq2SeqTrainer: both get DDP and DeepSpeed ZeRO-2/3 from
@@ -40,29 +45,28 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import DistributedType, gather_object
+from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import DataCollatorForSeq2Seq, get_scheduler
 
-from train.checkpoint import (
-    atomic_checkpoint_dir, capture_rng_state, checkpoint_path, find_resume_checkpoint,
-    prune_checkpoints, restore_rng_state,
-)
+from train.checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
 from train.cli import config_from_cli, run_cli
 from train.config import ExperimentConfig, SFTConfig, save_config
 from train.data import build_eval_dataset, build_sft_datasets
-from train.errors import ConfigError
+from train.distributed import Collectives, configure_deepspeed
+from train.errors import ConfigError, DataError
 from train.generation import generate_texts
 from train.models import apply_lora, load_base_model, load_tokenizer, parameter_report
 from train.preemption import PREEMPTED_EXIT_CODE, StopSignal
 from train.rouge import compute_rouge
+from train.run_log import JsonlLog
 
 log = logging.getLogger("train.sft")
 
 LABEL_PAD = -100  # ignored by the loss
-STATE_FILE = "trainer_state.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+SCHEDULER_FILE = "scheduler.pt"
 
 
 @dataclass
@@ -99,9 +103,13 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         cpu=not torch.cuda.is_available(),
         mixed_precision="bf16" if use_bf16 else "no",
         gradient_accumulation_steps=s.gradient_accumulation_steps,
-        # The same shuffled order on every process (each takes its own batches of it), reproducible per epoch.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+        # The same shuffled order on every process, reproducible per epoch; each batch (global) is split evenly.
+        dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True, data_seed=cfg.seed),
     )
+    collectives = Collectives.of(accelerator)
+    if s.batch_size % accelerator.num_processes:
+        raise ConfigError(f"sft.batch_size ({s.batch_size}) is global and must be a multiple of the number of "
+                          f"processes ({accelerator.num_processes})")
     torch.manual_seed(cfg.seed)
     stop = StopSignal()
     main_process = accelerator.is_main_process
@@ -120,7 +128,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     collate = PaddingCollator(tokenizer)
     # Loaders draw their seeds from their own generators, never from the global RNG that dropout uses: a resumed
     # run starts a new data iterator where the uninterrupted run did not, and must still see the same dropout.
-    train_loader = DataLoader(train_set, batch_size=s.batch_size, shuffle=True, collate_fn=collate,
+    if len(train_set) < s.batch_size:
+        raise DataError(f"only {len(train_set)} SFT training examples for sft.batch_size {s.batch_size}: "
+                        "raise data.max_examples or lower sft.batch_size")
+    # drop_last: every step is a full global batch, split evenly whatever the number of processes.
+    train_loader = DataLoader(train_set, batch_size=s.batch_size, shuffle=True, collate_fn=collate, drop_last=True,
                               generator=torch.Generator().manual_seed(cfg.seed))
     val_loader = DataLoader(datasets["validation"], batch_size=s.batch_size, collate_fn=collate,
                             generator=torch.Generator().manual_seed(cfg.seed))
@@ -135,6 +147,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=s.learning_rate, weight_decay=s.weight_decay
     )
+    configure_deepspeed(accelerator, s.batch_size // accelerator.num_processes, s.gradient_accumulation_steps,
+                        s.max_grad_norm or None)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     steps_per_epoch = math.ceil(len(train_loader) / s.gradient_accumulation_steps)
     total_steps = s.max_steps or max(1, math.ceil(s.num_epochs * steps_per_epoch))
@@ -146,13 +160,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     )
     state = TrainerState(num_processes=accelerator.num_processes)
     if resume_from is not None:
-        state = load_checkpoint(resume_from, accelerator, model, optimizer, scheduler)
-        if main_process:
-            trim_log(sft_dir / "log.jsonl", state.step)
+        state = TrainerState(**load_checkpoint(resume_from, accelerator, model, optimizer))
+        scheduler.load_state_dict(torch.load(resume_from / SCHEDULER_FILE, weights_only=True))
         log.info("resumed from %s at step %d of %d", resume_from, state.step, total_steps)
-    elif main_process:
-        (sft_dir / "log.jsonl").unlink(missing_ok=True)
-    logger = JsonlLog(sft_dir / "log.jsonl", enabled=main_process)
+    logger = JsonlLog(sft_dir / "log.jsonl", main_process, resumed_step=state.step if resume_from else None)
 
     def evaluate() -> dict[str, Any]:
         record = {"step": state.step, "eval/loss": validation_loss(model, val_loader, accelerator)}
@@ -163,47 +174,57 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         state.history.append(record)
         return record
 
-    def save_checkpoint() -> None:
-        write_checkpoint(checkpoint_path(checkpoints, state.step), accelerator, model, optimizer, scheduler, state)
-        if main_process:
-            prune_checkpoints(checkpoints, s.keep_checkpoints)
+    def checkpoint() -> None:
+        def write_weights(directory: Path) -> None:  # the adapter (gathered under ZeRO-3) and the LR schedule
+            save_adapter_weights(model, accelerator, directory)
+            if main_process:
+                torch.save(scheduler.state_dict(), directory / SCHEDULER_FILE)
+
+        save_checkpoint(checkpoints, state.step, accelerator, model, optimizer, asdict(state), write_weights,
+                        s.keep_checkpoints)
 
     # 4. Train: evaluate first (the zero-step baseline), then every eval_every_steps; checkpoint every save_every_steps.
     if state.step == 0 and not state.history:
         state.best_eval_loss = evaluate()["eval/loss"]
     model.train()
     progress = tqdm(total=total_steps, initial=state.step, desc="sft", disable=not main_process, unit="step")
-    loss_sum = torch.zeros(2, device=accelerator.device)  # (summed loss, batches) since the last log line
-    step_rows: list[torch.Tensor] = []
+    loss_sum = torch.zeros(2, dtype=torch.float64)  # (summed token loss, tokens) since the last log line
+    step_rows: list[list[list[int]]] = []
     stopped_early = preempted = False
     started, start_step = time.perf_counter(), state.step
     while state.step < total_steps and not (stopped_early or preempted):
         train_loader.set_epoch(state.epoch)
         batches = accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
-        for batch in batches:
-            rows = batch.pop("row")
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and s.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), s.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
-            state.batches_in_epoch += 1
-            loss_sum += torch.stack([loss.detach().float(), torch.ones((), device=loss.device)])
-            if args.log_example_rows:
-                step_rows.append(accelerator.gather(rows).view(accelerator.num_processes, -1))
-            if not accelerator.sync_gradients:
-                continue  # still accumulating gradients for this step
+        for window in accumulation_windows(batches, s.gradient_accumulation_steps):
+            # The step's loss is the mean over the label tokens of all its batches on all processes.
+            local_tokens = torch.stack([(b["labels"] != LABEL_PAD).sum() for b in window]).sum()
+            tokens = collectives.all_reduce_sum(local_tokens)
+            for batch in window:
+                rows = batch.pop("row")
+                with accelerator.accumulate(model):
+                    nll = summed_token_loss(model, batch)
+                    # DDP/DeepSpeed average gradients over processes and accelerate divides by the accumulation
+                    # steps: the two factors undo that, so the gradient is that of the global token mean.
+                    accelerator.backward(nll * collectives.world_size * s.gradient_accumulation_steps / tokens.float())
+                    if accelerator.sync_gradients and s.max_grad_norm:
+                        accelerator.clip_grad_norm_(model.parameters(), s.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad()
+                state.batches_in_epoch += 1
+                loss_sum[0] += nll.detach().double().cpu()
+                if args.log_example_rows:
+                    step_rows.append([t.tolist() for t in collectives.all_gather(rows)])
+            loss_sum[1] += local_tokens.double().cpu()
             scheduler.step()
             state.step += 1
             progress.update(1)
 
-            if args.log_example_rows:
-                logger.write({"step": state.step, "data/rows_by_rank": torch.cat(step_rows, dim=1).tolist()})
+            if args.log_example_rows:  # per process, the rows of every batch of this step
+                logger.write({"step": state.step,
+                              "data/rows_by_rank": [sum((b[r] for b in step_rows), []) for r in range(collectives.world_size)]})
                 step_rows = []
             if state.step % s.log_every_steps == 0 or state.step == total_steps:
-                total = accelerator.reduce(loss_sum, reduction="sum")
+                total = collectives.all_reduce_sum(loss_sum)
                 logger.write({"step": state.step, "train/loss": (total[0] / total[1]).item(),
                               "train/lr": scheduler.get_last_lr()[0], "train/epoch": state.epoch})
                 loss_sum.zero_()
@@ -212,7 +233,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                 model.train()
             preempted = stop.should_stop(accelerator)
             if state.step % s.save_every_steps == 0 or state.step == total_steps or stopped_early or preempted:
-                save_checkpoint()
+                checkpoint()
             if state.step >= total_steps or stopped_early or preempted:
                 break
         else:  # the epoch ran to its end
@@ -289,7 +310,25 @@ def update_early_stopping(state: TrainerState, eval_loss: float, patience: Optio
 
 
 # ----------------------------------------------------------------------------------------------------
-# Data
+# Data and loss
+
+
+def accumulation_windows(batches, size: int):
+    """The batches of one optimisation step at a time (`size` of them; fewer at the end of an epoch)."""
+    window = []
+    for batch in batches:
+        window.append(batch)
+        if len(window) == size:
+            yield window
+            window = []
+    if window:
+        yield window
+
+
+def summed_token_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy summed over the label tokens of `batch` (the model's own loss is their mean)."""
+    logits = model(**batch).logits
+    return F.cross_entropy(logits.float().transpose(1, 2), batch["labels"], ignore_index=LABEL_PAD, reduction="sum")
 
 
 class PaddingCollator:
@@ -348,44 +387,6 @@ def validation_rouge(model, tokenizer, examples, cfg: ExperimentConfig, accelera
 # Checkpoints and outputs
 
 
-def write_checkpoint(path: Path, accelerator: Accelerator, model, optimizer, scheduler, state: TrainerState) -> None:
-    """Adapter weights, optimizer, scheduler, per-process RNG and the trainer state, atomically.
-
-    Under DeepSpeed the optimizer state is partitioned across processes, so its engine saves it (trainable
-    parameters only); otherwise the main process saves the (replicated) optimizer state with torch.save.
-    """
-    with atomic_checkpoint_dir(path, accelerator.is_main_process) as tmp:
-        accelerator.wait_for_everyone()  # the main process has created `tmp`
-        save_adapter_weights(model, accelerator, tmp)
-        if accelerator.distributed_type == DistributedType.DEEPSPEED:
-            model.save_checkpoint(str(tmp / "deepspeed"), exclude_frozen_parameters=True)
-        elif accelerator.is_main_process:
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        if accelerator.is_main_process:
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
-        torch.save(capture_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
-        accelerator.wait_for_everyone()  # all writes are done before the directory is renamed into place
-
-
-def load_checkpoint(path: Path, accelerator: Accelerator, model, optimizer, scheduler) -> TrainerState:
-    """Restore what `write_checkpoint` saved (the adapter weights were loaded with the model)."""
-    state = TrainerState(**json.loads((path / STATE_FILE).read_text()))
-    if state.num_processes != accelerator.num_processes:
-        raise ConfigError(
-            f"{path} was written by {state.num_processes} process(es) but this run has {accelerator.num_processes}: "
-            "the data position is per process, so resume with the same number of processes"
-        )
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        model.load_checkpoint(str(path / "deepspeed"), load_module_strict=False, load_lr_scheduler_states=False)
-    else:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    # Our own file, holding Python/NumPy RNG tuples that the weights-only unpickler does not accept.
-    restore_rng_state(torch.load(path / f"rng-{accelerator.process_index}.pt", weights_only=False))
-    return state
-
-
 def save_adapter_weights(model, accelerator: Accelerator, directory: Path) -> None:
     """peft `save_pretrained` (adapter_model.safetensors + adapter_config.json) from the main process.
 
@@ -408,25 +409,6 @@ def save_adapter(model, accelerator: Accelerator, directory: Path) -> None:
     if accelerator.is_main_process:
         shutil.rmtree(directory, ignore_errors=True)
         os.replace(tmp, directory)
-
-
-class JsonlLog:
-    """Appends one JSON object per line (main process only)."""
-
-    def __init__(self, path: Path, enabled: bool):
-        self.path, self.enabled = path, enabled
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-
-def trim_log(path: Path, step: int) -> None:
-    """Drop log lines after `step`: a resumed run repeats the steps the killed run did after its checkpoint."""
-    if path.is_file():
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        path.write_text("".join(ln + "\n" for ln in lines))
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
