@@ -28,7 +28,7 @@ from rewards.scorer import RewardScores
 from train.config import load_config
 from train.errors import ConfigError
 from train.rollout import PromptStream, generate_responses, score_responses
-from helpers import free_port
+from helpers import BACKENDS, copy_checkpoint, free_port, launcher
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 300
@@ -219,68 +219,63 @@ def test_ppo_raises_the_reward_on_the_tiny_default(tmp_path, tiny_artifacts):
     assert after > before + 0.5, (before, after)
 
 
-ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
-              "--dynamo_backend", "no"]
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_two_processes_shard_train_in_step_and_resume_exactly(tmp_path, tiny_artifacts, backend):
+    # deepspeed is in the dev extra: a missing install fails here rather than skipping.
+    assert importlib.util.find_spec("deepspeed"), "deepspeed is not installed: pip install -e '.[dev]'"
+    straight, resumed, debug = tmp_path / "straight", tmp_path / "resumed", tmp_path / "debug"
+    steps = 4
+    common = ["--ppo.steps", str(steps), "--ppo.batch_size", "8", "--ppo.mini_batch_size", "4",
+              "--ppo.learning_rate", "1e-3", "--ppo.save_every_steps", "2"]
+    start = []
+    if backend == "zero3":
+        # ZeRO-3 also adapts lm_head (its frozen base weight is sharded there and must not end up in the adapter),
+        # and runs the KL reference as a frozen second adapter, partitioned like the rest.
+        sft = _sft_like_adapter(tiny_artifacts, tmp_path / "sft", "q,v,lm_head")
+        start = ["--lora.target_modules", "q,v,lm_head", "--model.adapter", str(sft), "--ppo.reference", "initial_adapter"]
+    env = run_env(DS_ACCELERATOR="cpu")
+    run_ppo(tiny_args(tiny_artifacts, straight, *common, *start), launcher=launcher(backend),
+            env={**env, "DETOX_PPO_DEBUG_DIR": str(debug)})
 
-
-def test_two_processes_shard_the_batch_and_keep_identical_weights(tmp_path, tiny_artifacts):
-    debug = tmp_path / "debug"
-    launcher = ACCELERATE + ["--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_port())]
-    steps = 3
-    run_ppo(tiny_args(tiny_artifacts, tmp_path / "run", "--ppo.steps", str(steps), "--ppo.batch_size", "8",
-                      "--ppo.mini_batch_size", "4", "--ppo.learning_rate", "1e-3"),
-            launcher=launcher, env=run_env(DETOX_PPO_DEBUG_DIR=str(debug)))
+    # Two processes with their own prompts, kept in step: the same weights on both after every step.
     ranks = [debug_records(debug, r) for r in range(2)]
     assert [len(r) for r in ranks] == [steps, steps]
     seen = set()
-    for step in range(steps):
-        a, b = ranks[0][step], ranks[1][step]
-        assert a["step"] == b["step"] == step + 1
+    for step, (a, b) in enumerate(zip(*ranks), 1):
+        assert a["step"] == b["step"] == step
         assert len(a["prompt_ids"]) == len(b["prompt_ids"]) == 4  # 8 global rollouts, 4 per process
         assert not set(a["prompt_ids"]) & set(b["prompt_ids"])
         assert not seen & set(a["prompt_ids"] + b["prompt_ids"])  # fresh prompts every step
         seen |= set(a["prompt_ids"] + b["prompt_ids"])
-        assert a["params_sha256"] == b["params_sha256"], f"weights differ between ranks after step {step + 1}"
+        assert a["params_sha256"] == b["params_sha256"], f"weights differ between ranks after step {step}"
     assert len({r["params_sha256"] for r in ranks[0]}) == steps  # the weights changed every step
-    assert len(read_log(tmp_path / "run")) == steps  # the main process alone writes the log
-
-
-@pytest.mark.parametrize("zero_stage", [2, 3])
-def test_deepspeed_on_cpu_trains_sharded_with_identical_weights(tmp_path, tiny_artifacts, zero_stage):
-    # deepspeed is in the dev extra: a missing install fails here rather than skipping.
-    assert importlib.util.find_spec("deepspeed"), "deepspeed is not installed: pip install -e '.[dev]'"
-    out, debug = tmp_path / "run", tmp_path / "debug"
-    launcher = ACCELERATE + ["--use_deepspeed", "--zero_stage", str(zero_stage), "--num_processes", "2",
-                             "--main_process_port", str(free_port())]
-    # ZeRO-3 also adapts lm_head: its frozen base weight is sharded there and must not end up in the adapter.
-    targets = "q,v,lm_head" if zero_stage == 3 else "q,v"
-    start = []
-    if zero_stage == 3:  # ZeRO-3 also runs the KL reference as a frozen second adapter, partitioned like the rest
-        sft = _sft_like_adapter(tiny_artifacts, tmp_path / "sft", targets)
-        start = ["--model.adapter", str(sft), "--ppo.reference", "initial_adapter"]
-    run_ppo(tiny_args(tiny_artifacts, out, "--ppo.steps", "2", "--ppo.batch_size", "8", "--ppo.mini_batch_size", "4",
-                      "--ppo.learning_rate", "1e-3", "--ppo.save_every_steps", "2", "--lora.target_modules", targets,
-                      *start),
-            launcher=launcher, env=run_env(DS_ACCELERATOR="cpu", DETOX_PPO_DEBUG_DIR=str(debug)))
-    log = read_log(out)
-    assert len(log) == 2
-    if zero_stage == 3:
+    log = read_log(straight)
+    assert [r["step"] for r in log] == list(range(1, steps + 1))  # the main process alone writes the log
+    if backend == "zero3":
         assert abs(log[0]["objective/kl"]) < 1e-4 < abs(log[1]["objective/kl"])  # anchored to the starting adapter
-    ranks = [debug_records(debug, r) for r in range(2)]
-    assert [len(r) for r in ranks] == [2, 2]
-    for a, b in zip(*ranks):  # really two processes with their own prompts, kept in step by DeepSpeed
-        assert len(a["prompt_ids"]) == 4 and not set(a["prompt_ids"]) & set(b["prompt_ids"])
-        assert a["params_sha256"] == b["params_sha256"]
     # The saved adapter is whole (under ZeRO-3 the shards are gathered) and trained: it moved from where it started
     # (LoRA B = 0 for a fresh adapter).
-    trained = adapter_tensors(out / "ppo" / "adapter")
+    trained = adapter_tensors(straight / "ppo" / "adapter")
     initial = adapter_tensors(sft) if start else {k: torch.zeros_like(v) for k, v in trained.items() if "lora_B" in k}
     lora_b = [k for k in trained if "lora_B" in k]
     assert lora_b and all(v.numel() > 0 for v in trained.values())
     assert not any("base_layer" in k or ".reference." in k for k in trained)  # no frozen weights in the adapter
     assert any(not torch.equal(trained[k], initial[k]) for k in lora_b)
-    checkpoint = out / "ppo" / "checkpoints" / "checkpoint-2"
-    assert (checkpoint / "deepspeed").is_dir() and (checkpoint / "rng-rank1.pt").is_file()
+    checkpoint = straight / "ppo" / "checkpoints" / "checkpoint-2"
+    deepspeed_state = (checkpoint / "deepspeed").is_dir()
+    assert deepspeed_state == backend.startswith("zero") and (checkpoint / "rng-rank1.pt").is_file()
+
+    # Killed right after the step-2 checkpoint, resumed: the same adapter, bit for bit (bf16 included: the fp32
+    # master weights come from the checkpoint), and the same logged steps.
+    copy_checkpoint(straight, "ppo", 2, resumed)
+    run_ppo(tiny_args(tiny_artifacts, resumed, *common, *start, "--resume"), launcher=launcher(backend), env=env)
+    got = adapter_tensors(resumed / "ppo" / "adapter")
+    assert got.keys() == trained.keys()
+    for name in trained:
+        assert torch.equal(got[name], trained[name]), name
+    for a, b in zip(read_log(straight)[2:], read_log(resumed), strict=True):
+        assert a["step"] == b["step"] and a["env/reward_mean"] == b["env/reward_mean"]
+        assert a["objective/kl"] == b["objective/kl"]
 
 
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_artifacts):

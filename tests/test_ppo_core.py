@@ -13,10 +13,11 @@ import torch
 
 from train.config import PPOConfig, load_config
 from train.errors import ConfigError
-from train.ppo import check_batch_sizes, ppo_step
+from train.ppo import ppo_step
 from train.ppo_core import (
     AdaptiveKLController,
     FixedKLController,
+    check_batch_sizes,
     ScoreShaper,
     Trajectory,
     clip_by_value,
@@ -426,11 +427,10 @@ def test_ppo_step_with_accelerator_and_accumulation_matches_plain_loop(tiny_arti
 
 
 def test_batch_sizes_that_do_not_split_are_one_clear_error():
-    cfg = PPOConfig(batch_size=8, mini_batch_size=4)
-    check_batch_sizes(cfg, 2, rows=8)  # two processes: 4 rows each, mini-batch shares of 2
+    check_batch_sizes(8, 4, 1, processes=2, rows=8)  # two processes: mini-batch shares of 2 rows
     with pytest.raises(ConfigError, match="trajectory has 4 rows but ppo.batch_size is 8"):
-        check_batch_sizes(cfg, 1, rows=4)
+        check_batch_sizes(8, 4, 1, processes=1, rows=4)
     with pytest.raises(ConfigError, match="multiples of the number of processes"):
-        check_batch_sizes(cfg, 3)
+        check_batch_sizes(8, 4, 1, processes=3)
     with pytest.raises(ConfigError, match="mini_batch_size .4. x ppo.gradient_accumulation_steps .3."):
-        check_batch_sizes(PPOConfig(batch_size=8, mini_batch_size=4, gradient_accumulation_steps=3), 1)
+        check_batch_sizes(8, 4, 3, processes=1)

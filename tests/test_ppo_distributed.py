@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import free_port
+from helpers import launcher
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKER = REPO_ROOT / "tests" / "ppo_update_worker.py"
@@ -49,10 +48,7 @@ def references(tiny_artifacts, tmp_path_factory):
 
 
 def _launch(tiny, out: Path, backend: str, processes: int, accumulation: int, max_grad_norm) -> None:
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
-                "--dynamo_backend", "no", "--num_processes", str(processes), "--main_process_port", str(free_port())]
-    launcher += ["--multi_gpu"] if backend == "ddp" else ["--use_deepspeed", "--zero_stage", backend[-1]]
-    command = [*launcher, str(WORKER), "--t5", str(tiny.t5), "--out", str(out), "--accumulation", str(accumulation)]
+    command = [*launcher(backend, processes), str(WORKER), "--t5", str(tiny.t5), "--out", str(out), "--accumulation", str(accumulation)]
     if max_grad_norm is not None:
         command += ["--max-grad-norm", str(max_grad_norm)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}

@@ -25,7 +25,7 @@ from train.data import build_eval_dataset
 from train.merge_adapter import merge_adapter
 from train.models import apply_lora, load_base_model
 from train.preemption import PREEMPTED_EXIT_CODE
-from helpers import free_port
+from helpers import BACKENDS, copy_checkpoint, free_port, launcher
 
 ADAPTER_FILE = "adapter/adapter_model.safetensors"
 # A loss drop this large cannot be noise: validation loss is computed in eval mode (no dropout) on fixed data,
@@ -231,26 +231,29 @@ def test_compare_reports_zero_shot_and_sft_on_the_same_examples(tiny_artifacts, 
     assert "| zero-shot | 5 |" in table and "| sft | 5 |" in table
 
 
-def test_deepspeed_zero2_on_cpu_trains_checkpoints_and_resumes(tiny_artifacts, repo_root, tmp_path):
-    """The DeepSpeed path (accelerate --use_deepspeed, ZeRO-2) on CPU: stop after a checkpoint, resume, finish."""
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_two_process_runs_checkpoint_and_resume_exactly(tiny_artifacts, repo_root, tmp_path, backend):
+    """DDP and DeepSpeed (ZeRO-2 in fp32 and bf16, ZeRO-3) on CPU: a run killed after its step-2 checkpoint and
+    resumed ends with the same adapter, bit for bit, as the uninterrupted run."""
     assert importlib.util.find_spec("deepspeed"), "deepspeed is not installed: pip install -e '.[dev]'"
-    launcher = [
-        sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
-        "--dynamo_backend", "no", "--use_deepspeed", "--zero_stage", "2", "--num_processes", "2",
-        "--main_process_port", str(free_port()), "-m", "train.sft",
-    ]
-    args = sft_args(repo_root, tiny_artifacts, tmp_path, "--data.max_examples", "32", "--sft.batch_size", "8",
-                    "--sft.save_every_steps", "3", "--sft.eval_every_steps", "100", "--sft.eval_rouge_examples", "2")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    args = ["--data.max_examples", "32", "--sft.batch_size", "8", "--sft.max_steps", "4", "--sft.save_every_steps", "2",
+            "--sft.eval_every_steps", "100", "--sft.eval_rouge_examples", "2"]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    first = subprocess.run([*launcher, *args, "--sft.max_steps", "3"], cwd=repo_root, env=env,
-                           capture_output=True, text=True, timeout=300)
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert (tmp_path / "sft/checkpoints/checkpoint-3").is_dir()
-    resumed = subprocess.run([*launcher, *args, "--sft.max_steps", "6", "--resume"], cwd=repo_root, env=env,
-                             capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    metrics = json.loads((tmp_path / "sft/metrics.json").read_text())
-    assert metrics["steps"] == 6 and metrics["num_processes"] == 2
-    logged_steps = [r["step"] for r in read_jsonl(tmp_path / "sft/log.jsonl") if "train/loss" in r]
+    for out, extra in ((straight, []), (resumed, ["--resume"])):
+        if extra:
+            copy_checkpoint(straight, "sft", 2, resumed)
+        proc = subprocess.run([*launcher(backend), "-m", "train.sft", *sft_args(repo_root, tiny_artifacts, out, *args),
+                               *extra], cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        metrics = json.loads((out / "sft/metrics.json").read_text())
+        assert metrics["steps"] == 4 and metrics["num_processes"] == 2
+    assert "resumed from" in proc.stderr
+    assert (straight / "sft/checkpoints/checkpoint-2/deepspeed").is_dir() == backend.startswith("zero")
+    logged_steps = [r["step"] for r in read_jsonl(resumed / "sft/log.jsonl") if "train/loss" in r]
     assert len(logged_steps) == len(set(logged_steps))  # resume did not repeat steps
-    assert any(t.abs().sum() > 0 for name, t in adapter_tensors(tmp_path).items() if "lora_B" in name)
+    expected, got = adapter_tensors(straight), adapter_tensors(resumed)
+    assert any(t.abs().sum() > 0 for name, t in expected.items() if "lora_B" in name)  # trained
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name

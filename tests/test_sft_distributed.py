@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import free_port
+from helpers import launcher
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-5
@@ -45,16 +45,10 @@ def _args(tiny, t5: Path, out: Path, accumulation: int) -> list[str]:
 
 
 def _run(tiny, t5: Path, out: Path, backend: str, processes: int, accumulation: int) -> subprocess.CompletedProcess:
-    if processes == 1:
-        launcher = [sys.executable]
-    else:
-        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision",
-                    "no", "--dynamo_backend", "no", "--num_processes", str(processes), "--main_process_port",
-                    str(free_port())]
-        launcher += ["--multi_gpu"] if backend == "ddp" else ["--use_deepspeed", "--zero_stage", backend[-1]]
+    command = [sys.executable] if processes == 1 else launcher(backend, processes)
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
     env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run([*launcher, "-m", "train.sft", *_args(tiny, t5, out, accumulation)], cwd=REPO_ROOT, env=env,
+    proc = subprocess.run([*command, "-m", "train.sft", *_args(tiny, t5, out, accumulation)], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc

@@ -83,6 +83,25 @@ def gathered_trainable(accelerator: Any, model: Any) -> Iterator[None]:
         yield
 
 
+class PlainAccumulation:
+    """What a training loop uses of an Accelerator for gradient accumulation, for one process without one."""
+
+    def __init__(self, steps: int):
+        self.steps, self.micro_steps, self.sync_gradients = steps, 0, True
+
+    @contextmanager
+    def accumulate(self, model: Any) -> Iterator[None]:
+        self.micro_steps += 1
+        self.sync_gradients = self.micro_steps % self.steps == 0
+        yield
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.steps).backward()
+
+    def clip_grad_norm_(self, parameters: Any, max_norm: float) -> torch.Tensor:
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+
+
 @dataclass
 class Collectives:
     """The collectives of one process group, each on `device` (the accelerator's), with results on the caller's
@@ -91,12 +110,13 @@ class Collectives:
     rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
+    accelerator: Any = None  # for gather_for_metrics, which needs to know the dataloader's padding
 
     @classmethod
     def of(cls, accelerator: Any = None) -> "Collectives":
         if accelerator is None or accelerator.num_processes == 1:
-            return cls()
-        return cls(accelerator.process_index, accelerator.num_processes, torch.device(accelerator.device))
+            return cls(accelerator=accelerator)
+        return cls(accelerator.process_index, accelerator.num_processes, torch.device(accelerator.device), accelerator)
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """The element-wise sum over processes."""
@@ -116,6 +136,13 @@ class Collectives:
         parts = [torch.empty_like(local) for _ in range(self.world_size)]
         torch.distributed.all_gather(parts, local)
         return [p.to(tensor.device) for p in parts]
+
+    def gather_for_metrics(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Every process's rows of a batch from a prepared dataloader, without the rows accelerate repeated to
+        even out the last batch."""
+        if self.accelerator is None:
+            return tensors
+        return tuple(self.accelerator.gather_for_metrics(tuple(t.to(self.device) for t in tensors)))
 
     def gather_rows(self, tensor: torch.Tensor, pad_value: float = 0) -> torch.Tensor:
         """Concatenate every process's (n, ...) tensor along dim 0 in rank order (equal n); trailing dimensions may

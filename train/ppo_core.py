@@ -45,6 +45,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from train.errors import ConfigError
+
 AllReduceSum = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor over the processes (identity on one)
 
 # ----------------------------------------------------------------------------------------------------
@@ -95,6 +97,19 @@ def _used_width(mask: torch.Tensor, minimum: int) -> int:
     """1 + the last column holding a real token in any row (at least `minimum`)."""
     used = torch.nonzero(mask.any(dim=0)).flatten()
     return max(int(used.max()) + 1 if len(used) else 0, minimum)
+
+
+def check_batch_sizes(batch_size: int, mini_batch_size: int, accumulation: int, processes: int,
+                      rows: Optional[int] = None) -> None:
+    """One clear error for global batch sizes that do not split evenly over mini-batches and processes."""
+    if batch_size % processes or mini_batch_size % processes:
+        raise ConfigError(f"ppo.batch_size ({batch_size}) and ppo.mini_batch_size ({mini_batch_size}) are global "
+                          f"and must be multiples of the number of processes ({processes})")
+    if batch_size % (mini_batch_size * accumulation):
+        raise ConfigError(f"ppo.batch_size ({batch_size}) must be a multiple of ppo.mini_batch_size "
+                          f"({mini_batch_size}) x ppo.gradient_accumulation_steps ({accumulation})")
+    if rows is not None and rows != batch_size:
+        raise ConfigError(f"the trajectory has {rows} rows but ppo.batch_size is {batch_size} (global)")
 
 
 def response_mask_from_ids(response_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:

@@ -13,6 +13,8 @@ from typing import Iterable, Optional
 
 import torch
 
+from train.distributed import Collectives
+
 log = logging.getLogger(__name__)
 
 # Exit status of a run that stopped on a signal after checkpointing; SLURM templates requeue on it.
@@ -34,9 +36,7 @@ class StopSignal:
     def should_stop(self, accelerator=None) -> bool:
         """True on every process as soon as any process received a signal."""
         flag = torch.tensor([1.0 if self.received is not None else 0.0])
-        if accelerator is not None and accelerator.num_processes > 1:
-            flag = accelerator.reduce(flag.to(accelerator.device), reduction="max").cpu()
-        return bool(flag.item() > 0)
+        return bool(Collectives.of(accelerator).all_reduce_sum(flag).item() > 0)
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

@@ -22,6 +22,7 @@ Shapes: B = rows on this process, Q = prompt length, R = decoder length (start t
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from contextlib import contextmanager
@@ -38,6 +39,8 @@ from train.distributed import Collectives, zero_stage
 from train.errors import ConfigError, DataError
 from train.generation import generation_kwargs
 from train.ppo_core import Trajectory, logprobs_from_logits, response_loss_mask, response_mask_from_ids
+
+log = logging.getLogger("train.ppo")
 
 
 @dataclass
@@ -312,6 +315,12 @@ def make_experience(
         time_forward=time.perf_counter() - started,
     )
     return trajectory, info
+
+
+def log_samples(step: int, trajectory: Trajectory, info: RolloutInfo, count: int = 2) -> None:
+    for i in range(min(count, len(info.summaries))):
+        log.info("step %d sample %s: reward %.3f, toxicity %.3f: %r", step, info.prompt_ids[i],
+                 trajectory.scores[i].item(), info.toxicity[i].item(), info.summaries[i][:200])
 
 
 def rollout_stats(trajectory: Trajectory, info: RolloutInfo, collectives: Collectives) -> dict[str, float]:

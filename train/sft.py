@@ -35,7 +35,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -50,11 +49,11 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import DataCollatorForSeq2Seq, get_scheduler
 
-from train.checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
+from train.checkpoint import find_resume_checkpoint, load_checkpoint, save_atomically, save_checkpoint
 from train.cli import config_from_cli, run_cli
 from train.config import ExperimentConfig, SFTConfig, save_config
 from train.data import build_eval_dataset, build_sft_datasets
-from train.distributed import Collectives, configure_deepspeed
+from train.distributed import Collectives, configure_deepspeed, fix_deepspeed_cpu_ranks, gathered_trainable, use_cpu
 from train.errors import ConfigError, DataError
 from train.generation import generate_texts
 from train.models import apply_lora, load_base_model, load_tokenizer, parameter_report
@@ -100,12 +99,13 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
     use_bf16 = torch.cuda.is_available() and cfg.model.dtype == "bfloat16"
     accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),
+        cpu=use_cpu(),
         mixed_precision="bf16" if use_bf16 else "no",
         gradient_accumulation_steps=s.gradient_accumulation_steps,
         # The same shuffled order on every process, reproducible per epoch; each batch (global) is split evenly.
         dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True, data_seed=cfg.seed),
     )
+    fix_deepspeed_cpu_ranks(accelerator)
     collectives = Collectives.of(accelerator)
     if s.batch_size % accelerator.num_processes:
         raise ConfigError(f"sft.batch_size ({s.batch_size}) is global and must be a multiple of the number of "
@@ -360,7 +360,7 @@ def validation_loss(model, loader: DataLoader, accelerator: Accelerator) -> floa
         labels = batch["labels"]
         nll = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=LABEL_PAD, reduction="none").sum(1)
         tokens = (labels != LABEL_PAD).sum(1)
-        nll, tokens = accelerator.gather_for_metrics((nll, tokens))  # drops the padding of an uneven last batch
+        nll, tokens = Collectives.of(accelerator).gather_for_metrics(nll, tokens)  # without an uneven batch's padding
         nll_total += nll.sum().item()
         tokens_total += tokens.sum().item()
     return nll_total / max(tokens_total, 1)
@@ -388,27 +388,21 @@ def validation_rouge(model, tokenizer, examples, cfg: ExperimentConfig, accelera
 
 
 def save_adapter_weights(model, accelerator: Accelerator, directory: Path) -> None:
-    """peft `save_pretrained` (adapter_model.safetensors + adapter_config.json) from the main process.
-
-    `get_state_dict` runs on every process: under ZeRO-3 it gathers the partitioned weights.
-    """
-    state_dict = accelerator.get_state_dict(model)
-    if accelerator.is_main_process:
-        # Frozen base embeddings/head are not adapter weights (see train.models.save_policy).
-        accelerator.unwrap_model(model).save_pretrained(
-            str(directory), state_dict=state_dict, safe_serialization=True, save_embedding_layers=False
-        )
+    """peft `save_pretrained` (adapter_model.safetensors + adapter_config.json) from the main process. Every
+    process must call it: under ZeRO-3 the trainable weights are gathered first."""
+    with gathered_trainable(accelerator, model):
+        if accelerator.is_main_process:
+            # Frozen base embeddings/head are not adapter weights (see train.models.save_policy).
+            accelerator.unwrap_model(model).save_pretrained(str(directory), safe_serialization=True,
+                                                            save_embedding_layers=False)
 
 
 def save_adapter(model, accelerator: Accelerator, directory: Path) -> None:
     """The final adapter, written next to `directory` and renamed into place."""
-    tmp = directory.with_name(f".tmp-{directory.name}")
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    save_adapter_weights(model, accelerator, tmp)
-    if accelerator.is_main_process:
-        shutil.rmtree(directory, ignore_errors=True)
-        os.replace(tmp, directory)
+    with gathered_trainable(accelerator, model):
+        if accelerator.is_main_process:
+            save_atomically(directory, lambda tmp: accelerator.unwrap_model(model).save_pretrained(
+                str(tmp), safe_serialization=True, save_embedding_layers=False))
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

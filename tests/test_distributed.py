@@ -1,0 +1,80 @@
+"""train/distributed.py: every collective of ours runs on the process's own device, and none bypasses `Collectives`.
+
+On CPU, tests run with gloo, which accepts CPU tensors that NCCL would reject, so a test cannot catch a misplaced
+tensor by running a collective. Instead: (1) `Collectives` is shown to move what it is given to its device (a
+"meta" device here, which no caller's tensor is on), and (2) no other module of ours calls a tensor collective.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+
+from rewards.classifier import resolve_device
+from train.distributed import Collectives
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# Tensor collectives of torch.distributed and accelerate; object collectives (gather_object) pickle and place
+# their own tensors.
+TENSOR_COLLECTIVES = {"all_reduce", "all_gather", "all_gather_into_tensor", "reduce", "reduce_scatter", "broadcast",
+                      "gather", "scatter", "all_to_all", "gather_for_metrics", "pad_across_processes"}
+
+
+class _Recorded(Exception):
+    pass
+
+
+def test_collectives_move_tensors_to_the_process_device(monkeypatch):
+    seen = []
+
+    def record(*args, **kwargs):
+        tensor = args[1] if isinstance(args[0], list) else args[0]  # all_gather(parts, tensor) / all_reduce(tensor)
+        seen.append(tensor.device)
+        raise _Recorded
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", record)
+    monkeypatch.setattr(torch.distributed, "all_gather", record)
+    collectives = Collectives(rank=0, world_size=2, device=torch.device("meta"))
+    for call in (collectives.all_reduce_sum, collectives.all_gather, collectives.gather_rows):
+        with pytest.raises(_Recorded):
+            call(torch.ones(3))  # a CPU tensor
+    assert seen == [torch.device("meta")] * 3
+
+
+def test_one_process_needs_no_process_group():
+    collectives = Collectives()
+    x = torch.arange(6.0).view(2, 3)
+    assert collectives.all_reduce_sum(x) is x and collectives.all_gather(x) == [x] and collectives.gather_rows(x) is x
+
+
+def _collective_calls(path: Path) -> list[str]:
+    calls = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in TENSOR_COLLECTIVES:
+            owner = ast.unparse(node.func.value)
+            if owner.endswith(("distributed", "dist", "accelerator")) or owner.startswith("accelerator"):
+                calls.append(f"{path.relative_to(REPO_ROOT)}:{node.lineno}: {ast.unparse(node.func)}")
+    return calls
+
+
+def test_no_module_calls_a_tensor_collective_except_through_collectives():
+    sources = [p for d in ("train", "rewards", "eval") for p in (REPO_ROOT / d).rglob("*.py")]
+    assert len(sources) > 20
+    offending = [c for p in sources if p.name != "distributed.py" or p.parent.name != "train" for c in _collective_calls(p)]
+    assert offending == []
+    assert len(_collective_calls(REPO_ROOT / "train" / "distributed.py")) >= 3  # the scan does see collectives
+
+
+def test_reward_device_auto_is_this_process_s_own_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert resolve_device("auto") == torch.device("cuda:3")
+    monkeypatch.delenv("LOCAL_RANK")
+    assert resolve_device("auto") == torch.device("cuda:0")  # one process, no launcher
+    assert resolve_device("cuda:1") == torch.device("cuda:1")  # explicit devices are kept
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
