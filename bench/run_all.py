@@ -9,8 +9,8 @@ N > 1, with `Accelerator(cpu=True)` on the CPU) that splits the same global work
   * rollout generation: `ppo.batch_size` prompts, sampled with `min_new_tokens = max_new_tokens` so every row
     makes exactly the same number of tokens (random-weight models would otherwise stop anywhere); tokens/s;
   * reward scoring: texts from the tiny toxicity set through `rewards.scorer.RewardScorer`; texts/s;
-  * PPO update: one `train.ppo_core.ppo_step` on a synthetic rollout of the configured batch (timed per stage
-    as ppo_step reports it), after one warm-up step; seconds per step;
+  * PPO update: the no-grad forward passes and one `train.ppo.ppo_step` on a synthetic rollout of the configured
+    batch (timed in those two parts), after one warm-up step; seconds per step;
   * evaluation: greedy generation (`eval.generation` settings) + reward scoring + ROUGE of test examples
     (tiny model, real tokenizer); with `--model-size base` (random weights, no matching tokenizer) only the
     greedy generation of token-id prompts; examples/s.

@@ -5,7 +5,7 @@
     python slurm/launch_helpers.py wait-health http://127.0.0.1:8500/health --timeout 600 --pid 1234
 
 `plan` reads the experiment config exactly as the training script will (train.config.load_config: recipe, then
-overrides), checks what can be checked before any model is loaded (e.g. PPO's global batch sizes against the
+overrides), checks what can be checked before any model is loaded (e.g. the global batch sizes against the
 number of processes) and prints shell assignments (`KEY='value'`) for the template to `eval`. User errors print
 one line and exit with status 2.
 """
@@ -65,9 +65,14 @@ def split_stage_args(stage_args: Sequence[str]) -> tuple[str, list[str]]:
 
 
 def check_processes(cfg: ExperimentConfig, stage: str, num_processes: int) -> None:
-    """PPO's batch sizes are global and split evenly across processes; fail now rather than after model loading."""
+    """SFT's and PPO's batch sizes are global and split evenly across processes; fail now rather than after model
+    loading."""
     if num_processes < 1:
         raise LaunchError(f"no training processes: got {num_processes} (are there GPUs left after the reward GPU?)")
+    if stage == "sft" and cfg.sft.batch_size % num_processes:
+        suggestion = num_processes * max(1, cfg.sft.batch_size // num_processes)
+        raise LaunchError(f"sft.batch_size ({cfg.sft.batch_size}) is global and must be a multiple of the {num_processes} "
+                          f"training processes: change the GPUs per node or pass e.g. --sft.batch_size {suggestion}")
     if stage != "ppo":
         return
     p = cfg.ppo

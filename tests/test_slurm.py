@@ -92,7 +92,9 @@ def test_plan_reads_the_config_and_checks_ppo_batches():
     # 3 processes cannot share PPO's global batch of 16 / mini-batch of 4: one clear error before any model loads.
     with pytest.raises(launch_helpers.LaunchError, match="multiples of the 3 training processes"):
         launch_helpers.plan("ppo", 3, 1, ["--config", "configs/tiny.yaml"], "cpu")
-    launch_helpers.plan("sft", 3, 1, ["--config", "configs/tiny.yaml"], "cpu")  # SFT batches are per process
+    with pytest.raises(launch_helpers.LaunchError, match=r"sft.batch_size \(8\) is global .* 3 training processes"):
+        launch_helpers.plan("sft", 3, 1, ["--config", "configs/tiny.yaml"], "cpu")  # SFT batches are global too
+    launch_helpers.plan("sft", 2, 2, ["--config", "configs/tiny.yaml"], "cpu")
     cli = subprocess.run([PY, "slurm/launch_helpers.py", "plan", "--stage", "ppo", "--", "--config", "nope.yaml"],
                          cwd=REPO, capture_output=True, text=True, timeout=60)
     assert cli.returncode == 2 and cli.stderr.startswith("error: config file not found: nope.yaml")
