@@ -37,12 +37,13 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 
 def resolve_device(spec: str) -> torch.device:
-    """'auto' -> this process's own GPU when one is visible (LOCAL_RANK, as launchers set it: never GPU 0 for every
-    process), else cpu; explicit devices ('cpu', 'cuda:7') are checked to exist."""
+    """'auto' -> this process's own GPU when one is visible (by LOCAL_RANK, as launchers set it: never GPU 0 for
+    every process), else cpu; explicit devices ('cpu', 'cuda:7') are checked to exist."""
     if spec == "auto":
         if not torch.cuda.is_available():
             return torch.device("cpu")
-        spec = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        # One visible GPU (e.g. a launcher that binds one per process) is this process's own.
+        spec = "cuda:0" if torch.cuda.device_count() == 1 else f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     try:
         device = torch.device(spec)
     except (RuntimeError, ValueError) as exc:

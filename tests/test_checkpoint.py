@@ -4,6 +4,7 @@ import os
 import random
 import signal
 
+import numpy as np
 import pytest
 import torch
 
@@ -47,14 +48,6 @@ def test_resaving_a_step_replaces_it(tmp_path):
     assert (tmp_path / "checkpoint-4/f").read_text() == "b"
 
 
-def test_rng_state_round_trip():
-    state = capture_rng_state()
-    first = (random.random(), torch.rand(3))
-    restore_rng_state(state)
-    again = (random.random(), torch.rand(3))
-    assert first[0] == again[0] and torch.equal(first[1], again[1])
-
-
 def test_stop_signal_is_seen_after_sigusr1():
     stop = StopSignal()
     try:
@@ -63,3 +56,28 @@ def test_stop_signal_is_seen_after_sigusr1():
         assert stop.should_stop() and stop.received == signal.SIGUSR1
     finally:
         stop.restore()
+
+
+def test_rng_states_round_trip_through_a_weights_only_load(tmp_path):
+    random.seed(1)
+    torch.manual_seed(1)
+    np.random.seed(1)
+    np.random.normal()  # a cached gaussian is part of numpy's state too
+    torch.save(capture_rng_state(), tmp_path / "rng.pt")
+    expected = (random.random(), float(np.random.normal()), torch.rand(3))
+    random.seed(2), np.random.seed(2), torch.manual_seed(2)
+    restore_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))  # tensors and numbers only
+    got = (random.random(), float(np.random.normal()), torch.rand(3))
+    assert got[:2] == expected[:2] and torch.equal(got[2], expected[2])
+
+
+def test_resuming_under_another_backend_is_one_clear_error(tmp_path):
+    from types import SimpleNamespace
+
+    from train.checkpoint import load_checkpoint
+    from train.errors import ConfigError
+
+    (tmp_path / "trainer_state.json").write_text('{"step": 2, "num_processes": 1, "backend": "torch"}')
+    zero2 = SimpleNamespace(num_processes=1, state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=2)))
+    with pytest.raises(ConfigError, match="written under torch but this run uses deepspeed-zero2"):
+        load_checkpoint(tmp_path, zero2, None, None)

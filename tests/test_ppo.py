@@ -256,6 +256,8 @@ def test_two_processes_shard_train_in_step_and_resume_exactly(tmp_path, tiny_art
     # The saved adapter is whole (under ZeRO-3 the shards are gathered) and trained: it moved from where it started
     # (LoRA B = 0 for a fresh adapter).
     trained = adapter_tensors(straight / "ppo" / "adapter")
+    expected_dtype = torch.bfloat16 if backend.endswith("bf16") else torch.float32  # bf16 really engaged
+    assert {t.dtype for t in trained.values()} == {expected_dtype}
     initial = adapter_tensors(sft) if start else {k: torch.zeros_like(v) for k, v in trained.items() if "lora_B" in k}
     lora_b = [k for k in trained if "lora_B" in k]
     assert lora_b and all(v.numel() > 0 for v in trained.values())

@@ -102,6 +102,19 @@ def test_two_process_run_shards_the_data_and_saves_the_same_adapter_shapes(tiny_
     assert {k: v.shape for k, v in adapter_tensors(tmp_path).items()} == one_process
 
 
+def test_gradient_accumulation_takes_one_optimizer_step_per_step(tiny_artifacts, repo_root, tmp_path):
+    # 32 examples in batches of 8, 2 batches per step: each epoch's last step is fetched up to the end of the
+    # data loader, where syncing every batch would add an optimizer step per epoch.
+    sft.main(sft_args(repo_root, tiny_artifacts, tmp_path, "--data.max_examples", "32", "--sft.batch_size", "8",
+                      "--sft.gradient_accumulation_steps", "2", "--sft.max_steps", "4", "--sft.save_every_steps", "4",
+                      "--sft.eval_every_steps", "100", "--sft.eval_rouge_examples", "0"))
+    checkpoint = tmp_path / "sft/checkpoints/checkpoint-4"
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert (state["epoch"], state["batches_in_epoch"]) == (1, 4)  # the end of the second epoch of two steps
+    optimizer = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    assert {int(state["step"]) for state in optimizer["state"].values()} == {4}
+
+
 def _start(args: list[str], repo_root: Path, stderr: Path) -> subprocess.Popen:
     # stderr to a file, not a pipe: nobody reads a pipe while the run's progress bar fills it.
     with open(stderr, "w") as f:
@@ -254,6 +267,8 @@ def test_two_process_runs_checkpoint_and_resume_exactly(tiny_artifacts, repo_roo
     assert len(logged_steps) == len(set(logged_steps))  # resume did not repeat steps
     expected, got = adapter_tensors(straight), adapter_tensors(resumed)
     assert any(t.abs().sum() > 0 for name, t in expected.items() if "lora_B" in name)  # trained
+    expected_dtype = torch.bfloat16 if backend.endswith("bf16") else torch.float32  # bf16 really engaged
+    assert {t.dtype for t in expected.values()} == {expected_dtype}
     assert expected.keys() == got.keys()
     for name in expected:
         assert torch.equal(got[name], expected[name]), name

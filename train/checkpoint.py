@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 import torch
 
-from train.distributed import is_deepspeed
+from train.distributed import is_deepspeed, zero_stage
 from train.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -142,6 +142,12 @@ def restore_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def backend_name(accelerator: Any) -> str:
+    """How the optimizer state is stored: "deepspeed-zero<stage>" or "torch"."""
+    stage = zero_stage(accelerator)
+    return f"deepspeed-zero{stage}" if is_deepspeed(accelerator) else "torch"
+
+
 def rng_file(directory: Path, rank: int) -> Path:
     return Path(directory) / f"rng-rank{rank}.pt"
 
@@ -168,7 +174,10 @@ def load_training_state(directory: Path, accelerator: Any, model: Any, optimizer
     if is_deepspeed(accelerator):
         # load_from_fp32_weights (DeepSpeed's default): the fp32 master weights come from the checkpoint, not
         # from the bf16 model weights, so a bf16 run resumes exactly.
-        model.load_checkpoint(str(directory / DEEPSPEED_DIR), load_module_strict=False, load_lr_scheduler_states=False)
+        loaded, _ = model.load_checkpoint(str(directory / DEEPSPEED_DIR), load_module_strict=False,
+                                          load_lr_scheduler_states=False)
+        if loaded is None:  # DeepSpeed only logs a warning and carries on without the optimizer state
+            raise ConfigError(f"{directory} holds no DeepSpeed optimizer state: it was not written under DeepSpeed")
     else:
         optimizer.load_state_dict(torch.load(directory / OPTIMIZER_FILE, map_location="cpu", weights_only=True))
     rng = torch.load(rng_file(directory, accelerator.process_index), weights_only=True)
@@ -199,7 +208,7 @@ def save_checkpoint(
         write_weights(tmp)
         save_training_state(tmp, accelerator, model, optimizer, **generators)
         if is_main:
-            state = {**trainer_state, "num_processes": accelerator.num_processes}
+            state = {**trainer_state, "num_processes": accelerator.num_processes, "backend": backend_name(accelerator)}
             (tmp / TRAINER_STATE_FILE).write_text(json.dumps(state, indent=2))
         accelerator.wait_for_everyone()  # every process has written before the main process renames
     if is_main:
@@ -219,6 +228,10 @@ def load_checkpoint(
             f"{directory} was written by {state['num_processes']} process(es) but this run has "
             f"{accelerator.num_processes}: the per-process RNG states need the same number, so resume with it"
         )
+    if state.get("backend", backend_name(accelerator)) != backend_name(accelerator):
+        raise ConfigError(f"{directory} was written under {state['backend']} but this run uses "
+                          f"{backend_name(accelerator)}: the optimizer state is stored differently; resume with the same")
+    state.pop("backend", None)
     load_training_state(directory, accelerator, model, optimizer, **generators)
     return state
 

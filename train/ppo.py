@@ -129,7 +129,8 @@ class PPORun:
             self.shaper.load_state_dict(state["scores"])
             self.stream.load_state_dict(state["data"])
             self.start_step = int(state["step"])
-            log.info("resumed from %s at step %d", resume_from, self.start_step)
+            if accelerator.is_main_process:
+                log.info("resumed from %s at step %d", resume_from, self.start_step)
         self.log = JsonlLog(self.out / "log.jsonl", accelerator.is_main_process,
                             resumed_step=self.start_step if resume_from else None)
 
@@ -167,8 +168,9 @@ class PPORun:
             if step % cfg.ppo.save_every_steps == 0 or preempted:
                 self.save_checkpoint(step)
             if preempted:
-                log.warning("stopped by a signal after step %d; checkpoint written, exiting with status %d",
-                            step, PREEMPTED_EXIT_CODE)
+                if is_main:
+                    log.warning("stopped by a signal after step %d; checkpoint written, exiting with status %d",
+                                step, PREEMPTED_EXIT_CODE)
                 raise SystemExit(PREEMPTED_EXIT_CODE)
         progress.close()
 
@@ -177,6 +179,7 @@ class PPORun:
                 save_atomically(self.out / "adapter",
                                 lambda tmp: save_policy(accelerator.unwrap_model(policy), tmp, self.tokenizer))
                 log.info("PPO done: adapter written to %s", self.out / "adapter")
+        accelerator.wait_for_everyone()
         return stats
 
     def save_checkpoint(self, step: int) -> None:
@@ -195,11 +198,11 @@ class PPORun:
                         self.cfg.ppo.keep_checkpoints, shuffle=self.shuffle)
 
     def cleanup(self) -> None:
+        """Also after an error, so no barrier here: a process that failed alone must exit, not wait for the others."""
         self.stop.restore()
         if self.reward_fn is not None:
             self.reward_fn.close()
         if self.accelerator is not None:
-            self.accelerator.wait_for_everyone()
             self.accelerator.end_training()
 
 
@@ -237,6 +240,8 @@ def ppo_epochs(policy, optimizer, trajectory: Trajectory, values: torch.Tensor, 
     """Step 4: `ppo_epochs` passes over the global batch in an order shared by every process; each mini-batch of
     `mini_batch_size` rows is cut into equal contiguous shares and process p computes share p. The loss is the
     mini-batch's global token mean (`ppo_loss`). Dropout is off, as in TRL, so the first ratio is exactly 1."""
+    if generator is None and collectives.world_size > 1:
+        raise ConfigError("several processes need one mini-batch order: pass a generator seeded alike on every process")
     share, rank = cfg.mini_batch_size // collectives.world_size, collectives.rank
     params = [p for p in policy.parameters() if p.requires_grad]
     loop = accelerator if accelerator is not None else PlainAccumulation(cfg.gradient_accumulation_steps)

@@ -37,6 +37,7 @@ import math
 import os
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -100,7 +101,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     use_bf16 = torch.cuda.is_available() and cfg.model.dtype == "bfloat16"
     accelerator = Accelerator(
         cpu=use_cpu(),
-        mixed_precision="bf16" if use_bf16 else "no",
+        mixed_precision="bf16" if use_bf16 else None,  # None: as launched (e.g. accelerate launch --mixed_precision)
         gradient_accumulation_steps=s.gradient_accumulation_steps,
         # The same shuffled order on every process, reproducible per epoch; each batch (global) is split evenly.
         dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True, data_seed=cfg.seed),
@@ -162,7 +163,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     if resume_from is not None:
         state = TrainerState(**load_checkpoint(resume_from, accelerator, model, optimizer))
         scheduler.load_state_dict(torch.load(resume_from / SCHEDULER_FILE, weights_only=True))
-        log.info("resumed from %s at step %d of %d", resume_from, state.step, total_steps)
+        if main_process:
+            log.info("resumed from %s at step %d of %d", resume_from, state.step, total_steps)
     logger = JsonlLog(sft_dir / "log.jsonl", main_process, resumed_step=state.step if resume_from else None)
 
     def evaluate() -> dict[str, Any]:
@@ -199,17 +201,21 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             # The step's loss is the mean over the label tokens of all its batches on all processes.
             local_tokens = torch.stack([(b["labels"] != LABEL_PAD).sum() for b in window]).sum()
             tokens = collectives.all_reduce_sum(local_tokens)
-            for batch in window:
+            for i, batch in enumerate(window):
                 rows = batch.pop("row")
-                with accelerator.accumulate(model):
+                # The step ends with its window's last batch, also in a shorter window at the end of an epoch
+                # (accelerate's accumulate() would sync every batch of a window fetched to the end of the loader).
+                accelerator.sync_gradients = i == len(window) - 1
+                with nullcontext() if accelerator.sync_gradients else accelerator.no_sync(model):
                     nll = summed_token_loss(model, batch)
                     # DDP/DeepSpeed average gradients over processes and accelerate divides by the accumulation
                     # steps: the two factors undo that, so the gradient is that of the global token mean.
                     accelerator.backward(nll * collectives.world_size * s.gradient_accumulation_steps / tokens.float())
-                    if accelerator.sync_gradients and s.max_grad_norm:
-                        accelerator.clip_grad_norm_(model.parameters(), s.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad()
+                    if accelerator.sync_gradients:
+                        if s.max_grad_norm:
+                            accelerator.clip_grad_norm_(model.parameters(), s.max_grad_norm)
+                        optimizer.step()
+                        optimizer.zero_grad()
                 state.batches_in_epoch += 1
                 loss_sum[0] += nll.detach().double().cpu()
                 if args.log_example_rows:
@@ -264,7 +270,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "best_eval_loss": state.best_eval_loss,
         "train_seconds": round(seconds, 2),
         "train_examples_per_second": round(
-            steps_run * s.batch_size * s.gradient_accumulation_steps * accelerator.num_processes / seconds, 2
+            steps_run * s.batch_size * s.gradient_accumulation_steps / seconds, 2
         ) if seconds > 0 else None,
         "history": state.history,
     }
