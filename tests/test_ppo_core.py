@@ -328,6 +328,7 @@ def test_ppo_step_first_minibatch_ratio_is_one(tiny_artifacts):
     optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate)
     stats = _step(policy, optimizer, rollout, _kl(cfg), cfg)
     assert stats["ppo/policy/ratio_mean"] == pytest.approx(1.0, abs=1e-6)
+    assert stats["ppo/policy/first_ratio"] == stats["ppo/policy/ratio_mean"]  # one mini-batch: the first
     assert stats["ppo/policy/approxkl"] == pytest.approx(0.0, abs=1e-10)
 
 

@@ -84,6 +84,7 @@ def test_the_reference_run_trains_and_exercises_what_must_be_global(references):
         assert any("lora_B" in n for n in moved) and any("value_head" in n for n in moved)
     steps = stats["steps"]
     assert steps[0]["ppo/policy/ratio_mean"] == pytest.approx(1.0, abs=1e-6)  # one mini-batch: ratio exactly 1
+    assert all(s["ppo/policy/first_ratio"] == pytest.approx(1.0, abs=1e-6) for s in steps)
     assert [s["ppo/policy/skipped"] for s in steps] == [0.0, 0.0, 0.5]  # a global skip decision is tested
     assert steps[0]["ppo/mean_scores"] == pytest.approx(0.0, abs=1e-6)  # standardised over the global batch
     assert abs(steps[0]["objective/kl"]) > 1e-2  # the adapter makes policy and reference differ

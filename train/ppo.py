@@ -5,16 +5,9 @@ Usage:
     python -m train.ppo --config configs/flan_t5_base.yaml --model.adapter runs/flan-t5-base/sft/adapter
     accelerate launch --config_file accelerate_configs/X.yaml -m train.ppo --config ...   # DDP, DeepSpeed ZeRO-2/3
 
-`PPORun` is setup -> train -> cleanup. Each step of `train`:
-  1. trajectory: this process's prompts -> summaries -> scores -> no-grad forward passes (train/rollout.py),
-     gathered into the global batch on every process;
-  2. rewards: shaped scores, the KL penalty per token, the score on the last token;
-  3. advantages: GAE, whitened over the global batch;
-  4. PPO epochs over shuffled mini-batches, each split evenly over the processes;
-  5. the KL controller;
-  6. log: `log.jsonl`, TensorBoard, the progress bar;
-  7. checkpoint every `ppo.save_every_steps` (and on SIGUSR1/SIGTERM, then exit with status 3).
-Steps 2-5 are `ppo_step`, the math is in train/ppo_core.py.
+`PPORun` is setup -> train -> cleanup; each step of `train` is numbered: 1. trajectory (train/rollout.py), 2. rewards,
+3. advantages, 4. PPO epochs over mini-batches, 5. KL controller (2-5 are `ppo_step`; the math is in
+train/ppo_core.py), 6. log, 7. checkpoint (also on SIGUSR1/SIGTERM, then exit with status 3).
 
 The global batch: `ppo.batch_size` and `ppo.mini_batch_size` count rows over all processes, and N processes
 compute the 1-process update of the same rows (up to float rounding): the mini-batches do not depend on N, and
@@ -154,6 +147,8 @@ class PPORun:
             # 6. Log.
             stats.update(rollout_stats(trajectory, info, collectives))
             stats.update({"time/update": time.perf_counter() - update_started, "time/step": time.perf_counter() - started})
+            if torch.cuda.is_available():
+                stats["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
             self.log.write({"step": step, **stats})
             if is_main:
                 accelerator.log(stats, step=step)
@@ -174,28 +169,27 @@ class PPORun:
                 raise SystemExit(PREEMPTED_EXIT_CODE)
         progress.close()
 
-        with gathered_trainable(accelerator, policy):  # the final adapter and value head
-            if is_main:
-                save_atomically(self.out / "adapter",
-                                lambda tmp: save_policy(accelerator.unwrap_model(policy), tmp, self.tokenizer))
-                log.info("PPO done: adapter written to %s", self.out / "adapter")
+        self.save_policy(self.out / "adapter", self.tokenizer)
+        if is_main:
+            log.info("PPO done: adapter written to %s", self.out / "adapter")
         accelerator.wait_for_everyone()
         return stats
 
+    def save_policy(self, directory: Path, tokenizer: Any = None) -> None:
+        """The adapter and value head, from the main process; every process calls it (ZeRO-3 gathers them)."""
+        with gathered_trainable(self.accelerator, self.policy):
+            if self.accelerator.is_main_process:
+                unwrapped = self.accelerator.unwrap_model(self.policy)
+                save_atomically(directory, lambda tmp: save_policy(unwrapped, tmp, tokenizer))
+
     def save_checkpoint(self, step: int) -> None:
         """Trainable weights, optimizer and RNG states, KL controller, score statistics, step and data position."""
-        accelerator, policy = self.accelerator, self.policy
-
-        def write_policy(directory: Path) -> None:
-            with gathered_trainable(accelerator, policy):
-                if accelerator.is_main_process:
-                    save_policy(accelerator.unwrap_model(policy), directory / POLICY_DIR)
-
         # No LR scheduler: the classic TRL PPO trainer (and ppo.learning_rate) keeps the rate constant.
         state = {"step": step, "data": self.stream.state_dict(), "kl_controller": self.kl_ctl.state_dict(),
                  "scores": self.shaper.state_dict()}
-        save_checkpoint(self.out / "checkpoints", step, accelerator, policy, self.optimizer, state, write_policy,
-                        self.cfg.ppo.keep_checkpoints, shuffle=self.shuffle)
+        save_checkpoint(self.out / "checkpoints", step, self.accelerator, self.policy, self.optimizer, state,
+                        lambda directory: self.save_policy(directory / POLICY_DIR), self.cfg.ppo.keep_checkpoints,
+                        shuffle=self.shuffle)
 
     def cleanup(self) -> None:
         """Also after an error, so no barrier here: a process that failed alone must exit, not wait for the others."""

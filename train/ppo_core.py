@@ -30,8 +30,8 @@ Differences from TRL 0.11.4 (tests/test_ppo_vs_trl.py checks everything else aga
   to inf; ours back-propagates an exactly-zero loss that bypasses the ratio. The optimizer still steps (keeping
   processes in sync), so Adam's momentum from earlier mini-batches still moves the weights, as in TRL.
 - Batch sizes are global (TRL's were per process, and it whitened and normalised per process). TRL's array-valued
-  stats (kl_dist, ratio, advantages, logprobs) are not returned; `ppo/policy/ratio_mean` and `ppo/policy/skipped`
-  (fraction of skipped mini-batches) are added.
+  stats (kl_dist, ratio, advantages, logprobs) are not returned; `ppo/policy/ratio_mean`, `ppo/policy/first_ratio`
+  (the first mini-batch's) and `ppo/policy/skipped` (fraction of skipped mini-batches) are added.
 """
 
 from __future__ import annotations
@@ -368,6 +368,8 @@ def step_stats(
     }
     for key in minibatch_stats[0]:
         stats[f"ppo/{key}"] = torch.stack([s[key].float().cpu() for s in minibatch_stats]).mean()
+    # Old and new policy are the same model on the first mini-batch: its ratio is 1 up to the precision's rounding.
+    stats["ppo/policy/first_ratio"] = minibatch_stats[0]["policy/ratio_mean"]
     out = {"objective/kl_coef": float(kl_coef), **{k: float(v) for k, v in stats.items()}}
     out["ppo/val/var_explained"] = 1 - out["ppo/val/error"] / out["ppo/returns/var"]
     return out
