@@ -4,7 +4,8 @@ Annotator "ann" answers two items, the server is restarted, "bo" answers three, 
 items she has not answered; then `python -m eval.human report` runs and its numbers must equal those computed
 here from the choices the test clicked, un-blinded with key.json.
 
-Needs /usr/bin/chromium: install it with `.ci/install_browser.sh` (Debian chromium + chromium-driver).
+Needs /usr/bin/chromium: the fixture runs `.ci/install_browser.sh` (Debian chromium + chromium-driver) when it is
+missing, as the SLURM tests start their cluster.
 """
 
 from __future__ import annotations
@@ -93,8 +94,12 @@ class Server:
 
 @pytest.fixture
 def browser_type() -> Iterator:
-    if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} not found: run .ci/install_browser.sh (Debian chromium + chromium-driver) first")
+    if not CHROMIUM.exists():  # a fresh machine: install it as the SLURM tests start their cluster
+        installed = subprocess.run(["bash", str(REPO / ".ci/install_browser.sh")], capture_output=True, text=True,
+                                   timeout=900)
+        assert installed.returncode == 0 and CHROMIUM.exists(), (
+            f".ci/install_browser.sh could not install {CHROMIUM} (root and Debian's archive are needed):\n"
+            f"{installed.stderr[-3000:]}")
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
