@@ -12,9 +12,9 @@ Generates with batched `generate()` (greedy by default: `eval.generation`), scor
 
 from __future__ import annotations
 
+import io
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 
 from eval.metrics import compute_rouge, format_rouge_table
+from train.atomic import write_text
 from train.cli import config_from_cli, run_cli
 from train.config import config_to_dict
 from train.data import build_eval_dataset
@@ -55,10 +56,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
     # 4. Report.
     out_dir = Path(cfg.output_dir) / "baseline"
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "predictions.jsonl.tmp", "w") as f:
+    with io.StringIO() as f:
         for ex, pred, scores in zip(examples, predictions, rouge.per_example):
             f.write(json.dumps({"id": ex["id"], "prediction": pred, "references": ex["references"], **scores}) + "\n")
-    os.replace(out_dir / "predictions.jsonl.tmp", out_dir / "predictions.jsonl")
+        write_text(out_dir / "predictions.jsonl", f.getvalue())
     summary = {
         "system": "zero-shot",
         "model": cfg.model.name_or_path,
@@ -69,8 +70,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "examples_per_second": round(rouge.num_examples / seconds, 2) if seconds else None,
         "config": config_to_dict(cfg),
     }
-    (out_dir / "rouge.json.tmp").write_text(json.dumps(summary, indent=2))
-    os.replace(out_dir / "rouge.json.tmp", out_dir / "rouge.json")
+    write_text(out_dir / "rouge.json", json.dumps(summary, indent=2))
     print(f"\nZero-shot ROUGE of {cfg.model.name_or_path} on {cfg.eval.split} ({rouge.num_examples} examples):\n")
     print(format_rouge_table({"zero-shot": rouge}))
     print(f"\nwritten: {out_dir / 'rouge.json'}, {out_dir / 'predictions.jsonl'}")

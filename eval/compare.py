@@ -13,15 +13,16 @@ default); ROUGE-1/2/L/Lsum use every reference of an example (three on DialogSum
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from eval.metrics import RougeResult, compute_rouge, format_rouge_table
+from train.atomic import write_text
 from train.cli import config_from_cli, run_cli
 from train.config import ExperimentConfig
 from train.data import build_eval_dataset
@@ -68,11 +69,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     out_dir = Path(cfg.output_dir) / "compare"
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "predictions.jsonl.tmp", "w") as f:
+    with io.StringIO() as f:
         for i, ex in enumerate(examples):
             systems = {name: {"summary": predictions[name][i], **results[name].per_example[i]} for name in results}
             f.write(json.dumps({"id": ex["id"], "references": ex["references"], "systems": systems}) + "\n")
-    os.replace(out_dir / "predictions.jsonl.tmp", out_dir / "predictions.jsonl")
+        write_text(out_dir / "predictions.jsonl", f.getvalue())
     summary = {
         "model": cfg.model.name_or_path,
         "adapter": adapter,
@@ -80,8 +81,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "num_examples": len(examples),
         "systems": {name: {"num_examples": r.num_examples, "rouge": r.mean} for name, r in results.items()},
     }
-    (out_dir / "rouge.json.tmp").write_text(json.dumps(summary, indent=2))
-    os.replace(out_dir / "rouge.json.tmp", out_dir / "rouge.json")
+    write_text(out_dir / "rouge.json", json.dumps(summary, indent=2))
     print(f"\nROUGE on {cfg.eval.split} ({len(examples)} examples): {cfg.model.name_or_path} zero-shot vs + {adapter}\n")
     print(format_rouge_table(results))
     print(f"\nwritten: {out_dir / 'rouge.json'}, {out_dir / 'predictions.jsonl'}")

@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import random
 import re
 import time
@@ -42,6 +41,7 @@ from tqdm.auto import tqdm
 
 from eval.metrics import ROUGE_TYPES, rouge_per_example
 from eval.stats import bootstrap_mean, describe, paired_difference, paired_relative_change
+from train.atomic import write_text
 from train.cli import config_from_cli, run_cli
 from train.config import ExperimentConfig, config_to_dict
 from train.data import build_eval_dataset
@@ -332,16 +332,11 @@ def compute_metrics(
 # Output
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
 
 def write_examples(path: Path, records: list[dict[str, Any]]) -> None:
     """examples.jsonl in the contract's layout, one example per line in split order."""
     keys = ("id", "dialogue", "references", "systems")
-    _write_atomic(path, "".join(json.dumps({k: r[k] for k in keys}) + "\n" for r in records))
+    write_text(path, "".join(json.dumps({k: r[k] for k in keys}) + "\n" for r in records))
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
@@ -429,7 +424,7 @@ def evaluate(cfg: ExperimentConfig) -> dict[str, Any]:
             "config": config_to_dict(cfg),
         }
         write_examples(out_dir / "examples.jsonl", records)
-        _write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2))
+        write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
         written = write_report(summary, records, out_dir, ppo_log=ppo_log, rows=cfg.eval.qualitative_rows)
         print(f"\n{len(records)} examples x {len(systems)} systems in {seconds:.1f} s "
               f"on {accelerator.num_processes} process(es); written to {out_dir}: "

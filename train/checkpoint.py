@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 import torch
 
+from train.atomic import fsync_dir
 from train.distributed import is_deepspeed, zero_stage
 from train.errors import ConfigError
 
@@ -60,24 +61,11 @@ def atomic_checkpoint_dir(final: str | os.PathLike, is_main_process: bool = True
         raise
     if is_main_process:
         (tmp / COMPLETE_MARKER).write_text("ok\n")
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # re-saving the same step (e.g. a preemption save right after a periodic one)
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(final.parent)
-
-
-def save_atomically(directory: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """`write(tmp)` into a temporary sibling of `directory`, then swap it in: a kill never leaves half of it."""
-    directory = Path(directory)
-    tmp = directory.with_name(f".tmp-{directory.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    _fsync_dir(tmp)
-    shutil.rmtree(directory, ignore_errors=True)
-    os.replace(tmp, directory)
-    _fsync_dir(directory.parent)
-    return directory
+        fsync_dir(final.parent)
 
 
 def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -234,16 +222,3 @@ def load_checkpoint(
     state.pop("backend", None)
     load_training_state(directory, accelerator, model, optimizer, **generators)
     return state
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Optional
 
+from train.atomic import save_directory
 from train.cli import config_from_cli, run_cli
 from train.config import ExperimentConfig
 from train.errors import ConfigError
@@ -39,13 +39,11 @@ def merge_adapter(cfg: ExperimentConfig, adapter: str, out: str | os.PathLike) -
     tokenizer = load_tokenizer(cfg.model)
     model = apply_lora(load_base_model(cfg.model), cfg.lora, adapter=adapter, trainable=False)
     merged = model.merge_and_unload()
-    tmp = out.with_name(f".tmp-{out.name}")  # written aside and renamed, so `out` is never half-written
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(str(tmp), safe_serialization=True)
-    tokenizer.save_pretrained(str(tmp))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    return out
+    def write(tmp: Path) -> None:  # written aside and renamed, so `out` is never half-written
+        merged.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+
+    return save_directory(out, write)
 
 
 def main(argv: Optional[list[str]] = None) -> Path:

@@ -33,7 +33,8 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from rewards.reward_fn import make_reward_fn
-from train.checkpoint import find_resume_checkpoint, load_checkpoint, save_atomically, save_checkpoint
+from train.atomic import save_directory
+from train.checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
 from train.cli import config_from_cli, run_cli
 from train.config import ExperimentConfig, PPOConfig, save_config
 from train.data import build_ppo_datasets
@@ -180,7 +181,7 @@ class PPORun:
         with gathered_trainable(self.accelerator, self.policy):
             if self.accelerator.is_main_process:
                 unwrapped = self.accelerator.unwrap_model(self.policy)
-                save_atomically(directory, lambda tmp: save_policy(unwrapped, tmp, tokenizer))
+                save_directory(directory, lambda tmp: save_policy(unwrapped, tmp, tokenizer))
 
     def save_checkpoint(self, step: int) -> None:
         """Trainable weights, optimizer and RNG states, KL controller, score statistics, step and data position."""

@@ -264,12 +264,25 @@ def forward_trajectory(
 
 
 def gather_trajectory(local: Trajectory, collectives: Collectives, pad_token_id: int) -> Trajectory:
-    """Every process's rows in rank order: the global batch, on every process (padded to the widest process)."""
+    """Every process's rows in rank order: the global batch, on every process (padded to the widest process).
+    Three collectives: the widths, then the integer and the float tensors, each packed into one."""
     if collectives.world_size == 1:
         return local
-    pad = {"query_ids": pad_token_id, "response_ids": pad_token_id}
-    return Trajectory(**{name: collectives.gather_rows(value, pad.get(name, 0))
-                         for name, value in vars(local).items()})
+    widths = torch.tensor([local.query_ids.shape[1], local.response_ids.shape[1]])
+    q, r = torch.stack(collectives.all_gather(widths)).max(dim=0).values.tolist()
+
+    def pad(t: torch.Tensor, width: int, value: float = 0) -> torch.Tensor:
+        return F.pad(t, (0, width - t.shape[1]), value=value)
+
+    ints = torch.cat([pad(local.query_ids, q, pad_token_id), pad(local.query_mask, q), pad(local.response_ids, r,
+                      pad_token_id), pad(local.response_mask, r), pad(local.masks, r - 1)], dim=1)
+    floats = torch.cat([local.scores[:, None].float(), pad(local.logprobs, r - 1), pad(local.ref_logprobs, r - 1),
+                        pad(local.values, r - 1)], dim=1)
+    ints, floats = (torch.cat(collectives.all_gather(t)) for t in (ints, floats))
+    query_ids, query_mask, response_ids, response_mask, masks = ints.split([q, q, r, r, r - 1], dim=1)
+    scores, logprobs, ref_logprobs, values = floats.split([1, r - 1, r - 1, r - 1], dim=1)
+    return Trajectory(query_ids, query_mask, response_ids, response_mask, scores[:, 0], logprobs, ref_logprobs,
+                      values, masks)
 
 
 def make_experience(

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Optional
+
+from train.atomic import write_text
 
 log = logging.getLogger(__name__)
 
@@ -21,9 +22,7 @@ class JsonlLog:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = [] if resumed_step is None else self._lines_up_to(resumed_step)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        write_text(self.path, "".join(line + "\n" for line in kept))
 
     def _lines_up_to(self, step: int) -> list[str]:
         if not self.path.is_file():

@@ -34,7 +34,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import sys
 import time
 from contextlib import nullcontext
@@ -50,7 +49,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import DataCollatorForSeq2Seq, get_scheduler
 
-from train.checkpoint import find_resume_checkpoint, load_checkpoint, save_atomically, save_checkpoint
+from train.atomic import save_directory, write_text
+from train.checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
 from train.cli import config_from_cli, run_cli
 from train.config import ExperimentConfig, SFTConfig, save_config
 from train.data import build_eval_dataset, build_sft_datasets
@@ -407,14 +407,12 @@ def save_adapter(model, accelerator: Accelerator, directory: Path) -> None:
     """The final adapter, written next to `directory` and renamed into place."""
     with gathered_trainable(accelerator, model):
         if accelerator.is_main_process:
-            save_atomically(directory, lambda tmp: accelerator.unwrap_model(model).save_pretrained(
+            save_directory(directory, lambda tmp: accelerator.unwrap_model(model).save_pretrained(
                 str(tmp), safe_serialization=True, save_embedding_layers=False))
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    write_text(path, json.dumps(data, indent=2))
 
 
 if __name__ == "__main__":

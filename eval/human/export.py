@@ -8,9 +8,9 @@ slot letters; `key.json` records which system sits in which slot. Everything is 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
-import os
 import random
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,6 +26,7 @@ from eval.human.items import (
     file_sha256,
     slot_names,
 )
+from train.atomic import write_text
 from train.errors import ConfigError, DataError
 from train.jsonl import read_jsonl
 
@@ -72,11 +73,6 @@ def choose_systems(examples: Sequence[dict[str, Any]], requested: Optional[Seque
     return systems
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
 
 def export_study(
     eval_path: str | Path,
@@ -116,15 +112,15 @@ def export_study(
         key_items[item_id] = {"example_id": example["id"], "slots": dict(zip(slots, order))}
 
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / ITEMS_FILE, "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items))
+    write_text(out / ITEMS_FILE, "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items))
     digest = file_sha256(out / ITEMS_FILE)
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     manifest = {"format": FORMAT, "items_sha256": digest, "n_items": len(items), "slots": slots,
                 "criteria": list(CRITERIA), "seed": seed, "created_at": created}
-    _write_atomic(out / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
+    write_text(out / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
     key = {"format": FORMAT, "items_sha256": digest, "systems": chosen, "seed": seed,
            "source": str(eval_path), "created_at": created, "items": key_items}
-    _write_atomic(out / KEY_FILE, json.dumps(key, indent=2, ensure_ascii=False) + "\n")
+    write_text(out / KEY_FILE, json.dumps(key, indent=2, ensure_ascii=False) + "\n")
     _write_csv(out / CSV_FILE, items, slots)
     log.info("wrote %d blinded items (%s) to %s; keep %s away from annotators", len(items), ", ".join(chosen), out,
              KEY_FILE)
@@ -132,10 +128,9 @@ def export_study(
 
 
 def _write_csv(path: Path, items: list[dict[str, Any]], slots: list[str]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["item_id", "dialogue", *[f"summary_{s}" for s in slots]])
-        for item in items:
-            writer.writerow([item["item_id"], item["dialogue"], *[s["text"] for s in item["summaries"]]])
-    os.replace(tmp, path)
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["item_id", "dialogue", *[f"summary_{s}" for s in slots]])
+    for item in items:
+        writer.writerow([item["item_id"], item["dialogue"], *[s["text"] for s in item["summaries"]]])
+    write_text(path, text.getvalue())

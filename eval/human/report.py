@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
@@ -18,6 +17,7 @@ from typing import Any, Optional
 from eval.human.items import CRITERIA, FLAGS, KEY_FILE, Study, load_key, load_study
 from eval.human.stats import head_to_head, krippendorff_alpha, mean_ranks, win_rates
 from eval.human.store import Answer, AnswerStore
+from train.atomic import write_text
 from train.errors import DataError
 
 log = logging.getLogger("eval.human.report")
@@ -189,9 +189,7 @@ def write_report(items: str | Path, db: Optional[str | Path] = None, key: Option
     out_dir = Path(out) if out else study.directory / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, text in (("report.json", json.dumps(report, indent=2) + "\n"), ("report.md", render_markdown(report))):
-        tmp = out_dir / (name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out_dir / name)
+        write_text(out_dir / name, text)
     plot_report(report, out_dir / "report.png")
     log.info("wrote %s/report.md, report.json and report.png (%d answers)", out_dir, len(answers))
     return report
