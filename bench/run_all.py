@@ -17,7 +17,7 @@ N > 1, with `Accelerator(cpu=True)` on the CPU) that splits the same global work
 Throughputs are global (all processes' work / the slowest process's time); the 2-process column is divided by
 the 1-process one. On the CPU each process runs one torch thread by default (`--torch-threads`), so the ratio
 measures adding a process (and a core), not OpenMP threading.
-The one-process PPO step of flan-t5-base size is what the issue's <= 2 s per step target (one H100) refers to.
+The one-process PPO step of flan-t5-base size is the figure to hold against a target of <= 2 s per step on one H100.
 """
 
 from __future__ import annotations

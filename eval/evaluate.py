@@ -334,7 +334,7 @@ def compute_metrics(
 
 
 def write_examples(path: Path, records: list[dict[str, Any]]) -> None:
-    """examples.jsonl in the contract's layout, one example per line in split order."""
+    """examples.jsonl in the layout eval.report and eval.human read, one example per line in split order."""
     keys = ("id", "dialogue", "references", "systems")
     write_text(path, "".join(json.dumps({k: r[k] for k in keys}) + "\n" for r in records))
 

@@ -15,7 +15,7 @@ CONFIG_DIR = REPO / "accelerate_configs"
 RECIPES = sorted((REPO / "configs").glob("*.yaml"))
 GPU_RECIPES = [r for r in RECIPES if r.name != "tiny.yaml"]
 
-# The configs the issue asks for, by what they are for (the CPU one belongs to the SFT tests).
+# The shipped configs, by what they are for (the CPU one belongs to the SFT tests).
 EXPECTED = {
     "single_gpu.yaml": ("NO", None),
     "multi_gpu.yaml": ("MULTI_GPU", None),
