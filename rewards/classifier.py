@@ -8,7 +8,6 @@ come from `RewardConfig`, and every failure (missing directory, unreachable hub,
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +15,8 @@ import torch
 
 from rewards.config import RewardConfig
 from rewards.errors import RewardError
+from rewards.sources import DTYPES, is_hub_id
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-# A hub id is "name" or "owner/name"; anything else (absolute, ./, ~, deeper paths) can only be a local directory.
-_HUB_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)?$")
 
 # Model types whose position ids start after the padding index (fairseq heritage), so the usable length is
 # max_position_embeddings - (pad_token_id + 1): 512 - 2 = 510 for RoBERTa, although its config says 514.
@@ -96,7 +92,7 @@ def classifier_max_length(model_config: Any, tokenizer: Any, requested: int | No
 def _check_source(name_or_path: str) -> None:
     if Path(name_or_path).expanduser().exists():
         return
-    if not _HUB_ID.match(name_or_path):
+    if not is_hub_id(name_or_path):
         raise RewardError(
             f"reward model directory {name_or_path!r} does not exist: point reward.model_name_or_path "
             "(or --model) at a local classifier directory with config.json, model.safetensors and the tokenizer"

@@ -278,3 +278,13 @@ def test_over_long_texts_keep_their_end_so_the_summary_is_always_scored(tiny_art
     short_a, short_b = scorer.score_pairs(["#Person1#: Hello there. ", "A different prompt about jackets. "],
                                           ["They talk.", "They talk."], "prompt_and_summary").logits
     assert not torch.allclose(short_a, short_b)  # prompts that fit do change the score
+
+
+def test_hub_ids_are_told_from_local_paths_in_one_place():
+    from rewards.sources import is_hub_id
+
+    for name in ("google/flan-t5-base", "facebook/roberta-hate-speech-dynabench-r4-target", "t5-small", "a_b/c.d-e"):
+        assert is_hub_id(name), name
+    for name in ("./model", "/abs/dir", "~/m", "a/b/c", "../x", ".hidden/x", "owner/.x", "", "a b/c"):
+        assert not is_hub_id(name), name
+    assert is_hub_id("knkarthick/dialogsum", require_owner=True) and not is_hub_id("dialogsum", require_owner=True)

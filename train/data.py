@@ -30,6 +30,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import datasets
 from datasets import Dataset, DatasetDict, Features, List, Value
 
+from rewards.sources import is_hub_id
 from train.config import DataConfig
 from train.errors import DataError
 from train.jsonl import read_jsonl
@@ -48,7 +49,6 @@ FEATURES = Features(
     references=List(Value("string")),
     topic=Value("string"),
 )
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _REPEAT_SUFFIX = re.compile(r"_\d+$")  # HF test ids: test_<i>_<k>, k = reference number
 
 
@@ -89,7 +89,7 @@ def read_dialogsum(
         source, tables = _read_local_dir(local, splits)
     elif local.exists():
         raise DataError(f"data path {path} is a file; pass the directory that holds the DialogSum files")
-    elif _HUB_ID.match(path) and not path.startswith("."):
+    elif is_hub_id(path, require_owner=True):
         source, tables = "hub", _read_hub(path, splits)
     else:
         raise DataError(f"data directory not found: {path} (resolved to {local.resolve()}); {LOCAL_HINT}")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import re
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
+from rewards.sources import DTYPES, is_hub_id
 from train.config import LoraSettings, ModelConfig
 from train.errors import ModelError
 
@@ -35,16 +35,14 @@ ARCHITECTURES: dict[str, Path] = {f"google/flan-t5-{s}": ARCHITECTURES_DIR / f"f
 VALUE_HEAD_FILE = "value_head.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "name" or "owner/name"
 
 
 def torch_dtype(name: str) -> torch.dtype:
     """"bfloat16" -> torch.bfloat16 (also float32, float16)."""
     try:
-        return _DTYPES[name]
+        return DTYPES[name]
     except KeyError:
-        raise ModelError(f"unknown dtype {name!r}; use one of {', '.join(_DTYPES)}") from None
+        raise ModelError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}") from None
 
 
 def untie_lm_head(model: nn.Module) -> nn.Module:
@@ -87,7 +85,7 @@ def _check_source(name_or_path: str, what: str) -> None:
     """Fail early, without touching the network, for a local path that does not exist."""
     if Path(name_or_path).exists():
         return
-    if not _HUB_ID.match(name_or_path):
+    if not is_hub_id(name_or_path):
         raise ModelError(
             f"{what} {name_or_path!r} not found: no such local directory, and it is not a hub id "
             "(owner/name). Check --model.name_or_path."
@@ -198,7 +196,7 @@ def _check_adapter_source(adapter: str) -> None:
                 f"{adapter!r} is not a LoRA adapter directory: it has no {ADAPTER_CONFIG_FILE}. "
                 "Point model.adapter at a directory written by save_policy / save_pretrained."
             )
-    elif not _HUB_ID.match(adapter):
+    elif not is_hub_id(adapter):
         raise ModelError(f"adapter {adapter!r} not found: no such directory, and it is not a hub id. Check model.adapter.")
 
 
