@@ -30,7 +30,6 @@ import logging
 import random
 import re
 import time
-import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +46,7 @@ from train.config import ExperimentConfig, config_to_dict
 from train.data import build_eval_dataset
 from train.errors import ConfigError, ModelError
 from train.generation import generate_texts
-from train.models import ADAPTER_CONFIG_FILE, load_base_model, load_tokenizer
+from train.models import check_adapter_directory, load_base_model, load_tokenizer, quiet_peft_deprecation
 
 log = logging.getLogger("eval.evaluate")
 
@@ -104,17 +103,9 @@ def check_adapters(systems: list[System]) -> None:
     for system in systems:
         if system.adapter is None:
             continue
-        path = Path(system.adapter)
-        if not path.is_dir():
-            raise ModelError(
-                f"system '{system.name}': adapter directory {system.adapter} not found. Train it first "
-                f"(python -m train.sft / train.ppo) or fix --eval.systems (NAME=ADAPTER_DIR, or 'base')"
-            )
-        if not (path / ADAPTER_CONFIG_FILE).is_file():
-            raise ModelError(
-                f"system '{system.name}': {system.adapter} is not a LoRA adapter directory (no {ADAPTER_CONFIG_FILE}); "
-                "point it at the adapter/ directory written by train.sft or train.ppo"
-            )
+        check_adapter_directory(system.adapter, f"system '{system.name}': adapter directory",
+                                "train it first (python -m train.sft / train.ppo) or fix --eval.systems "
+                                "(NAME=ADAPTER_DIR written by train.sft or train.ppo, or 'base')")
 
 
 def check_eval_settings(cfg: ExperimentConfig) -> None:
@@ -192,9 +183,7 @@ def load_models(cfg: ExperimentConfig, systems: list[System], device: torch.devi
     adapters = [s for s in systems if s.adapter is not None]
     for i, system in enumerate(adapters):
         try:
-            with warnings.catch_warnings():
-                # peft 0.21 reads a transformers attribute that transformers 5 deprecated: not actionable.
-                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            with quiet_peft_deprecation():
                 if i == 0:
                     from peft import PeftModel
 

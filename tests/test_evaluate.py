@@ -285,8 +285,9 @@ def test_missing_adapter_is_one_clear_error_naming_system_and_path(tiny_artifact
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: system 'sft': adapter directory {tmp_path}/sft/adapter not found. Train it first "
-                      "(python -m train.sft / train.ppo) or fix --eval.systems (NAME=ADAPTER_DIR, or 'base')"]
+    assert errors == [f"error: system 'sft': adapter directory {tmp_path}/sft/adapter not found: train it first "
+                      "(python -m train.sft / train.ppo) or fix --eval.systems (NAME=ADAPTER_DIR written by "
+                      "train.sft or train.ppo, or 'base')"]
 
 
 def test_adapter_directory_without_config_and_empty_split_are_clear_errors(tiny_artifacts, repo_root, tmp_path,

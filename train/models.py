@@ -180,22 +180,26 @@ def _check_target_modules(model: nn.Module, targets: list[str]) -> None:
 
 
 @contextmanager
-def _quiet_peft_deprecation() -> Iterator[None]:
-    # peft 0.21 reads a transformers attribute that transformers 5 deprecated: not actionable for users.
+def quiet_peft_deprecation() -> Iterator[None]:
+    """peft 0.21 reads a transformers attribute that transformers 5 deprecated: not actionable for users."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         yield
 
 
+def check_adapter_directory(path: str | Path, what: str, fix: str) -> None:
+    """`path` is a LoRA adapter directory (it holds adapter_config.json); else one error naming `what` and how to
+    `fix` it."""
+    if not Path(path).is_dir():
+        raise ModelError(f"{what} {path} not found: {fix}")
+    if not (Path(path) / ADAPTER_CONFIG_FILE).is_file():
+        raise ModelError(f"{what} {path} is not a LoRA adapter directory (no {ADAPTER_CONFIG_FILE}): {fix}")
+
+
 def _check_adapter_source(adapter: str) -> None:
     """A LoRA adapter directory (with its config) or something shaped like a hub id; else one clear error."""
-    path = Path(adapter)
-    if path.exists():
-        if not (path / ADAPTER_CONFIG_FILE).is_file():
-            raise ModelError(
-                f"{adapter!r} is not a LoRA adapter directory: it has no {ADAPTER_CONFIG_FILE}. "
-                "Point model.adapter at a directory written by save_policy / save_pretrained."
-            )
+    if Path(adapter).exists():
+        check_adapter_directory(adapter, "model.adapter", "point it at a directory written by train.sft or train.ppo")
     elif not is_hub_id(adapter):
         raise ModelError(f"adapter {adapter!r} not found: no such directory, and it is not a hub id. Check model.adapter.")
 
@@ -205,7 +209,7 @@ def _load_adapter(base: nn.Module, adapter: str, trainable: bool):
 
     _check_adapter_source(adapter)
     try:
-        with _quiet_peft_deprecation():
+        with quiet_peft_deprecation():
             return PeftModel.from_pretrained(base, adapter, is_trainable=trainable)
     except (OSError, ValueError) as e:
         raise _load_error(adapter, "adapter", e) from None
@@ -228,7 +232,7 @@ def apply_lora(base: nn.Module, lora: LoraSettings, adapter: Optional[str] = Non
         bias=lora.bias,
         task_type=peft.TaskType.SEQ_2_SEQ_LM,
     )
-    with _quiet_peft_deprecation():
+    with quiet_peft_deprecation():
         model = peft.get_peft_model(base, config)
     if not trainable:
         for p in model.parameters():
@@ -394,7 +398,7 @@ def add_reference_adapter(policy: Seq2SeqPolicy, adapter: str) -> Seq2SeqPolicy:
     active = peft_model.active_adapter
     trainable = [id(p) for p in policy.parameters() if p.requires_grad]
     try:
-        with _quiet_peft_deprecation():
+        with quiet_peft_deprecation():
             peft_model.load_adapter(adapter, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
     except (OSError, ValueError) as e:
         raise _load_error(adapter, "reference adapter", e) from None
