@@ -50,7 +50,7 @@ def tiny_args(tiny, out: Path, *extra: str) -> list[str]:
 
 
 def run_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "DETOX_PPO_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
     env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **extra)
     return env
 
@@ -234,8 +234,8 @@ def test_two_processes_shard_train_in_step_and_resume_exactly(tmp_path, tiny_art
         sft = _sft_like_adapter(tiny_artifacts, tmp_path / "sft", "q,v,lm_head")
         start = ["--lora.target_modules", "q,v,lm_head", "--model.adapter", str(sft), "--ppo.reference", "initial_adapter"]
     env = run_env(DS_ACCELERATOR="cpu")
-    run_ppo(tiny_args(tiny_artifacts, straight, *common, *start), launcher=launcher(backend),
-            env={**env, "DETOX_PPO_DEBUG_DIR": str(debug)})
+    run_ppo(tiny_args(tiny_artifacts, straight, *common, *start, "--debug_dir", str(debug)), launcher=launcher(backend),
+            env=env)
 
     # Two processes with their own prompts, kept in step: the same weights on both after every step.
     ranks = [debug_records(debug, r) for r in range(2)]
@@ -243,10 +243,10 @@ def test_two_processes_shard_train_in_step_and_resume_exactly(tmp_path, tiny_art
     seen = set()
     for step, (a, b) in enumerate(zip(*ranks), 1):
         assert a["step"] == b["step"] == step
-        assert len(a["prompt_ids"]) == len(b["prompt_ids"]) == 4  # 8 global rollouts, 4 per process
-        assert not set(a["prompt_ids"]) & set(b["prompt_ids"])
-        assert not seen & set(a["prompt_ids"] + b["prompt_ids"])  # fresh prompts every step
-        seen |= set(a["prompt_ids"] + b["prompt_ids"])
+        assert len(a["example_ids"]) == len(b["example_ids"]) == 4  # 8 global rollouts, 4 per process
+        assert not set(a["example_ids"]) & set(b["example_ids"])
+        assert not seen & set(a["example_ids"] + b["example_ids"])  # fresh prompts every step
+        seen |= set(a["example_ids"] + b["example_ids"])
         assert a["params_sha256"] == b["params_sha256"], f"weights differ between ranks after step {step}"
     assert len({r["params_sha256"] for r in ranks[0]}) == steps  # the weights changed every step
     log = read_log(straight)

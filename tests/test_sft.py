@@ -85,16 +85,18 @@ def test_two_process_run_shards_the_data_and_saves_the_same_adapter_shapes(tiny_
         sys.executable, "-m", "accelerate.commands.launch", "--config_file",
         str(repo_root / "accelerate_configs/cpu_2proc.yaml"), "--main_process_port", str(free_port()),
         "-m", "train.sft", *sft_args(repo_root, tiny_artifacts, tmp_path, "--data.max_examples", "32",
-                                     "--sft.batch_size", "8", "--sft.eval_rouge_examples", "3", "--log-example-rows"),
+                                     "--sft.batch_size", "8", "--sft.eval_rouge_examples", "3",
+                                     "--debug_dir", str(tmp_path / "debug")),
     ]
     result = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
 
     metrics = json.loads((tmp_path / "sft/metrics.json").read_text())
     assert metrics["num_processes"] == 2 and metrics["steps"] == 4
-    rows = [r["data/rows_by_rank"] for r in read_jsonl(tmp_path / "sft/log.jsonl") if "data/rows_by_rank" in r]
-    assert len(rows) == 4
-    per_rank = [[row for step in rows for row in step[rank]] for rank in range(2)]
+    records = [read_jsonl(tmp_path / "debug" / f"rank{rank}.jsonl") for rank in range(2)]
+    assert [len(r) for r in records] == [4, 4]
+    assert all(a["params_sha256"] == b["params_sha256"] for a, b in zip(*records))  # the same weights after each step
+    per_rank = [[row for step in records[rank] for row in step["example_ids"]] for rank in range(2)]
     assert len(per_rank[0]) == len(per_rank[1]) == 16
     assert not set(per_rank[0]) & set(per_rank[1])  # each process trained on different examples
     assert sorted(per_rank[0] + per_rank[1]) == list(range(32))  # and together they covered the data once

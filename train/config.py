@@ -169,6 +169,9 @@ class EvalConfig:
 class ExperimentConfig:
     seed: int = 42
     output_dir: str = "runs/flan-t5-base"
+    # The debug hook of SFT and PPO: every process appends, per optimisation step, the examples it trained on and a
+    # hash of its trainable weights to <debug_dir>/rank<r>.jsonl (to check sharding and identical weights). null = off.
+    debug_dir: Optional[str] = None
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)

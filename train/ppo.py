@@ -157,7 +157,7 @@ class PPORun:
                 progress.set_postfix(reward=f"{stats['env/reward_mean']:.3f}", kl=f"{stats['objective/kl']:.3f}")
                 if step % cfg.ppo.log_every_steps == 0:
                     log_samples(step, local, info)
-            write_debug_record(accelerator, policy, step, info.prompt_ids)
+            write_debug_record(cfg.debug_dir, accelerator, policy, step, info.prompt_ids)
 
             # 7. Checkpoint periodically, and on a stop signal (then exit for the scheduler to requeue).
             preempted = self.stop.should_stop(accelerator)

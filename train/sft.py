@@ -9,7 +9,6 @@ Usage:
 
 Writes `<output_dir>/sft/`: `checkpoints/checkpoint-<step>/`, `adapter/` (peft `save_pretrained`, safetensors),
 `config.yaml` (resolved config), `metrics.json` and `log.jsonl` (one JSON object per logged step / evaluation).
-`--log-example-rows` also logs which rows of the training set every process consumed at each step.
 
 The global batch: `sft.batch_size` counts examples over all processes (each takes an equal share of every batch;
 the last incomplete batch of an epoch is dropped), and the loss of an optimisation step is the mean over all its
@@ -54,6 +53,7 @@ from train.checkpoint import find_resume_checkpoint, load_checkpoint, save_check
 from train.cli import config_from_cli, run_cli
 from train.config import ExperimentConfig, SFTConfig, save_config
 from train.data import build_eval_dataset, build_sft_datasets
+from train.debug import write_debug_record
 from train.distributed import Collectives, configure_deepspeed, fix_deepspeed_cpu_ranks, gathered_trainable, use_cpu
 from train.errors import ConfigError, DataError
 from train.generation import generate_texts
@@ -84,10 +84,6 @@ class TrainerState:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of this output_dir")
-    parser.add_argument(
-        "--log-example-rows", action="store_true",
-        help="log, per step, the training-set rows each process consumed (checks data sharding)",
-    )
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
@@ -191,7 +187,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     model.train()
     progress = tqdm(total=total_steps, initial=state.step, desc="sft", disable=not main_process, unit="step")
     loss_sum = torch.zeros(2, dtype=torch.float64)  # (summed token loss, tokens) since the last log line
-    step_rows: list[list[list[int]]] = []
+    step_rows: list[int] = []  # this process's training-set rows in the current step
     stopped_early = preempted = False
     started, start_step = time.perf_counter(), state.step
     while state.step < total_steps and not (stopped_early or preempted):
@@ -218,17 +214,14 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                         optimizer.zero_grad()
                 state.batches_in_epoch += 1
                 loss_sum[0] += nll.detach().double().cpu()
-                if args.log_example_rows:
-                    step_rows.append([t.tolist() for t in collectives.all_gather(rows)])
+                step_rows += rows.tolist()
             loss_sum[1] += local_tokens.double().cpu()
             scheduler.step()
             state.step += 1
             progress.update(1)
 
-            if args.log_example_rows:  # per process, the rows of every batch of this step
-                logger.write({"step": state.step,
-                              "data/rows_by_rank": [sum((b[r] for b in step_rows), []) for r in range(collectives.world_size)]})
-                step_rows = []
+            write_debug_record(cfg.debug_dir, accelerator, model, state.step, step_rows)  # training-set rows
+            step_rows = []
             if state.step % s.log_every_steps == 0 or state.step == total_steps:
                 total = collectives.all_reduce_sum(loss_sum)
                 logger.write({"step": state.step, "train/loss": (total[0] / total[1]).item(),
