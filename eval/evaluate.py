@@ -321,7 +321,6 @@ def compute_metrics(
 # Output
 
 
-
 def write_examples(path: Path, records: list[dict[str, Any]]) -> None:
     """examples.jsonl in the layout eval.report and eval.human read, one example per line in split order."""
     keys = ("id", "dialogue", "references", "systems")

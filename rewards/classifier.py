@@ -17,7 +17,6 @@ from rewards.config import RewardConfig
 from rewards.errors import RewardError
 from rewards.sources import DTYPES, is_hub_id
 
-
 # Model types whose position ids start after the padding index (fairseq heritage), so the usable length is
 # max_position_embeddings - (pad_token_id + 1): 512 - 2 = 510 for RoBERTa, although its config says 514.
 _OFFSET_POSITION_MODELS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "longformer"}

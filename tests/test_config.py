@@ -88,6 +88,9 @@ def test_bad_yaml_gives_one_clear_error(tmp_path, yaml_text, message):
         (["--ppo", "3"], "is a section"),
         (["stray"], "unexpected argument 'stray'"),
         (["--seed.x", "1"], "not a section"),
+        (["--ppo.score_clip", "-1"], "ppo.score_clip must be positive or null"),
+        (["--ppo.mini_batch_size", "0"], "ppo.mini_batch_size must be positive"),
+        (["--reward.normalize", "true"], "--reward.normalize was replaced: use --ppo.score_normalization standardize"),
     ],
 )
 def test_bad_overrides_give_one_clear_error(repo_root, overrides, message):

@@ -23,6 +23,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from rewards.config import RewardConfig
+from train.atomic import write_text
 from train.errors import ConfigError
 
 PROMPT_TEMPLATE = "\nSummarize the following conversation.\n\n{dialogue}\n\nSummary:\n"
@@ -355,6 +356,8 @@ def validate(cfg: ExperimentConfig) -> None:
     for name in positive:
         if not getattr(p, name) > 0:
             raise ConfigError(f"ppo.{name} must be positive, got {getattr(p, name)}")
+    if p.score_clip is not None and not p.score_clip > 0:
+        raise ConfigError(f"ppo.score_clip must be positive or null, got {p.score_clip}")
     if p.batch_size % p.mini_batch_size != 0:
         raise ConfigError(
             f"ppo.batch_size ({p.batch_size}) must be a multiple of ppo.mini_batch_size ({p.mini_batch_size})"
@@ -375,8 +378,6 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 def save_config(cfg: Any, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML (loadable again with load_config)."""
-    from train.atomic import write_text
-
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 

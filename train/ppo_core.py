@@ -57,8 +57,9 @@ AllReduceSum = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor over the 
 class Trajectory:
     """What experience making produces for B rows; the update needs nothing else.
 
-    Per-token tensors are (B, T) and zero where `masks` is 0. Row order is global: process p's rows follow
-    process p - 1's, so a gathered trajectory is row for row the one a single process would have made.
+    Per-token tensors are (B, T); only positions where `masks` is 1 count (the others hold what the forward pass
+    gave there, or 0, as TRL's do). Row order is global: process p's rows follow process p - 1's, so a gathered
+    trajectory is row for row the one a single process would have made.
     """
 
     query_ids: torch.Tensor  # (B, Q) long, right-padded prompt ids

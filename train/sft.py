@@ -174,7 +174,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
     def checkpoint() -> None:
         def write_weights(directory: Path) -> None:  # the adapter (gathered under ZeRO-3) and the LR schedule
-            save_adapter_weights(model, accelerator, directory)
+            save_adapter(model, accelerator, directory, replace=False)
             if main_process:
                 torch.save(scheduler.state_dict(), directory / SCHEDULER_FILE)
 
@@ -386,22 +386,21 @@ def validation_rouge(model, tokenizer, examples, cfg: ExperimentConfig, accelera
 # Checkpoints and outputs
 
 
-def save_adapter_weights(model, accelerator: Accelerator, directory: Path) -> None:
+def save_adapter(model, accelerator: Accelerator, directory: Path, replace: bool = True) -> None:
     """peft `save_pretrained` (adapter_model.safetensors + adapter_config.json) from the main process. Every
-    process must call it: under ZeRO-3 the trainable weights are gathered first."""
+    process must call it: under ZeRO-3 the trainable weights are gathered first. `replace`: written aside and
+    renamed into place (the final adapter); else straight into `directory` (a checkpoint being written)."""
     with gathered_trainable(accelerator, model):
         if accelerator.is_main_process:
-            # Frozen base embeddings/head are not adapter weights (see train.models.save_policy).
-            accelerator.unwrap_model(model).save_pretrained(str(directory), safe_serialization=True,
-                                                            save_embedding_layers=False)
+            unwrapped = accelerator.unwrap_model(model)
 
+            def write(target: Path) -> None:  # frozen base embeddings/head are not adapter weights
+                unwrapped.save_pretrained(str(target), safe_serialization=True, save_embedding_layers=False)
 
-def save_adapter(model, accelerator: Accelerator, directory: Path) -> None:
-    """The final adapter, written next to `directory` and renamed into place."""
-    with gathered_trainable(accelerator, model):
-        if accelerator.is_main_process:
-            save_directory(directory, lambda tmp: accelerator.unwrap_model(model).save_pretrained(
-                str(tmp), safe_serialization=True, save_embedding_layers=False))
+            if replace:
+                save_directory(directory, write)
+            else:
+                write(directory)
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

@@ -73,7 +73,6 @@ def choose_systems(examples: Sequence[dict[str, Any]], requested: Optional[Seque
     return systems
 
 
-
 def export_study(
     eval_path: str | Path,
     out_dir: str | Path,
