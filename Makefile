@@ -17,7 +17,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 tiny-models: setup
 	$(PY) -m train.tiny_models
 
-# The main job: zero-shot baseline -> LoRA SFT -> PPO -> evaluation report, on the tiny offline default.
+# The main job: LoRA SFT -> PPO -> evaluation (zero-shot base, SFT, PPO) and report, on the tiny offline default.
 demo: tiny-models
 	$(PY) -m eval.pipeline --config configs/tiny.yaml
 

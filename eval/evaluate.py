@@ -1,7 +1,11 @@
 """Evaluation: the base model, the SFT adapter and the PPO adapter on the same examples, on one process or many.
 
+The one evaluation command: the zero-shot baseline is the system `base`, a zero-shot vs SFT table is two systems.
+
 Usage:
-    python -m eval.evaluate --config configs/tiny.yaml
+    python -m eval.evaluate --config configs/tiny.yaml                      # base, sft and ppo of the run
+    python -m eval.evaluate --config configs/tiny.yaml --eval.systems base  # zero-shot baseline only
+    python -m eval.evaluate --config configs/tiny.yaml --eval.systems base,sft=runs/tiny/sft/adapter
     accelerate launch --num_processes 8 -m eval.evaluate --config configs/flan_t5_base.yaml \\
         --eval.systems base,sft=runs/flan-t5-base/sft/adapter,ppo=runs/flan-t5-base/ppo/adapter
 
@@ -38,7 +42,7 @@ from typing import Any, Iterator, Optional
 import torch
 from tqdm.auto import tqdm
 
-from eval.metrics import ROUGE_TYPES, rouge_per_example
+from train.rouge import ROUGE_TYPES, rouge_per_example
 from eval.stats import bootstrap_mean, describe, paired_difference, paired_relative_change
 from train.atomic import write_text
 from train.cli import config_from_cli, run_cli
@@ -388,7 +392,7 @@ def evaluate(cfg: ExperimentConfig) -> dict[str, Any]:
     # 4. Metrics and files, on the main process only.
     summary: dict[str, Any] = {}
     if is_main:
-        from eval.report import write_report
+        from eval.report import metrics_table, write_report
 
         out_dir = Path(cfg.output_dir) / "eval"
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -414,6 +418,7 @@ def evaluate(cfg: ExperimentConfig) -> dict[str, Any]:
         write_examples(out_dir / "examples.jsonl", records)
         write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
         written = write_report(summary, records, out_dir, ppo_log=ppo_log, rows=cfg.eval.qualitative_rows)
+        print("\n" + metrics_table(summary))
         print(f"\n{len(records)} examples x {len(systems)} systems in {seconds:.1f} s "
               f"on {accelerator.num_processes} process(es); written to {out_dir}: "
               + ", ".join(p.name for p in [out_dir / "examples.jsonl", out_dir / "summary.json", *written]))

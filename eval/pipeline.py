@@ -1,4 +1,4 @@
-"""The whole workflow in one command: zero-shot baseline → LoRA SFT → PPO → evaluation and report.
+"""The whole workflow in one command: LoRA SFT → PPO → evaluation (zero-shot base, SFT, PPO) and report.
 
 Usage:
     python -m eval.pipeline --config configs/tiny.yaml            # the main job of `make demo`
@@ -7,7 +7,8 @@ Usage:
 
 Each stage runs as its own process, exactly the command a user would type for that stage (printed before it
 runs), so a stage can be re-run or launched with `accelerate launch` by hand. Overrides after --config go to
-every stage. PPO starts from the SFT adapter; evaluation compares base, SFT and PPO on the same examples.
+every stage. PPO starts from the SFT adapter; evaluation compares the zero-shot base model, SFT and PPO on the
+same examples (the base model is the zero-shot baseline: there is no separate baseline stage).
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from typing import Optional
 from train.config import load_config
 from train.errors import DetoxSumError
 
-STAGES = ("baseline", "sft", "ppo", "eval")
-TITLES = {"baseline": "zero-shot baseline", "sft": "LoRA SFT", "ppo": "PPO detoxification", "eval": "evaluation and report"}
+STAGES = ("sft", "ppo", "eval")
+TITLES = {"sft": "LoRA SFT", "ppo": "PPO detoxification", "eval": "evaluation and report"}
 
 
 def stage_commands(config: str, overrides: list[str], output_dir: str, resume: bool) -> dict[str, list[str]]:
@@ -33,11 +34,10 @@ def stage_commands(config: str, overrides: list[str], output_dir: str, resume: b
     base = ["--config", config, *overrides]
     again = ["--resume"] if resume else []
     return {
-        "baseline": ["-m", "eval.baseline", *base],
         "sft": ["-m", "train.sft", *base, *again],
         "ppo": ["-m", "train.ppo", *base, *again, "--model.adapter", str(sft_adapter)],
         # eval.systems defaults to base, sft and ppo of this output_dir and finds the PPO log itself. Before/after
-        # is SFT → PPO, as in the reference notebook (PPO starts from the SFT policy); base is reported too.
+        # is SFT → PPO, as in the original notebook (PPO starts from the SFT policy); base is reported too.
         "eval": ["-m", "eval.evaluate", *base, "--eval.before", "sft", "--eval.after", "ppo"],
     }
 
@@ -55,6 +55,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = [s for s in stages if s not in STAGES]
+    if "baseline" in unknown:
+        print("error: there is no baseline stage any more: the eval stage scores the zero-shot base model "
+              "(system 'base'); for the baseline alone run python -m eval.evaluate --config FILE --eval.systems base",
+              file=sys.stderr)
+        return 2
     if unknown:
         print(f"error: unknown stage(s) {unknown}; choose from {', '.join(STAGES)}", file=sys.stderr)
         return 2

@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from eval.metrics import ROUGE_TYPES
+from train.rouge import ROUGE_TYPES
 from train.jsonl import read_jsonl
 
 ROUGE_LABELS = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum"}

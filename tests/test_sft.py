@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-from eval import compare
+from eval import evaluate
 from train import sft
 from train.checkpoint import latest_checkpoint, list_checkpoints
 from train.cli import run_cli
@@ -224,26 +224,28 @@ def test_merged_model_matches_base_plus_adapter(tiny_artifacts, repo_root, train
     assert not any("lora" in name for name, _ in merged.named_parameters())
 
 
-def test_compare_reports_zero_shot_and_sft_on_the_same_examples(tiny_artifacts, repo_root, trained, tmp_path, capsys):
-    summary = compare.main(
+def test_evaluation_compares_zero_shot_and_sft_on_the_same_examples(tiny_artifacts, repo_root, trained, tmp_path,
+                                                                       capsys):
+    summary = evaluate.main(
         ["--config", str(repo_root / "configs/tiny.yaml"), "--output_dir", str(tmp_path),
          "--data.path", str(tiny_artifacts.dialogsum), "--model.name_or_path", str(tiny_artifacts.t5),
-         "--adapter", str(trained / "sft/adapter"), "--eval.max_examples", "5", "--eval.generation.max_new_tokens", "8"]
+         "--reward.model_name_or_path", str(tiny_artifacts.roberta),
+         "--eval.systems", f"base,sft={trained / 'sft/adapter'}", "--eval.max_examples", "5",
+         "--eval.generation.max_new_tokens", "8", "--eval.bootstrap_samples", "50"]
     )
     cfg = load_config(repo_root / "configs/tiny.yaml", ["--data.path", str(tiny_artifacts.dialogsum)])
     expected = build_eval_dataset(cfg.data, "test", 5)
     assert summary["num_examples"] == len(expected) == 5 and summary["split"] == "test"
-    assert set(summary["systems"]) == {"zero-shot", "sft"}
-    assert all(s["num_examples"] == 5 for s in summary["systems"].values())
+    assert [s["name"] for s in summary["systems"]] == ["base", "sft"]
 
-    rows = read_jsonl(tmp_path / "compare/predictions.jsonl")
+    rows = read_jsonl(tmp_path / "eval/examples.jsonl")
     assert [r["id"] for r in rows] == expected["id"]
     assert all(len(r["references"]) == 3 for r in rows)  # multi-reference: the tiny test split has three
-    for system, scores in summary["systems"].items():  # the table's means are the per-example means
-        assert scores["rouge"]["rouge1"] == pytest.approx(sum(r["systems"][system]["rouge1"] for r in rows) / 5)
-    assert json.loads((tmp_path / "compare/rouge.json").read_text()) == summary
+    for system, scores in summary["metrics"]["systems"].items():  # the table's means are the per-example means
+        assert scores["rouge"]["rouge1"]["value"] == pytest.approx(sum(r["systems"][system]["rouge1"] for r in rows) / 5)
+    assert json.loads((tmp_path / "eval/summary.json").read_text()) == summary
     table = capsys.readouterr().out
-    assert "| zero-shot | 5 |" in table and "| sft | 5 |" in table
+    assert "| base |" in table and "| sft |" in table
 
 
 @pytest.mark.parametrize("backend", list(BACKENDS))

@@ -51,10 +51,3 @@ def compute_rouge(predictions: Sequence[str], references: Sequence[Sequence[str]
     mean = {k: (sum(r[k] for r in rows) / n if n else float("nan")) for k in ROUGE_TYPES}
     return RougeResult(per_example=rows, mean=mean, num_examples=n)
 
-
-def format_rouge_table(results: dict[str, RougeResult]) -> str:
-    """Markdown table, one row per system: | system | n | rouge1 | rouge2 | rougeL | rougeLsum |."""
-    lines = ["| system | examples | " + " | ".join(ROUGE_TYPES) + " |", "|---|---:|" + "---:|" * len(ROUGE_TYPES)]
-    for name, res in results.items():
-        lines.append(f"| {name} | {res.num_examples} | " + " | ".join(f"{res.mean[k]:.4f}" for k in ROUGE_TYPES) + " |")
-    return "\n".join(lines)

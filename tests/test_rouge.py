@@ -3,7 +3,7 @@
 import pytest
 from rouge_score import rouge_scorer
 
-from eval.metrics import ROUGE_TYPES, compute_rouge, split_sentences
+from train.rouge import ROUGE_TYPES, compute_rouge, split_sentences
 
 PREDICTIONS = ["#Person1# wants to buy a red jacket. They agree on 40 dollars.", "The doctor tells Mr. Smith to quit smoking."]
 REFERENCES = [
