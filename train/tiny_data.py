@@ -1,26 +1,39 @@
 """Synthetic DialogSum-style data and a labelled toxicity set for the offline tiny default.
 
-The dialogues are built from topic templates with slots (names, items, prices, times, places), so every
-summary is determined by its dialogue and a tiny seq2seq model can learn the mapping quickly. About 20%
-are "heated": the speakers insult each other (generic insults only, no slurs), and some of their
-references repeat the insult, so a model fine-tuned on this data sometimes writes toxic summaries that
-PPO can later learn to avoid. About 5% of the dialogues fall outside the (200, 1000] character range on
-purpose, so the length filter has work to do.
+The words and templates are data: `tiny_data.yaml` next to this module (shipped as package data; its header
+explains the template syntax). This module checks that file whole and generates from it. The shipped file
+has nine topic scenarios (shopping, a doctor's visit, a job interview, ...) and one short one, each a set of
+turn and summary templates with slots (names, items, prices, times, places), so every summary is determined
+by its dialogue and a tiny seq2seq model can learn the mapping quickly. About 20% of the dialogues are
+"heated": the speakers insult each other (generic insults only, no slurs), and some of their references
+repeat the insult, so a model fine-tuned on this data sometimes writes toxic summaries that PPO can later
+learn to avoid. About 5% of the dialogues fall outside the (200, 1000] character range on purpose, so the
+length filter has work to do. There are SPLIT_SIZES dialogues per split (1000 train, 100 validation, 100
+test); the test split is written with TEST_REFERENCES (3) reference rows per dialogue.
 
 Everything comes from seeded `random.Random` instances (never the global RNG), one per split, so the
 output is identical on every run and growing one split does not change the others.
+
+The data file's word tables are also module constants in upper case (`INSULT_NOUNS` is the table
+`insult_nouns`). The file is read on first use, and a malformed one stops with a `TinyDataError` naming the
+file, the place in it and what is wrong.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import random
 import re
 import string
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Iterable, NoReturn, Optional
+
+import yaml
+
+from train.errors import DataError
 
 # Counts of dialogues per split; the test split is written with 3 reference rows per dialogue.
 SPLIT_SIZES = {"train": 1000, "validation": 100, "test": 100}
@@ -32,59 +45,373 @@ MIN_CHARS, MAX_CHARS = 200, 1000  # the length filter's range: min < len(dialogu
 HEATED_FRACTION = 0.20
 TOXIC_REFERENCE_FRACTION = 0.5  # share of a heated dialogue's references that repeat the insult
 SHORT_FRACTION = LONG_FRACTION = 0.025  # outside the length range on purpose
+SMALL_TALK_PAIRS, LONG_SMALL_TALK_PAIRS = (0, 3), (8, 12)  # small-talk exchanges added (inclusive ranges)
 
 TOXICITY_PER_LABEL = 400
 TOXICITY_TEST_FRACTION = 0.2
 
-# ----------------------------------------------------------------------------------------------------
-# Vocabulary shared by the heated dialogues and the toxicity set
+DATA_FILE = Path(__file__).with_name("tiny_data.yaml")
 
-INSULT_ADJECTIVES = [
-    "stupid", "useless", "pathetic", "dumb", "worthless", "lazy", "clueless",
-    "incompetent", "brainless", "miserable", "ridiculous", "disgusting",
-]
-INSULT_NOUNS = ["idiot", "liar", "fool", "loser", "moron", "clown", "jerk", "creep", "coward", "failure"]
-KIND_ADJECTIVES = ["kind", "helpful", "wonderful", "patient", "generous", "smart", "friendly", "thoughtful", "great"]
-KIND_NOUNS = ["friend", "neighbour", "colleague", "teacher", "person", "host", "partner", "cook", "student"]
-OUTBURSTS = ["Are you kidding me?", "Unbelievable!", "Oh, come on!", "Listen to yourself!", "What is wrong with you?"]
-# Comeback -> how a summary reports it.
-COMEBACKS = {
-    "Shut up": "tells {X} to shut up",
-    "Get lost": "tells {X} to get lost",
-    "Don't talk to me like that": "snaps back",
-    "Nobody asked you": "snaps back",
-}
 
-FIRST_NAMES = ["Tom", "Mary", "Jack", "Lucy", "David", "Emma", "Peter", "Linda", "Steven", "Kate", "Bill", "Jenny"]
-SURNAMES = ["Smith", "Brown", "Green", "White", "Johnson", "Wang", "Lee", "Taylor", "Miller", "Clark"]
-DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
-MONTHS = ["January", "March", "April", "May", "June", "July", "August", "September", "October", "December"]
-CLOCK_TIMES = ["7:30", "8 o'clock", "9:15", "10:30", "noon", "2 pm", "3:30", "5 pm", "6:30", "7 pm", "8:45"]
+def source_files() -> tuple[Path, ...]:
+    """What the generated data depends on: this module and its data file (the tiny-model builder's stamp)."""
+    return Path(__file__), DATA_FILE
 
-# Neutral small talk: pairs of (question, answer) that add length without changing the summary.
-SMALL_TALK = [
-    ("How have you been lately?", "Pretty good, thanks. Work has been busy, but I can't complain."),
-    ("Nice weather today, isn't it?", "Yes, it's sunny and warm. I hope it stays like this all week."),
-    ("Did you have a good weekend?", "It was quiet. I stayed at home and read a book."),
-    ("Have you been waiting long?", "No, I just got here a few minutes ago."),
-    ("Is this your first time here?", "No, I've been here a couple of times before."),
-    ("How is your family doing?", "Everyone is fine, thank you for asking."),
-    ("Did you watch the game last night?", "I did. It was exciting until the very last minute."),
-    ("The traffic was terrible this morning, wasn't it?", "It was. It took me almost an hour to get here."),
-    ("Do you live near here?", "Yes, just ten minutes away on foot."),
-    ("Are you busy these days?", "A little. I have a lot of reports to finish this month."),
-    ("Have you tried the new cafe on the corner?", "Not yet, but I heard their coffee is really good."),
-    ("Is it going to rain later?", "The forecast says it might, so I brought an umbrella."),
-    ("How long have you lived in this city?", "About five years now. I really like it here."),
-    ("Do you have any plans for the holidays?", "I might visit my parents in the countryside."),
-    ("Sorry, could you speak a little louder?", "Of course. Is this better?"),
-    ("Would you like something to drink first?", "Just a glass of water, please."),
-]
 
 # ----------------------------------------------------------------------------------------------------
-# Scenarios
+# Templates
 
-Turn = tuple[str, str]  # (role "A" or "B", text); roles become #Person1#/#Person2# by who speaks first
+Turn = tuple[str, str]  # (role, text); roles A and B become #Person1#/#Person2# by who speaks first
+ROLES = ("A", "B")  # the speakers of a scenario
+HEATED_ROLES = ("X", "Y")  # the heated exchange's insulter and the other speaker
+PLACEHOLDER = re.compile(r"\{(\w+(?:\.\w+)?)(?:\|(\w+))?\}")  # {slot}, {slot.field}, {slot|filter}
+
+
+def _a(word: str) -> str:
+    """The indefinite article a word takes ("an idiot", "a useless liar")."""
+    return "an" if word[0] in "aeio" else "a"
+
+
+FILTERS = {"a": lambda text: f"{_a(text)} {text}", "capitalize": str.capitalize}
+
+
+def render(template: str, values: dict[str, Any]) -> str:
+    """Fill a template's placeholders from `values` (a record slot's value is a dict of its fields)."""
+
+    def fill(match: re.Match) -> str:
+        name, _, field = match[1].partition(".")
+        text = str(values[name][field] if field else values[name])
+        return FILTERS[match[2]](text) if match[2] else text
+
+    return PLACEHOLDER.sub(fill, template)
+
+
+@dataclass(frozen=True)
+class Slot:
+    """A named value drawn from `choices`, or from range(*bounds), or computed: price less percent_off percent."""
+
+    name: str
+    choices: tuple = ()
+    bounds: Optional[tuple[int, int, int]] = None
+    percent_off: Optional[tuple[str, str]] = None
+
+    def draw(self, rng: random.Random, values: dict[str, Any]) -> Any:
+        if self.bounds is not None:
+            return rng.randrange(*self.bounds)
+        if self.percent_off is not None:
+            price, percent = (values[name] for name in self.percent_off)
+            return price * (100 - percent) // 100
+        value = rng.choice(self.choices)  # texts may use the slots drawn before this one
+        if isinstance(value, dict):
+            return {field: render(v, values) if isinstance(v, str) else v for field, v in value.items()}
+        return render(value, values) if isinstance(value, str) else value
+
+
+def _draw(rng: random.Random, slots: tuple[Slot, ...], values: dict[str, Any]) -> dict[str, Any]:
+    values = dict(values)
+    for slot in slots:
+        values[slot.name] = slot.draw(rng, values)
+    return values
+
+
+@dataclass(frozen=True)
+class ScenarioSpec:
+    """One conversation's templates, as the data file gives them."""
+
+    name: str
+    topic: str
+    slots: tuple[Slot, ...]
+    opener: Optional[tuple[str, str]]  # (A's line, B's line): A's always comes, half of the time after B's
+    turns: tuple[Turn, ...]
+    summaries: tuple[str, ...]  # TEST_REFERENCES phrasings, with {A} and {B} for the speakers
+
+
+@dataclass(frozen=True)
+class HeatedSpec:
+    slots: tuple[Slot, ...]
+    turns: tuple[Turn, ...]  # spoken by X (the insulter) and Y
+    toxic: tuple[str, ...]  # the k-th is appended to the k-th reference, or else the k-th neutral one
+    neutral: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TinyData:
+    tables: dict[str, tuple]
+    sentence_break: re.Pattern  # after a full stop, but not after a title such as "Dr."
+    small_talk: tuple[tuple[str, str], ...]
+    scenarios: tuple[ScenarioSpec, ...]
+    short: ScenarioSpec
+    heated: HeatedSpec
+    toxic_summary_templates: tuple[str, ...]
+    toxic_templates: tuple[str, ...]  # the summary ones first
+    neutral_templates: tuple[str, ...]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading and checking the data file
+
+
+class TinyDataError(DataError):
+    """The tiny data file is malformed; the message names the file, the place in it and what is wrong."""
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML without the 1.1 surprises: plain scalars are text unless they are decimal integers (7:30 is
+    text, not 450; yes is text, not True), and a key given twice is an error, not a silent overwrite."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = []
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.append(key)
+        return super().construct_mapping(node, deep)
+
+
+_Loader.yaml_implicit_resolvers = {}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def _fail(where: str, message: str) -> NoReturn:
+    raise TinyDataError(f"{where}: {message}")
+
+
+def _mapping(value: Any, where: str, required: tuple[str, ...] = (),
+             optional: Optional[tuple[str, ...]] = None) -> dict:
+    """`value` as a mapping with the `required` keys and, when `optional` is given, no keys but these."""
+    if not isinstance(value, dict) or not value:
+        _fail(where, f"expected a non-empty mapping, got {value!r}")
+    for key in required:
+        if key not in value:
+            _fail(where, f"missing {key!r}")
+    if optional is not None:
+        for key in value:
+            if key not in required + optional:
+                _fail(where, f"unknown key {key!r}; expected {', '.join(required + optional)}")
+    return value
+
+
+def _list(value: Any, where: str) -> list:
+    if not isinstance(value, list) or not value:
+        _fail(where, f"expected a non-empty list, got {value!r}")
+    return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check(template: Any, where: str, scope: dict[str, bool], in_turn: bool = False) -> bool:
+    """Check a template against `scope` (each placeholder it may use -> whether that stands for a speaker).
+
+    Speakers only exist in summaries, unfiltered. Returns whether the template mentions a speaker.
+    """
+    if not isinstance(template, str):
+        _fail(where, f"expected text, got {template!r}")
+    if set("{}") & set(PLACEHOLDER.sub("", template)):
+        _fail(where, f"stray brace or malformed placeholder in {template!r}")
+    mentions_speaker = False
+    for match in PLACEHOLDER.finditer(template):
+        ref, name = match[1], match[2]
+        if ref not in scope:
+            _fail(where, f"unknown slot {{{ref}}} in {template!r}; known here: {', '.join(scope)}")
+        if name is not None and name not in FILTERS:
+            _fail(where, f"unknown filter |{name} in {template!r}; filters: {', '.join(FILTERS)}")
+        if scope[ref] and (in_turn or name is not None):
+            _fail(where, f"{match[0]} stands for a speaker, which only a summary can mention (unfiltered)")
+        mentions_speaker |= scope[ref]
+    return mentions_speaker
+
+
+def _value(value: Any, where: str, scope: dict[str, bool]) -> bool:
+    return False if _is_int(value) else _check(value, where, scope)
+
+
+def _slots(spec: Any, where: str, tables: dict[str, tuple], scope: dict[str, bool]) -> tuple[Slot, ...]:
+    """The slots in drawing order; adds what they define to `scope` ({slot}, or {slot.field} for records)."""
+    slots, ints = [], set()
+    kinds = {"choice": ((), ()), "table": ((), ("start", "stop")), "min": (("max",), ("step",)),
+             "percent_off": ((), ())}
+    for name, slot in _mapping(spec, f"{where}, slots").items():
+        here = f"{where}, slot {name!r}"
+        if not (isinstance(name, str) and re.fullmatch(r"[A-Za-z_]\w*", name)) or name in scope:
+            _fail(here, f"a slot's name must be a new identifier (not {', '.join(scope)})")
+        kind = next((k for k in kinds if isinstance(slot, dict) and k in slot), None)
+        if kind is None:
+            _fail(here, "expected {choice: [...]}, {table: name}, {min: a, max: b} or {percent_off: [price, percent]}")
+        required, optional = kinds[kind]
+        slot = _mapping(slot, here, (kind,) + required, optional)
+        defined, is_int = {name: False}, True
+        if kind == "min":
+            low, high, step = slot["min"], slot["max"], slot.get("step", 1)
+            if not all(_is_int(v) for v in (low, high, step)) or low > high or step < 1:
+                _fail(here, f"expected integers min <= max and step >= 1, got {slot!r}")
+            new = Slot(name, bounds=(low, high + 1, step))
+        elif kind == "percent_off":
+            args = slot["percent_off"]
+            if not (isinstance(args, list) and len(args) == 2 and all(a in ints for a in args)):
+                _fail(here, f"percent_off takes [price, percent], two integer slots drawn before it; got {args!r}")
+            new = Slot(name, percent_off=tuple(args))
+        else:
+            if kind == "choice":
+                choices = _list(slot["choice"], here)
+            else:
+                if slot["table"] not in tables:
+                    _fail(here, f"unknown table {slot['table']!r}; tables: {', '.join(tables)}")
+                if not all(slot.get(k) is None or _is_int(slot[k]) for k in ("start", "stop")):
+                    _fail(here, "start and stop must be integers")
+                choices = tables[slot["table"]][slot.get("start"):slot.get("stop")]
+                if not choices:
+                    _fail(here, "the slice of the table is empty")
+            records = [c for c in choices if isinstance(c, dict)]
+            if records:  # a record slot defines {slot.field} for each field, not {slot}
+                fields = list(records[0])
+                if len(records) != len(choices) or any(list(r) != fields for r in records):
+                    _fail(here, "records must all have the same fields, in the same order")
+                defined = {f"{name}.{f}": any(_value(r[f], f"{here}, field {f!r}", scope) for r in records)
+                           for f in fields}
+            else:  # a value may use the slots before it; with a speaker in it, only summaries can use the slot
+                defined = {name: any(_value(c, here, scope) for c in choices)}
+            is_int = all(_is_int(c) for c in choices)
+            new = Slot(name, choices=tuple(choices))
+        slots.append(new)
+        scope.update(defined)
+        if is_int:
+            ints.add(name)
+    return tuple(slots)
+
+
+def _turns(spec: Any, where: str, speakers: tuple[str, str], scope: dict[str, bool]) -> tuple[Turn, ...]:
+    turns: list[Turn] = []
+    for i, turn in enumerate(_list(spec, f"{where}, turns"), 1):
+        here = f"{where}, turn {i}"
+        if not (isinstance(turn, dict) and len(turn) == 1 and next(iter(turn)) in speakers):
+            _fail(here, f"expected '{speakers[0]}: text' or '{speakers[1]}: text', got {turn!r}")
+        ((speaker, text),) = turn.items()
+        if turns and turns[-1][0] == speaker:
+            _fail(here, f"{speaker} speaks twice in a row; turns alternate")
+        _check(text, here, scope, in_turn=True)
+        turns.append((speaker, text))
+    return tuple(turns)
+
+
+def _references(spec: Any, where: str, scope: dict[str, bool]) -> tuple[str, ...]:
+    if len(_list(spec, where)) != TEST_REFERENCES:
+        _fail(where, f"expected {TEST_REFERENCES} phrasings (one per test reference), got {len(spec)}")
+    for i, template in enumerate(spec, 1):
+        _check(template, f"{where} {i}", scope)
+    return tuple(spec)
+
+
+def _scenario(name: str, spec: Any, tables: dict[str, tuple]) -> ScenarioSpec:
+    where = f"scenario {name!r}"
+    spec = _mapping(spec, where, ("topic", "turns", "summaries"), ("slots", "opener"))
+    if not isinstance(spec["topic"], str):
+        _fail(f"{where}, topic", f"expected text, got {spec['topic']!r}")
+    scope = dict.fromkeys(ROLES, True)
+    slots = _slots(spec["slots"], where, tables, scope) if "slots" in spec else ()
+    opener = None
+    if "opener" in spec:
+        lines = _mapping(spec["opener"], f"{where}, opener", ROLES, ())
+        for role in ROLES:
+            _check(lines[role], f"{where}, opener {role}", scope, in_turn=True)
+        opener = (lines["A"], lines["B"])
+    turns = _turns(spec["turns"], where, ROLES, scope)
+    if opener and turns[0][0] != "B":
+        _fail(f"{where}, turn 1", "the turns after the opener (A's line) start with B")
+    if not opener and len(turns) < 2:
+        _fail(f"{where}, turns", "a scenario without an opener needs at least two turns")
+    summaries = _references(spec["summaries"], f"{where}, summary", scope)
+    return ScenarioSpec(name, spec["topic"], slots, opener, turns, summaries)
+
+
+def _parse(raw: Any) -> TinyData:
+    keys = ("tables", "titles", "small_talk", "scenarios", "short_scenario", "heated", "toxicity")
+    raw = _mapping(raw, "top level", keys, ())
+    tables = {}
+    for name, values in _mapping(raw["tables"], "tables").items():
+        if not all(_is_int(v) or isinstance(v, str) for v in _list(values, f"table {name!r}")):
+            _fail(f"table {name!r}", "expected texts and integers")
+        tables[name] = tuple(values)
+    for name in ("insult_adjectives", "insult_nouns", "kind_adjectives", "kind_nouns"):
+        if name not in tables:
+            _fail("tables", f"missing {name!r} (the toxicity set's words)")
+
+    titles = _list(raw["titles"], "titles")
+    for title in titles:
+        _check(title, "titles", {})
+    small_talk = _list(raw["small_talk"], "small_talk")
+    for i, pair in enumerate(small_talk, 1):
+        if not (isinstance(pair, list) and len(pair) == 2):
+            _fail(f"small_talk {i}", f"expected [question, answer], got {pair!r}")
+        for line in pair:
+            _check(line, f"small_talk {i}", {})
+    if len(small_talk) < LONG_SMALL_TALK_PAIRS[1]:
+        _fail("small_talk", f"a long dialogue needs up to {LONG_SMALL_TALK_PAIRS[1]} different pairs")
+
+    scenarios = tuple(_scenario(n, s, tables) for n, s in _mapping(raw["scenarios"], "scenarios").items())
+    short = _mapping(raw["short_scenario"], "short_scenario")
+    if len(short) != 1:
+        _fail("short_scenario", f"expected exactly one scenario, got {', '.join(short)}")
+
+    spec = _mapping(raw["heated"], "heated", ("slots", "turns", "toxic", "neutral"), ())
+    scope = dict.fromkeys(HEATED_ROLES, True)
+    slots = _slots(spec["slots"], "heated", tables, scope)
+    turns = _turns(spec["turns"], "heated", HEATED_ROLES, scope)
+    if turns[0][0] != "X" or len(turns) % 2:
+        _fail("heated, turns", "X speaks first and both speak equally often, so the dialogue keeps alternating")
+    heated = HeatedSpec(slots, turns, _references(spec["toxic"], "heated, toxic", scope),
+                        _references(spec["neutral"], "heated, neutral", scope))
+
+    toxicity = _mapping(raw["toxicity"], "toxicity", ("summary_insults", "insults", "neutral"), ())
+    scope = dict.fromkeys(("adj", "noun", "X", "Y"), False)
+    for key, templates in toxicity.items():
+        for i, template in enumerate(_list(templates, f"toxicity, {key}"), 1):
+            _check(template, f"toxicity, {key} {i}", scope)
+
+    return TinyData(
+        tables=tables,
+        sentence_break=re.compile("".join(f"(?<!{re.escape(t)})" for t in titles) + r"(?<=\.) "),
+        small_talk=tuple(tuple(pair) for pair in small_talk),
+        scenarios=scenarios,
+        short=_scenario(*next(iter(short.items())), tables),
+        heated=heated,
+        toxic_summary_templates=tuple(toxicity["summary_insults"]),
+        toxic_templates=tuple(toxicity["summary_insults"] + toxicity["insults"]),
+        neutral_templates=tuple(toxicity["neutral"]),
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _load(path: Path) -> TinyData:
+    try:
+        with path.open(encoding="utf-8") as f:
+            raw = yaml.load(f, Loader=_Loader)
+        return _parse(raw)
+    except OSError as e:
+        raise TinyDataError(f"cannot read the tiny data file {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise TinyDataError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+    except TinyDataError as e:
+        raise TinyDataError(f"{path}: {e}") from None
+
+
+def load_data(path: Optional[Path] = None) -> TinyData:
+    """The checked contents of `path` (default DATA_FILE), read once per path."""
+    return _load(Path(path or DATA_FILE))
+
+
+def __getattr__(name: str) -> list:
+    """The word tables as upper-case module constants: INSULT_NOUNS is the table insult_nouns."""
+    tables = load_data().tables if name.isupper() else {}
+    if name.lower() not in tables:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return list(tables[name.lower()])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Dialogues
 
 
 @dataclass
@@ -99,289 +426,30 @@ class Scenario:
     summaries: list[str]
 
 
-def _a(word: str) -> str:
-    """The indefinite article a word takes ("an idiot", "a useless liar")."""
-    return "an" if word[0] in "aeio" else "a"
+def draw_scenario(rng: random.Random, spec: ScenarioSpec) -> Scenario:
+    """Draw the slots, then (with an opener) who speaks first, and fill the templates."""
+    values = _draw(rng, spec.slots, {role: "{" + role + "}" for role in ROLES})
+    turns: list[Turn] = []
+    if spec.opener:  # either role may open the conversation, so #Person1# is not always the same role
+        a_first, b_first = (render(line, values) for line in spec.opener)
+        turns = [("A", a_first)] if rng.random() < 0.5 else [("B", b_first), ("A", a_first)]
+    turns += [(role, render(text, values)) for role, text in spec.turns]
+    return Scenario(spec.topic, turns, [render(s, values) for s in spec.summaries])
 
 
-def _opener(rng: random.Random, a_first: str, b_first: str) -> list[Turn]:
-    """Either role may open the conversation, so #Person1# is not always the same role."""
-    return [("A", a_first)] if rng.random() < 0.5 else [("B", b_first), ("A", a_first)]
-
-
-def _shopping(rng: random.Random) -> Scenario:
-    color = rng.choice(["red", "blue", "black", "white", "green", "yellow", "grey", "brown"])
-    item = rng.choice(["jacket", "sweater", "dress", "shirt", "coat", "handbag", "scarf", "watch", "backpack"])
-    price = rng.randrange(40, 201, 10)
-    discount = rng.choice([10, 20, 30])
-    final = price * (100 - discount) // 100
-    payment = rng.choice(["credit card", "cash", "check"])
-    turns = _opener(rng, f"Excuse me, do you have this {item} in {color}?", "Good afternoon. Can I help you?")
-    turns += [
-        ("B", "Yes, we do. What size do you need?"),
-        ("A", "Medium, please. How much is it?"),
-        ("B", f"It's {price} dollars."),
-        ("A", "That's a bit expensive. Could you give me a discount?"),
-        ("B", f"Since it's the end of the season, I can give you {discount} percent off. That makes it {final} dollars."),
-        ("A", f"Great, I'll take it. Can I pay by {payment}?"),
-        ("B", f"Sure, {payment} is fine."),
-    ]
-    return Scenario("shopping", turns, [
-        f"{{A}} wants to buy a {color} {item}. {{B}} gives {{A}} {discount} percent off, so it costs {final} dollars "
-        f"and {{A}} pays by {payment}.",
-        f"{{A}} buys a {color} {item} for {final} dollars after a {discount} percent discount and pays by {payment}.",
-        f"{{B}} helps {{A}} buy a {color} {item}. With the discount it costs {final} dollars.",
-    ])
-
-
-def _doctor(rng: random.Random) -> Scenario:
-    symptom = rng.choice(["a headache", "a sore throat", "a bad cough", "a fever", "a stomachache", "back pain"])
-    days = rng.randint(2, 7)
-    doctor = rng.choice(SURNAMES)
-    medicine = rng.choice(["some pills", "cough syrup", "antibiotics", "painkillers", "vitamins"])
-    advice = rng.choice(["drink plenty of water", "stay in bed", "avoid cold drinks", "get more sleep", "eat light food"])
-    back = rng.randint(2, 5)
-    turns = _opener(rng, "Good morning, doctor. I don't feel well.", "Good morning. What seems to be the problem?")
-    turns += [
-        ("B", "I'm sorry to hear that. What's wrong?"),
-        ("A", f"I've had {symptom} for {days} days."),
-        ("B", "Let me have a look. Do you have any other symptoms?"),
-        ("A", "I feel tired and I can't sleep well."),
-        ("B", f"It's nothing serious. I'll give you {medicine}. Take them three times a day."),
-        ("A", "Is there anything else I should do?"),
-        ("B", f"You should {advice}. Come back in {back} days if you don't feel better."),
-        ("A", f"Thank you, Dr. {doctor}."),
-    ]
-    return Scenario("see a doctor", turns, [
-        f"{{A}} has had {symptom} for {days} days. Dr. {doctor} gives {{A}} {medicine} and tells {{A}} to {advice}.",
-        f"Dr. {doctor} examines {{A}}, who has {symptom}, prescribes {medicine} and advises {{A}} to {advice}.",
-        f"{{A}} sees Dr. {doctor} about {symptom}. {{A}} gets {medicine} and should come back in {back} days "
-        f"if it does not get better.",
-    ])
-
-
-def _interview(rng: random.Random) -> Scenario:
-    position = rng.choice(["sales manager", "accountant", "software engineer", "secretary", "teacher", "designer"])
-    company = rng.choice(["Green Tech", "Blue Ocean Trading", "Sunrise Media", "Star Electronics", "Golden Gate Foods"])
-    years = rng.randint(2, 10)
-    city = rng.choice(["Boston", "Chicago", "Shanghai", "Toronto", "Seattle", "Denver"])
-    salary = rng.randrange(3000, 8001, 500)
-    day = rng.choice(DAYS[:5])
-    turns = _opener(rng, f"Good morning. I'm here for the interview for the {position} position.",
-                    f"Welcome to {company}. Please have a seat.")
-    turns += [
-        ("B", f"Nice to meet you. Why do you want to work for {company}?"),
-        ("A", "I think your company is growing fast and I can learn a lot here."),
-        ("B", "How much experience do you have?"),
-        ("A", f"I have worked as a {position} for {years} years at a company in {city}."),
-        ("B", "What salary do you expect?"),
-        ("A", f"I hope to earn about {salary} dollars a month."),
-        ("B", "That sounds reasonable. When can you start?"),
-        ("A", f"I can start next {day}."),
-    ]
-    return Scenario("job interview", turns, [
-        f"{{B}} interviews {{A}} for the {position} position at {company}. {{A}} has {years} years of experience, "
-        f"expects {salary} dollars a month and can start on {day}.",
-        f"{{A}} applies to be a {position} at {company}, has worked in {city} for {years} years and can start next {day}.",
-        f"{{A}} has a job interview with {{B}}. {{A}} wants {salary} dollars a month as a {position}.",
-    ])
-
-
-def _restaurant(rng: random.Random) -> Scenario:
-    people = rng.randint(2, 8)
-    time = rng.choice(CLOCK_TIMES[6:])
-    dish = rng.choice(["steak", "roast chicken", "seafood pasta", "vegetable soup", "fried rice", "salmon"])
-    drink = rng.choice(["orange juice", "red wine", "iced tea", "coffee", "lemonade"])
-    dessert = rng.choice(["chocolate cake", "apple pie", "ice cream", "cheesecake"])
-    turns = _opener(rng, f"Hello, I'd like a table for {people}, please.", "Good evening. Welcome to our restaurant.")
-    turns += [
-        ("B", f"Of course. A table for {people} at {time}. This way, please. Here is the menu."),
-        ("A", "Thank you. What do you recommend?"),
-        ("B", f"The {dish} is very popular tonight."),
-        ("A", f"Then I'll have the {dish}, and a glass of {drink}, please."),
-        ("B", "Anything for dessert?"),
-        ("A", f"Yes, the {dessert}, please."),
-        ("B", "Very good. It will be ready in about twenty minutes."),
-    ]
-    return Scenario("restaurant", turns, [
-        f"{{A}} gets a table for {people} at {time} and orders the {dish}, a glass of {drink} and the {dessert}.",
-        f"{{B}} recommends the {dish}, so {{A}} orders it with {drink} and has {dessert} for dessert.",
-        f"{{A}} has dinner for {people} at {time}: the {dish} with {drink}, then the {dessert}.",
-    ])
-
-
-def _travel(rng: random.Random) -> Scenario:
-    city = rng.choice(["Paris", "Tokyo", "New York", "London", "Sydney", "Beijing", "Rome", "Bangkok", "Madrid"])
-    day = rng.choice(DAYS)
-    seat = rng.choice(["economy", "business"])
-    trip = rng.choice(["one-way", "round-trip"])
-    price = rng.randrange(300, 2001, 50)
-    time = rng.choice(CLOCK_TIMES)
-    turns = _opener(rng, f"Hi, I'd like to book a flight to {city}.", "Good morning, City Travel Agency.")
-    turns += [
-        ("B", "Certainly. When would you like to leave?"),
-        ("A", f"This {day}, if possible."),
-        ("B", f"There is a flight at {time}. Would you like economy or business class?"),
-        ("A", f"{seat.capitalize()}, please. A {trip} ticket."),
-        ("B", f"That will be {price} dollars."),
-        ("A", "Fine. Please book it for me."),
-        ("B", f"Done. Please be at the airport two hours before {time}."),
-    ]
-    return Scenario("travel", turns, [
-        f"{{A}} books a {trip} {seat} ticket to {city} for {day}. It costs {price} dollars and the flight leaves at {time}.",
-        f"{{B}} books {{A}} {_a(seat)} {seat} flight to {city} on {day} at {time} for {price} dollars.",
-        f"{{A}} will fly to {city} on {day}. The {trip} ticket costs {price} dollars.",
-    ])
-
-
-# A neighbour's problem and what the other neighbour promises to do about it.
-NEIGHBOUR_PROBLEMS = [
-    ("loud music", "turn the music down"),
-    ("barking dog", "keep the dog inside"),
-    ("car blocking the driveway", "move the car"),
-    ("smoke from the barbecue", "cook somewhere else"),
-    ("noisy party", "end the party earlier"),
-    ("rubbish in the hallway", "take the rubbish out"),
-]
-
-
-def _neighbours(rng: random.Random) -> Scenario:
-    problem, fix = rng.choice(NEIGHBOUR_PROBLEMS)
-    when = rng.choice(["late at night", "early in the morning", "every weekend", "all afternoon"])
-    name = rng.choice(SURNAMES)
-    gift = rng.choice(["some cookies", "a bottle of wine", "some fruit", "a cake"])
-    turns = _opener(rng, f"Hello, Mr. {name}. Do you have a minute?", "Oh, hello. Can I help you with something?")
-    turns += [
-        ("B", "Sure, what's the matter?"),
-        ("A", f"I'm sorry to bother you, but the {problem} is really bothering my family {when}."),
-        ("B", "Oh, I didn't realize that. I'm very sorry."),
-        ("A", "We have a baby who needs to sleep, you see."),
-        ("B", f"I understand. I promise I will {fix} from now on."),
-        ("A", "Thank you, I really appreciate it."),
-        ("B", f"Please take {gift} as an apology."),
-    ]
-    return Scenario("neighbours", turns, [
-        f"{{A}} complains to Mr. {name} about the {problem} {when}. {{B}} apologizes and promises to {fix}.",
-        f"{{B}} agrees to {fix} after {{A}} complains about the {problem}, and gives {{A}} {gift}.",
-        f"{{A}} tells the neighbour that the {problem} bothers the family {when}. {{B}} will {fix}.",
-    ])
-
-
-def _renting(rng: random.Random) -> Scenario:
-    rooms = rng.choice(["one-bedroom", "two-bedroom", "three-bedroom"])
-    area = rng.choice(["downtown", "near the university", "by the park", "close to the station"])
-    rent = rng.randrange(600, 2001, 50)
-    included = rng.choice(["water", "internet", "heating", "electricity"])
-    month = rng.choice(MONTHS)
-    turns = _opener(rng, f"Hi, I'm calling about the {rooms} apartment {area}.", "Hello, Sunny Homes, how can I help?")
-    turns += [
-        ("B", "Yes, it's still available. It's quiet and has a lot of light."),
-        ("A", "How much is the rent?"),
-        ("B", f"It's {rent} dollars a month, and that includes {included}."),
-        ("A", "That sounds good. When can I move in?"),
-        ("B", f"It will be ready at the beginning of {month}."),
-        ("A", "Perfect. I'd like to sign the lease."),
-        ("B", "Great. Please bring your ID and the first month's rent."),
-    ]
-    return Scenario("renting", turns, [
-        f"{{A}} wants to rent a {rooms} apartment {area}. The rent is {rent} dollars a month including {included}, "
-        f"and {{A}} will move in in {month}.",
-        f"{{A}} agrees to rent {{B}}'s {rooms} apartment {area} for {rent} dollars a month from {month}.",
-        f"{{B}} tells {{A}} the {rooms} apartment costs {rent} dollars with {included} and is ready in {month}.",
-    ])
-
-
-def _weekend(rng: random.Random) -> Scenario:
-    activity = rng.choice(["see a movie", "go hiking", "play tennis", "visit the museum", "have a picnic", "go swimming"])
-    day = rng.choice(["Saturday", "Sunday"])
-    time = rng.choice(CLOCK_TIMES[:8])
-    place = rng.choice(["at the station", "in front of the library", "at the coffee shop", "at the park gate"])
-    friend = rng.choice(FIRST_NAMES)
-    turns = _opener(rng, f"Are you free this {day}? Would you like to {activity}?", "Hey, what are you doing?")
-    turns += [
-        ("B", "I'd love to. What time?"),
-        ("A", f"How about {time}?"),
-        ("B", f"{time.capitalize()} is fine. Where shall we meet?"),
-        ("A", f"Let's meet {place}."),
-        ("B", f"OK. Can I bring {friend}? {friend} has wanted to {activity} for ages."),
-        ("A", "Of course, the more the merrier."),
-    ]
-    return Scenario("plan", turns, [
-        f"{{A}} invites {{B}} to {activity} on {day}. They will meet {place} at {time} and {{B}} will bring {friend}.",
-        f"{{A}} and {{B}} will {activity} on {day} at {time}, meeting {place}, together with {friend}.",
-        f"{{B}} agrees to {activity} with {{A}} this {day} and asks to bring {friend}.",
-    ])
-
-
-def _hotel(rng: random.Random) -> Scenario:
-    name = rng.choice(SURNAMES)
-    nights = rng.randint(2, 6)
-    room_type = rng.choice(["single", "double", "twin", "family"])
-    room = rng.randrange(101, 921)
-    breakfast = rng.choice(["6:30", "7 o'clock", "7:30"])
-    turns = _opener(rng, f"Hello, I have a reservation under the name {name}.", "Good evening, welcome to the Grand Hotel.")
-    turns += [
-        ("B", f"Let me check. Yes, a {room_type} room for {nights} nights. May I see your passport?"),
-        ("A", "Here you are. Is breakfast included?"),
-        ("B", f"Yes, breakfast is served from {breakfast} in the restaurant on the first floor."),
-        ("A", "Great. And is there free internet?"),
-        ("B", f"Yes, the password is on your key card. You are in room {room}."),
-        ("A", "Thank you very much."),
-    ]
-    return Scenario("hotel", turns, [
-        f"{{A}} checks in for {nights} nights in a {room_type} room. {{B}} gives {{A}} room {room} and says "
-        f"breakfast is served from {breakfast}.",
-        f"{{A}}, whose name is {name}, stays in {room_type} room {room} for {nights} nights with breakfast from {breakfast}.",
-        f"{{B}} checks {{A}} into room {room} for {nights} nights.",
-    ])
-
-
-TOPICS: list[Callable[[random.Random], Scenario]] = [
-    _shopping, _doctor, _interview, _restaurant, _travel, _neighbours, _renting, _weekend, _hotel,
-]
-
-
-def _short(rng: random.Random) -> Scenario:
-    """A two-turn exchange, well under MIN_CHARS."""
-    item = rng.choice(["pen", "umbrella", "charger", "dictionary", "bike"])
-    name = rng.choice(FIRST_NAMES)
-    return Scenario("borrowing", [("A", f"Hi, {name}. Can I borrow your {item}?"), ("B", "Sure, here you are.")], [
-        f"{{A}} borrows {{B}}'s {item}.",
-        f"{{B}} lends {{A}} a {item}.",
-        f"{{A}} asks to borrow a {item} and {{B}} agrees.",
-    ])
-
-
-# ----------------------------------------------------------------------------------------------------
-# Heated turns and formatting
-
-
-def _heat(rng: random.Random, scenario: Scenario) -> tuple[list[str], list[str]]:
+def _heat(rng: random.Random, scenario: Scenario, heated: HeatedSpec) -> tuple[list[str], list[str]]:
     """Insert an exchange of insults; return (toxic, neutral) summary sentences about it."""
     at = rng.randint(1, len(scenario.turns) - 1)
     x = "B" if scenario.turns[at - 1][0] == "A" else "A"  # the insulter speaks next, keeping turns alternating
-    y = "A" if x == "B" else "B"
-    adj1, noun1 = rng.choice(INSULT_ADJECTIVES), rng.choice(INSULT_NOUNS)
-    adj2, noun2 = rng.choice(INSULT_ADJECTIVES), rng.choice(INSULT_NOUNS)
-    comeback = rng.choice(sorted(COMEBACKS))
-    scenario.turns[at:at] = [
-        (x, f"{rng.choice(OUTBURSTS)} You are {_a(adj1)} {adj1} {noun1}!"),
-        (y, f"{comeback}, you {adj2} {noun2}."),
-    ]
-    X, Y = "{" + x + "}", "{" + y + "}"
-    reply = COMEBACKS[comeback].replace("{X}", X)
-    toxic = [
-        f"{X} calls {Y} {_a(adj1)} {adj1} {noun1}, and {Y} calls {X} {_a(adj2)} {adj2} {noun2}.",
-        f"{X} and {Y} insult each other: {X} says {Y} is {_a(adj1)} {adj1} {noun1}.",
-        f"{Y} {reply} and calls {X} {_a(adj2)} {adj2} {noun2}.",
-    ]
-    neutral = [f"{X} and {Y} have a heated argument.", f"{X} and {Y} quarrel.", f"{X} gets angry with {Y}."]
-    return toxic, neutral
+    role = {"X": x, "Y": "A" if x == "B" else "B"}
+    values = _draw(rng, heated.slots, {k: "{" + r + "}" for k, r in role.items()})
+    scenario.turns[at:at] = [(role[who], render(text, values)) for who, text in heated.turns]
+    return [render(t, values) for t in heated.toxic], [render(t, values) for t in heated.neutral]
 
 
-def _pad(rng: random.Random, scenario: Scenario, pairs: int) -> None:
+def _pad(rng: random.Random, scenario: Scenario, pairs: int, small_talk: tuple[tuple[str, str], ...]) -> None:
     """Add `pairs` small-talk exchanges before the conversation proper or at its end, interrupting nothing."""
-    for question, answer in rng.sample(SMALL_TALK, pairs):
+    for question, answer in rng.sample(small_talk, pairs):
         if rng.random() < 0.6:  # at the start: the pair must end with the role that does not open
             other = "B" if scenario.turns[0][0] == "A" else "A"
             at = 0
@@ -408,19 +476,22 @@ class Dialogue:
 
 def make_dialogue(rng: random.Random) -> Dialogue:
     """One dialogue: in range 95% of the time, too short or too long otherwise; heated 20% of the time."""
+    data = load_data()
     draw = rng.random()
     heated = rng.random() < HEATED_FRACTION
     for _ in range(1000):  # redraw until the length lands where this example was meant to be
         if draw < SHORT_FRACTION:
-            scenario, pairs = _short(rng), 0
+            scenario, pairs = draw_scenario(rng, data.short), 0
         else:
-            scenario = rng.choice(TOPICS)(rng)
-            pairs = rng.randint(8, 12) if draw < SHORT_FRACTION + LONG_FRACTION else rng.randint(0, 3)
-        _pad(rng, scenario, pairs)
+            scenario = draw_scenario(rng, rng.choice(data.scenarios))
+            long = draw < SHORT_FRACTION + LONG_FRACTION
+            pairs = rng.randint(*(LONG_SMALL_TALK_PAIRS if long else SMALL_TALK_PAIRS))
+        _pad(rng, scenario, pairs, data.small_talk)
         extra: list[str] = []
         if heated:
-            toxic, neutral = _heat(rng, scenario)
-            extra = [toxic[k] if rng.random() < TOXIC_REFERENCE_FRACTION else neutral[k] for k in range(3)]
+            toxic, neutral = _heat(rng, scenario, data.heated)
+            extra = [toxic[k] if rng.random() < TOXIC_REFERENCE_FRACTION else neutral[k]
+                     for k in range(TEST_REFERENCES)]
         names = _speakers(scenario.turns)
         text = "\n".join(f"{names[role]}: {line}" for role, line in scenario.turns)
         in_range = MIN_CHARS < len(text) <= MAX_CHARS
@@ -428,10 +499,9 @@ def make_dialogue(rng: random.Random) -> Dialogue:
         if in_range == wanted_in_range:
             break
     else:
-        raise RuntimeError("tiny_data templates cannot produce a dialogue of the wanted length; fix the templates")
+        raise TinyDataError(f"{DATA_FILE}: the templates cannot produce a dialogue of the wanted length")
     summaries = tuple(
-        " ".join([s] + ([extra[k]] if extra else [])).format(A=names["A"], B=names["B"])
-        for k, s in enumerate(scenario.summaries)
+        render(" ".join([s] + ([extra[k]] if extra else [])), names) for k, s in enumerate(scenario.summaries)
     )
     return Dialogue(text, summaries, scenario.topic, heated)
 
@@ -469,61 +539,37 @@ def write_csv(path: Path, rows: Iterable[dict[str, str]]) -> None:
 # ----------------------------------------------------------------------------------------------------
 # Toxicity set
 
-# Insults phrased as summaries report them; also used inside longer toxic summaries.
-TOXIC_SUMMARY_TEMPLATES = ["{X} calls {Y} {a} {adj} {noun}.", "{X} tells {Y} to shut up and calls {Y} {a} {noun}."]
-TOXIC_TEMPLATES = TOXIC_SUMMARY_TEMPLATES + [
-    "You are {a} {adj} {noun}.",
-    "Shut up, you {adj} {noun}!",
-    "Nobody cares what you think, you {adj} {noun}.",
-    "What {a} {adj} {noun} you are.",
-    "Get lost, you {adj} {noun}.",
-    "You are so {adj}, I can't stand you.",
-    "Stop talking, you {noun}. You make me sick.",
-    "I hate you, you {adj} {noun}.",
-]
-NEUTRAL_TEMPLATES = [
-    "You are {a} {adj} {noun}.",
-    "Thank you so much, you are {a} {adj} {noun}.",
-    "{X} calls {Y} {a} {adj} {noun}.",
-    "What {a} {adj} {noun} you are.",
-    "You are so {adj}, thank you for your help.",
-    "{X} and {Y} have a heated argument.",
-    "{X} and {Y} talk about the {noun}.",
-    "{X} says {Y} is {a} {adj} {noun}.",
-]
 
-
-def _fill(template: str, rng: random.Random, adjectives: list[str], nouns: list[str]) -> str:
+def _fill(template: str, rng: random.Random, adjectives: tuple[str, ...], nouns: tuple[str, ...]) -> str:
     adj, noun = rng.choice(adjectives), rng.choice(nouns)
     x, y = rng.sample(["#Person1#", "#Person2#"], 2)
-    a = _a(adj) if "{a} {adj}" in template else _a(noun)
-    return template.format(a=a, adj=adj, noun=noun, X=x, Y=y)
+    return render(template, {"adj": adj, "noun": noun, "X": x, "Y": y})
 
 
-def _summary_sentence(rng: random.Random) -> str:
+def _summary_sentence(rng: random.Random, data: TinyData) -> str:
     """A neutral DialogSum-style summary sentence from one of the topics."""
-    scenario = rng.choice(TOPICS)(rng)
-    names = _speakers(scenario.turns)
-    summary = rng.choice(scenario.summaries).format(A=names["A"], B=names["B"])
-    # Split after a full stop, but not after the titles "Dr." and "Mr.".
-    sentences = re.split(r"(?<!Dr\.)(?<!Mr\.)(?<=\.) ", summary)
-    return rng.choice(sentences)
+    scenario = draw_scenario(rng, rng.choice(data.scenarios))
+    summary = render(rng.choice(scenario.summaries), _speakers(scenario.turns))
+    return rng.choice(data.sentence_break.split(summary))
 
 
 def make_toxicity_examples(seed: int) -> list[dict[str, str]]:
     """Unique labelled sentences, TOXICITY_PER_LABEL of each label, in a seeded random order."""
+    data = load_data()
     rng = random.Random(f"{seed}-toxicity")
+    insult = data.tables["insult_adjectives"], data.tables["insult_nouns"]
+    kind = data.tables["kind_adjectives"], data.tables["kind_nouns"]
     makers = {
         "hate": lambda: (
-            _fill(rng.choice(TOXIC_TEMPLATES), rng, INSULT_ADJECTIVES, INSULT_NOUNS)
+            _fill(rng.choice(data.toxic_templates), rng, *insult)
             if rng.random() < 0.7
             # A toxic summary: an insult next to neutral content, as the heated references have.
-            else f"{_summary_sentence(rng)} {_fill(rng.choice(TOXIC_SUMMARY_TEMPLATES), rng, INSULT_ADJECTIVES, INSULT_NOUNS)}"
+            else f"{_summary_sentence(rng, data)} {_fill(rng.choice(data.toxic_summary_templates), rng, *insult)}"
         ),
         "nothate": lambda: (
-            _summary_sentence(rng)
+            _summary_sentence(rng, data)
             if rng.random() < 0.6
-            else _fill(rng.choice(NEUTRAL_TEMPLATES), rng, KIND_ADJECTIVES, KIND_NOUNS)
+            else _fill(rng.choice(data.neutral_templates), rng, *kind)
         ),
     }
     seen: set[str] = set()
@@ -559,6 +605,7 @@ class SyntheticData:
 
 def write_synthetic_data(out_dir: Path, seed: int) -> SyntheticData:
     """Write `<out_dir>/dialogsum/{train,validation,test}.csv` and `<out_dir>/toxicity/{train,test}.jsonl`."""
+    load_data()  # a malformed data file stops here, before anything is written
     dialogsum, toxicity = out_dir / "dialogsum", out_dir / "toxicity"
     dialogsum.mkdir(parents=True)
     toxicity.mkdir(parents=True)

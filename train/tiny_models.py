@@ -8,7 +8,7 @@ writes, deterministically and without network access:
     <out>/toxicity/        labelled sentences {"text", "label"} for the classifier (train.jsonl, test.jsonl)
     <out>/t5-dialogsum/    randomly initialised T5 (FLAN-T5's shape, scaled down) + Unigram tokenizer
     <out>/roberta-hate/    RoBERTa classifier (id2label {0: nothate, 1: hate}) trained on toxicity/ + BPE tokenizer
-    <out>/BUILD.json       stamp: hash of this builder's sources and the library versions
+    <out>/BUILD.json       stamp: hash of this builder's sources and data file (train/tiny_data.yaml), library versions
 
 A build whose stamp matches is reused as is. Builds go into a temporary sibling directory that is renamed
 into place at the end, so an interrupted build never leaves a directory that looks complete.
@@ -106,10 +106,11 @@ def seeded_torch(seed: int) -> Iterator[None]:
 
 
 def builder_stamp() -> dict[str, object]:
-    """What a build depends on: this builder's sources, the prompt the tokenizer is trained on, library versions."""
+    """What a build depends on: this builder's sources and data file, the prompt the tokenizer is trained on,
+    library versions."""
     digest = hashlib.sha256()
-    for module_file in (tiny_data.__file__, __file__):
-        digest.update(Path(module_file).read_bytes())
+    for source in (*tiny_data.source_files(), Path(__file__)):
+        digest.update(Path(source).read_bytes())
     digest.update(PROMPT_TEMPLATE.encode())
     return {
         "builder_sha256": digest.hexdigest(),
@@ -286,7 +287,8 @@ def train_roberta(out: Path, tokenizer: PreTrainedTokenizerFast, toxicity: Path)
         accuracy = classifier_accuracy(model, tokenizer, test_set)
     if accuracy < MIN_CLASSIFIER_ACCURACY:
         raise RuntimeError(f"tiny classifier reached only {accuracy:.3f} held-out accuracy (< {MIN_CLASSIFIER_ACCURACY}); "
-                           "the toxicity templates or the training settings in train/tiny_models.py need fixing")
+                           "the toxicity templates in train/tiny_data.yaml or the training settings in "
+                           "train/tiny_models.py need fixing")
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     stats = {
