@@ -4,15 +4,26 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION := 2.13.0
 
-.PHONY: setup tiny-models demo bench test clean
+.PHONY: setup constraints tiny-models demo bench test clean
 
-# torch goes in first, pinned, so nothing later pulls a CUDA build on a CPU machine.
+# torch goes in first, pinned, so nothing later pulls a CUDA build on a CPU machine; then the project with the exact
+# tested set of every package (constraints.txt) inside the ranges setup.cfg declares.
 setup: $(VENV)/.installed
-$(VENV)/.installed: setup.cfg pyproject.toml
+$(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $@
+
+# Re-pin constraints.txt after changing setup.cfg: the newest versions in range, in a scratch venv. Then run the tests.
+constraints:
+	rm -rf .venv-pin
+	$(PYTHON) -m venv .venv-pin
+	.venv-pin/bin/python -m pip install --quiet torch==$(TORCH_VERSION)
+	.venv-pin/bin/python -m pip install --quiet -e ".[dev]"
+	{ echo "# The exact set the tests ran with (make constraints; Python 3.11, torch $(TORCH_VERSION) CPU build)."; \
+	  .venv-pin/bin/python -m pip freeze --exclude-editable | sed 's/+cpu$$//'; } > constraints.txt
+	rm -rf .venv-pin
 
 tiny-models: setup
 	$(PY) -m train.tiny_models

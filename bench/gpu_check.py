@@ -83,9 +83,10 @@ def max_prompt_tokens(model_dir: Path) -> int:
 def planner_peak_gib(zero: int, quant: str | None, prompt_len: int, gpu_mem: float) -> float:
     from train import plan
 
-    argv = ["--config", "configs/flan_t5_base.yaml", "--model", "google/flan-t5-base", "--gpus", "1", "--zero",
-            str(zero), "--prompt-len", str(prompt_len), "--reward-device", "shared", "--gpu-mem", str(gpu_mem)]
-    result = plan.main(argv + (["--quant", quant] if quant else []))
+    argv = ["--config", "configs/flan_t5_base.yaml", "--model.name_or_path", "google/flan-t5-base", "--plan.gpus", "1",
+            "--plan.zero", str(zero), "--data.max_prompt_tokens", str(prompt_len), "--plan.reward_device", "shared",
+            "--plan.gpu_mem_gib", str(gpu_mem)]
+    result = plan.main(argv + (["--model.quantization", quant] if quant else []))
     return result.peak / 2**30
 
 

@@ -4,7 +4,7 @@
         [--batch-sizes 8,32,128] [--texts 1024] [--clients 8] [--append bench/RESULTS.md]
 
 "Batch size" is the number of texts per scorer call in-process and per HTTP request to the server. The server is
-started once as a subprocess (`python -m rewards.server`, --max-batch-size = the largest batch size) so that with
+started once as a subprocess (`python -m rewards.server`, reward.batch_size = the largest batch size) so that with
 concurrent clients its dynamic batching can merge small requests. Prints a Markdown table; --append also writes it
 with the machine, versions, date and command into a results file.
 """
@@ -104,10 +104,11 @@ class Server:
         self.url = f"http://127.0.0.1:{port}"
         env = {k: v for k, v in os.environ.items() if k != "DETOX_REWARD_TOKEN"}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "rewards.server", "--model", model, "--device", device, "--port", str(port),
-             "--max-batch-size", str(max_batch_size), "--max-wait-ms", str(max_wait_ms),
-             "--max-texts-per-request", str(max_batch_size), "--log-level", "warning",
-             *(["--torch-threads", str(torch_threads)] if torch_threads else [])],
+            [sys.executable, "-m", "rewards.server", "--reward.model_name_or_path", model, "--reward.device", device,
+             "--reward_server.port", str(port), "--reward.batch_size", str(max_batch_size),
+             "--reward_server.max_wait_ms", str(max_wait_ms), "--reward_server.max_texts_per_request", str(max_batch_size),
+             "--reward_server.log_level", "warning",
+             *(["--reward_server.torch_threads", str(torch_threads)] if torch_threads else [])],
             cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )
         deadline = time.monotonic() + 120
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
         f"- Machine: {machine_line(f'torch threads {torch.get_num_threads()}')}",
         f"- Versions: {versions_line(('torch', 'transformers', 'fastapi', 'uvicorn', 'httpx'))}",
         f"- Date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
-        f"- {len(texts)} texts per measurement, median of {args.repeats}; server --max-batch-size {max(batch_sizes)} --max-wait-ms {args.max_wait_ms}",
+        f"- {len(texts)} texts per measurement, median of {args.repeats}; server --reward.batch_size {max(batch_sizes)} --reward_server.max_wait_ms {args.max_wait_ms}",
         "",
         table,
         "",

@@ -11,7 +11,9 @@ from typing import Any
 
 _EXPORTS = {
     "RewardConfig": "rewards.config",
+    "RewardServerConfig": "rewards.config",
     "RewardError": "rewards.errors",
+    "ConfigError": "rewards.errors",
     "load_reward_classifier": "rewards.classifier",
     "RewardScorer": "rewards.scorer",
     "RewardScores": "rewards.scorer",

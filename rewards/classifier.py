@@ -94,7 +94,7 @@ def _check_source(name_or_path: str) -> None:
     if not is_hub_id(name_or_path):
         raise RewardError(
             f"reward model directory {name_or_path!r} does not exist: point reward.model_name_or_path "
-            "(or --model) at a local classifier directory with config.json, model.safetensors and the tokenizer"
+            "at a local classifier directory with config.json, model.safetensors and the tokenizer"
         )
 
 
@@ -122,7 +122,7 @@ def load_reward_classifier(cfg: RewardConfig) -> tuple[Any, Any]:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RewardError(
             f"cannot load the reward classifier from {where} {source!r}: {first_line}. "
-            "Download it once and point reward.model_name_or_path (or --model) at the local directory"
+            "Download it once and point reward.model_name_or_path at the local directory"
         ) from exc
     label_index(model.config, cfg.reward_label, "reward_label")
     label_index(model.config, cfg.toxic_label, "toxic_label")

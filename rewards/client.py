@@ -3,6 +3,8 @@
 Connection errors, timeouts and 5xx answers (503 = server queue full) are retried with exponential backoff up to
 `max_retries` times; 4xx answers are the caller's fault and raise at once with the server's message. Every answer
 is checked to hold exactly one finite reward per text, so a run never continues on missing or stale rewards.
+Batches larger than the server accepts in one request are split: the client asks `GET /health` for the server's
+`max_texts_per_request` before its first request (once; an explicit `max_texts_per_request` can only lower it).
 """
 
 from __future__ import annotations
@@ -26,17 +28,18 @@ class RewardClient:
         timeout_s: float = 30.0,
         max_retries: int = 3,
         backoff_s: float = 0.5,
-        max_texts_per_request: int = 256,
+        max_texts_per_request: int | None = None,  # a cap below the server's limit; None = the server's limit
         transport: httpx.BaseTransport | None = None,  # tests inject an httpx.MockTransport
     ) -> None:
-        if max_retries < 0 or backoff_s < 0 or timeout_s <= 0 or max_texts_per_request < 1:
+        if max_retries < 0 or backoff_s < 0 or timeout_s <= 0 or (max_texts_per_request is not None and max_texts_per_request < 1):
             raise RewardError(
                 "RewardClient needs timeout_s > 0, max_retries >= 0, backoff_s >= 0 and max_texts_per_request >= 1"
             )
         self.url = url.rstrip("/")
         self.max_retries = max_retries
         self.backoff_s = backoff_s
-        self.max_texts_per_request = max_texts_per_request
+        self.cap_texts_per_request = max_texts_per_request
+        self._chunk_size: int | None = None  # texts per request: min(server limit, cap), read lazily from /health
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         # trust_env=False: a proxy from the environment must not sit between trainer and a cluster-local server.
         self._http = httpx.Client(
@@ -80,14 +83,26 @@ class RewardClient:
     def health(self) -> dict[str, Any]:
         return self._request("GET", "/health")
 
+    @property
+    def max_texts_per_request(self) -> int:
+        """Texts per /score request: the server's limit from /health (asked once), lowered by the constructor's cap."""
+        if self._chunk_size is None:
+            health = self.health()
+            limit = health.get("max_texts_per_request") if isinstance(health, dict) else None
+            if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+                raise RewardError(
+                    f"reward server at {self.url} does not report max_texts_per_request in /health (got {limit!r}): "
+                    "is it an older `python -m rewards.server`? Restart it from this version"
+                )
+            self._chunk_size = min(limit, self.cap_texts_per_request or limit)
+        return self._chunk_size
+
     def score(self, texts: Sequence[str]) -> RewardScores:
         texts = check_texts(texts)
         if not texts:
             raise RewardError("nothing to score: the list of texts is empty")
-        parts = [
-            self._score_chunk(texts[start : start + self.max_texts_per_request])
-            for start in range(0, len(texts), self.max_texts_per_request)
-        ]
+        size = self.max_texts_per_request
+        parts = [self._score_chunk(texts[start : start + size]) for start in range(0, len(texts), size)]
         return RewardScores.concat(parts)
 
     def _score_chunk(self, texts: list[str]) -> RewardScores:

@@ -1,11 +1,22 @@
 """Reward server: the hate-speech classifier on its own device, scoring texts for any number of trainers over HTTP.
 
-    DETOX_REWARD_TOKEN=secret python -m rewards.server --model PATH_OR_ID --device cuda:7 --port 8500
+    python -m rewards.server --reward.model_name_or_path PATH_OR_ID --reward.device cuda:7 --reward_server.port 8500
+    DETOX_REWARD_TOKEN=secret python -m rewards.server --config configs/flan_t5_base.yaml --reward.device cuda:7
+
+Settings follow the grammar of every other command: `--config FILE` (optional) and `--section.key VALUE`
+overrides. The server reads two sections: `reward` (the classifier: model_name_or_path, labels, device, dtype,
+batch_size = texts per model call, max_length, trust_remote_code, token_env) and `reward_server` (host, port,
+batching, limits); the other sections of a training recipe belong to training and are ignored, so the recipe a
+trainer runs with also starts its server.
 
 `POST /score {"texts": [...]}` -> `{"rewards": [...], "toxicity": [...], "logits": [[...], ...]}`;
-`GET /health` -> model, labels, device and batching statistics. Concurrent requests are batched dynamically: they
-wait in a bounded queue (full -> 503) and one worker runs up to --max-batch-size texts at a time, after waiting at
-most --max-wait-ms for company, in its own thread so the event loop keeps accepting requests meanwhile.
+`GET /health` -> model, labels, device, the request limits (max_texts_per_request, max_chars: clients split their
+batches to fit) and batching statistics. Concurrent requests are batched dynamically: they wait in a bounded queue
+(full -> 503) and one worker runs up to reward.batch_size texts at a time, after waiting at most
+reward_server.max_wait_ms for company, in its own thread so the event loop keeps accepting requests meanwhile.
+
+The bearer token is read from the environment variable named by reward.token_env (DETOX_REWARD_TOKEN) when it is
+set; reward_server.require_token true refuses to start without it.
 """
 
 from __future__ import annotations
@@ -26,20 +37,22 @@ import uvicorn
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 
-from rewards.config import RewardConfig
-from rewards.errors import RewardError
+from rewards.config import (
+    LOOPBACK_HOSTS, SERVED_REWARD_KEYS, RewardConfig, RewardServerConfig, ServerRecipe, load_server_config, section_help,
+)
+from rewards.errors import ConfigError, RewardError
 from rewards.scorer import RewardScorer, RewardScores
 
-DEFAULT_TOKEN_ENV = "DETOX_REWARD_TOKEN"
-
-
-@dataclass
-class ServerSettings:
-    max_batch_size: int = 64
-    max_wait_ms: float = 5.0
-    max_queue: int = 1024
-    max_texts_per_request: int = 256
-    max_chars: int = 20000
+# The flags of earlier versions and the keys that replaced them: each stops with one line naming its key.
+FORMER_FLAGS = {
+    "model": "reward.model_name_or_path", "device": "reward.device", "dtype": "reward.dtype",
+    "max_batch_size": "reward.batch_size", "max_length": "reward.max_length", "reward_label": "reward.reward_label",
+    "toxic_label": "reward.toxic_label", "trust_remote_code": "reward.trust_remote_code: true",
+    "token_env": "reward.token_env", "host": "reward_server.host", "port": "reward_server.port",
+    "max_wait_ms": "reward_server.max_wait_ms", "max_queue": "reward_server.max_queue",
+    "max_texts_per_request": "reward_server.max_texts_per_request", "max_chars": "reward_server.max_chars",
+    "torch_threads": "reward_server.torch_threads", "log_level": "reward_server.log_level",
+}
 
 
 class QueueFullError(Exception):
@@ -127,7 +140,7 @@ class DynamicBatcher:
             start = stop
 
 
-def validate_texts(body: Any, settings: ServerSettings) -> list[str]:
+def validate_texts(body: Any, settings: RewardServerConfig) -> list[str]:
     """The texts of a /score body, or an HTTPException with the status and message the client should see."""
     if not isinstance(body, dict) or "texts" not in body:
         raise HTTPException(422, 'the body must be a JSON object {"texts": ["...", ...]}')
@@ -151,9 +164,11 @@ def validate_texts(body: Any, settings: ServerSettings) -> list[str]:
     return texts
 
 
-def build_app(scorer: Any, settings: ServerSettings, token: str | None = None) -> FastAPI:
-    """A FastAPI app serving `scorer` (anything with .score(texts) and .describe())."""
-    batcher = DynamicBatcher(scorer.score, settings.max_batch_size, settings.max_wait_ms, settings.max_queue)
+def build_app(scorer: Any, settings: RewardServerConfig, token: str | None = None, batch_size: int | None = None) -> FastAPI:
+    """A FastAPI app serving `scorer` (anything with .score(texts) and .describe()), at most `batch_size` texts
+    per model call (default: reward.batch_size's default)."""
+    batch_size = batch_size or RewardConfig.batch_size
+    batcher = DynamicBatcher(scorer.score, batch_size, settings.max_wait_ms, settings.max_queue)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -188,7 +203,9 @@ def build_app(scorer: Any, settings: ServerSettings, token: str | None = None) -
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", **scorer.describe(), "stats": dict(batcher.stats), "queued": batcher.queue.qsize()}
+        return {"status": "ok", **scorer.describe(), "max_texts_per_request": settings.max_texts_per_request,
+                "max_chars": settings.max_chars, "max_batch_size": batch_size, "stats": dict(batcher.stats),
+                "queued": batcher.queue.qsize()}
 
     @app.get("/stats")
     async def stats() -> dict[str, Any]:
@@ -216,80 +233,49 @@ def build_app(scorer: Any, settings: ServerSettings, token: str | None = None) -
     return app
 
 
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {number}")
-    return number
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m rewards.server", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="classifier directory or hub id")
-    parser.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda:N' (default auto)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=8500)
-    parser.add_argument("--max-batch-size", type=_positive_int, default=64, help="texts per model call")
-    parser.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
-    parser.add_argument("--max-queue", type=_positive_int, default=1024, help="requests waiting before 503")
-    parser.add_argument("--max-texts-per-request", type=_positive_int, default=256)
-    parser.add_argument("--max-chars", type=_positive_int, default=20000, help="characters per text")
-    parser.add_argument("--max-length", type=_positive_int, default=None, help="tokens per text (default: the model's)")
-    parser.add_argument("--reward-label", default="nothate")
-    parser.add_argument("--toxic-label", default="hate")
-    parser.add_argument("--trust-remote-code", action="store_true")
-    parser.add_argument(
-        "--torch-threads", type=_positive_int, default=None,
-        help="CPU threads for the model (default: torch's choice; 1 avoids idle-thread wake-up latency on busy CPUs)",
+def parse_args(argv: Sequence[str] | None = None) -> ServerRecipe:
+    """`--config FILE` (optional) and --reward.* / --reward_server.* overrides -> checked settings."""
+    epilog = (
+        "Overrides: --section.key VALUE or --section.key=VALUE, e.g.\n"
+        "  --reward.model_name_or_path artifacts/tiny/roberta-hate --reward.device cpu --reward_server.port 8500\n"
+        "Only the reward and reward_server sections are read: the other sections of a recipe belong to\n"
+        "training and are ignored. The keys (see rewards/config.py):\n"
+        f"{section_help('reward', RewardConfig(), SERVED_REWARD_KEYS)}\n{section_help('reward_server', RewardServerConfig())}"
     )
-    parser.add_argument(
-        "--token-env", default=None, help=f"environment variable holding the bearer token (default {DEFAULT_TOKEN_ENV}, if set)"
-    )
-    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    return parser.parse_args(argv)
+    parser = argparse.ArgumentParser(prog="python -m rewards.server", description=__doc__.split("\n\n")[0],
+                                     epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
+    parser.add_argument("--config", help="YAML recipe (its reward and reward_server sections); default: the defaults")
+    args, rest = parser.parse_known_args(argv)
+    return load_server_config(args.config, rest, renamed=FORMER_FLAGS)
 
 
-def read_token(token_env: str | None) -> str | None:
-    if token_env is None:
-        return os.environ.get(DEFAULT_TOKEN_ENV) or None
-    token = os.environ.get(token_env)
-    if not token:
-        raise RewardError(f"--token-env {token_env} names an environment variable that is not set or empty")
+def read_token(reward: RewardConfig, server: RewardServerConfig) -> str | None:
+    """The bearer token from the environment variable reward.token_env; None when it is unset and not required."""
+    token = os.environ.get(reward.token_env) or None
+    if token is None and server.require_token:
+        raise ConfigError(f"reward_server.require_token is true but the environment variable {reward.token_env} "
+                          "(reward.token_env) is not set or empty: set it to the bearer token")
     return token
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.torch_threads:
-        torch.set_num_threads(args.torch_threads)
     try:
-        token = read_token(args.token_env)
-        cfg = RewardConfig(
-            model_name_or_path=args.model,
-            reward_label=args.reward_label,
-            toxic_label=args.toxic_label,
-            device=args.device,
-            dtype=args.dtype,
-            batch_size=args.max_batch_size,
-            max_length=args.max_length,
-            trust_remote_code=args.trust_remote_code,
-        )
-        scorer = RewardScorer.from_config(cfg)
-    except RewardError as exc:
+        cfg = parse_args(argv)  # every setting is checked here, before the model loads
+        reward, server = cfg.reward, cfg.reward_server
+        token = read_token(reward, server)
+        if server.torch_threads:
+            torch.set_num_threads(server.torch_threads)
+        scorer = RewardScorer.from_config(reward)
+    except (ConfigError, RewardError) as exc:
         print(f"rewards.server: error: {exc}", file=sys.stderr)
         return 2
-    if token is None and args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"rewards.server: warning: listening on {args.host} without a token; set {DEFAULT_TOKEN_ENV}", file=sys.stderr)
-    settings = ServerSettings(
-        max_batch_size=args.max_batch_size,
-        max_wait_ms=args.max_wait_ms,
-        max_queue=args.max_queue,
-        max_texts_per_request=args.max_texts_per_request,
-        max_chars=args.max_chars,
-    )
+    if token is None and server.host not in LOOPBACK_HOSTS:
+        print(f"rewards.server: warning: listening on {server.host} without a token; set {reward.token_env}",
+              file=sys.stderr)
     print(f"rewards.server: {scorer.name} on {scorer.device}, labels {scorer.labels}", file=sys.stderr, flush=True)
-    uvicorn.run(build_app(scorer, settings, token), host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    app = build_app(scorer, server, token, batch_size=reward.batch_size)
+    uvicorn.run(app, host=server.host, port=server.port, log_level=server.log_level, access_log=False)
     return 0
 
 

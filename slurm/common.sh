@@ -133,10 +133,12 @@ detox_main() {
         # shellcheck disable=SC2016  # expanded by the step's own shell, on each node
         local step_cmd='export CUDA_VISIBLE_DEVICES="$("$PYTHON" slurm/launch_helpers.py gpus --role reward --reserve-reward 1)"'
         local threads=""
-        if [[ "$DETOX_CPU" == 1 ]]; then step_cmd='true'; threads="--torch-threads ${SLURM_CPUS_PER_TASK:-1}"; fi
+        if [[ "$DETOX_CPU" == 1 ]]; then step_cmd='true'; threads="--reward_server.torch_threads ${SLURM_CPUS_PER_TASK:-1}"; fi
         # The server ignores SIGUSR1 (meant for the trainers) and keeps scoring until the training step is done.
-        step_cmd+='; trap "" USR1; exec "$PYTHON" -m rewards.server --host 127.0.0.1 --port "$REWARD_PORT" '
-        step_cmd+="$threads $REWARD_SERVER_ARGS"
+        # REWARD_SERVER_ARGS: the config's reward and reward_server settings; later overrides win.
+        step_cmd+='; trap "" USR1; exec "$PYTHON" -m rewards.server '
+        step_cmd+="$REWARD_SERVER_ARGS $threads"
+        step_cmd+=' --reward_server.host 127.0.0.1 --reward_server.port "$REWARD_PORT"'
         detox_log "starting the reward server step on port $REWARD_PORT (log: $server_log)"
         srun --overlap --nodes="$nodes" --ntasks="$nodes" --ntasks-per-node=1 --kill-on-bad-exit=0 \
              --output="$server_log" bash -c "$step_cmd" &

@@ -13,6 +13,7 @@ one line and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shlex
 import subprocess
@@ -26,6 +27,7 @@ from typing import Optional, Sequence
 # Run as a file (`python slurm/launch_helpers.py`), so the repository root is not on sys.path by itself.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from rewards.config import SERVED_REWARD_KEYS  # noqa: E402
 from train.config import ExperimentConfig, load_config  # noqa: E402
 from train.errors import ConfigError, DetoxSumError  # noqa: E402
 
@@ -86,15 +88,16 @@ def check_processes(cfg: ExperimentConfig, stage: str, num_processes: int) -> No
 
 
 def reward_server_args(cfg: ExperimentConfig, device: str) -> list[str]:
-    """Arguments of `python -m rewards.server` that serve the classifier the config names, as configured."""
-    r = cfg.reward
-    args = ["--model", r.model_name_or_path, "--device", device, "--dtype", r.dtype,
-            "--max-batch-size", str(r.batch_size), "--reward-label", r.reward_label, "--toxic-label", r.toxic_label]
-    if r.max_length is not None:
-        args += ["--max-length", str(r.max_length)]
-    if r.trust_remote_code:
-        args.append("--trust-remote-code")
-    return args
+    """Overrides for `python -m rewards.server` that serve the classifier the resolved config names, as its
+    reward_server section says, on `device`. host and port are left to the template (it appends them)."""
+    def value(v: object) -> str:
+        return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+
+    reward = {**{k: getattr(cfg.reward, k) for k in SERVED_REWARD_KEYS}, "device": device}
+    server = {f.name: getattr(cfg.reward_server, f.name) for f in dataclasses.fields(cfg.reward_server)
+              if f.name not in ("host", "port")}
+    return [token for section, keys in (("reward", reward), ("reward_server", server))
+            for key, v in keys.items() for token in (f"--{section}.{key}", value(v))]
 
 
 def plan(stage: str, machines: int, procs_per_machine: int, stage_args: Sequence[str], reward_device: str) -> dict[str, str]:

@@ -1,6 +1,7 @@
 """Config loading: YAML recipes, command-line overrides, and one clear error for each kind of bad input."""
 
 import dataclasses
+import sys
 
 import pytest
 
@@ -91,11 +92,37 @@ def test_bad_yaml_gives_one_clear_error(tmp_path, yaml_text, message):
         (["--ppo.score_clip", "-1"], "ppo.score_clip must be positive or null"),
         (["--ppo.mini_batch_size", "0"], "ppo.mini_batch_size must be positive"),
         (["--reward.normalize", "true"], "--reward.normalize was replaced: use --ppo.score_normalization standardize"),
+        (["--trackers", "tensorboard,mlflow"], "unknown tracker 'mlflow'; use tensorboard, wandb, both"),
+        (["--trackers", "none,wandb"], "'none' cannot be combined with other trackers"),
     ],
 )
 def test_bad_overrides_give_one_clear_error(repo_root, overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(repo_root / "configs/tiny.yaml", overrides)
+
+
+@pytest.mark.parametrize("value, expected", [("tensorboard,wandb", ["tensorboard", "wandb"]), ("none", []), ("[]", []),
+                                             ("wandb,wandb", ["wandb"])])
+def test_trackers_take_a_list_or_none(repo_root, value, expected):
+    assert ExperimentConfig().trackers == ["tensorboard"]
+    assert load_config(repo_root / "configs/tiny.yaml", ["--trackers", value]).trackers == expected
+
+
+def test_wandb_tracker_without_wandb_installed_says_how_to_install_it_before_any_model_loads(repo_root, tmp_path,
+                                                                                              monkeypatch, capsys):
+    from train import sft
+    from train.cli import run_cli
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # importlib.util.find_spec("wandb") is None: not installed
+    with pytest.raises(ConfigError, match=r"wandb is not installed: pip install wandb"):
+        load_config(repo_root / "configs/tiny.yaml", ["--trackers", "tensorboard,wandb"])
+    assert load_config(repo_root / "configs/tiny.yaml", ["--trackers", "tensorboard"]).trackers == ["tensorboard"]
+    with pytest.raises(SystemExit) as exit_info:  # the entry point: one line, and nothing written or loaded yet
+        run_cli(sft.main, ["--config", str(repo_root / "configs/tiny.yaml"), "--output_dir", str(tmp_path / "run"),
+                           "--model.name_or_path", str(tmp_path / "no-model-here"), "--trackers", "wandb"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith("error: trackers: wandb is not installed: pip install wandb")
+    assert not (tmp_path / "run").exists()
 
 
 def test_missing_config_file_names_the_file_and_the_recipes(repo_root, monkeypatch):
@@ -109,3 +136,28 @@ def test_saved_config_loads_back_identically(repo_root, tmp_path):
     save_config(cfg, tmp_path / "resolved.yaml")
     again = load_config(tmp_path / "resolved.yaml")
     assert dataclasses.asdict(again) == dataclasses.asdict(cfg)
+
+
+def test_one_grammar_and_one_config_error_for_every_command(repo_root):
+    """The grammar lives in rewards.config (the reward server shares it without importing train); its ConfigError is
+    train's ConfigError and a DetoxSumError, so every entry point prints it as one line."""
+    import subprocess
+
+    import rewards.errors
+    import train.errors
+
+    assert train.errors.ConfigError is rewards.errors.ConfigError
+    assert issubclass(train.errors.ConfigError, train.errors.DetoxSumError)
+    cfg = load_config(repo_root / "configs/tiny.yaml", ["--reward_server.port", "8501", "--plan.gpus", "4",
+                                                        "--human.n", "7"])
+    assert (cfg.reward_server.port, cfg.plan.gpus, cfg.human.n) == (8501, 4, 7)
+    assert (ExperimentConfig().reward_server.host, ExperimentConfig().human.host) == ("127.0.0.1", "127.0.0.1")
+    with pytest.raises(ConfigError, match="--gpus was replaced: use --plan.gpus"):
+        load_config(None, ["--gpus", "8"], renamed={"gpus": "plan.gpus"})
+    with pytest.raises(ConfigError, match="reward_server.max_queue must be a positive integer"):
+        load_config(None, ["--reward_server.max_queue", "0"])  # training recipes are checked the same way
+    # rewards never imports train (the import order is eval -> train -> rewards).
+    probe = ("import sys, rewards.server, rewards.client, rewards.config; "
+             "print(sorted(m for m in sys.modules if m == 'train' or m.startswith('train.')))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=repo_root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr

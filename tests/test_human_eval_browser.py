@@ -69,8 +69,8 @@ class Server:
         env = {**os.environ, "DETOX_HUMAN_TOKEN": TOKEN}
         with open(self.log, "a") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "eval.human", "serve", "--items", str(self.items), "--db", str(self.db),
-                 "--port", str(self.port)],
+                [sys.executable, "-m", "eval.human", "serve", "--human.study_dir", str(self.items),
+                 "--human.db", str(self.db), "--human.port", str(self.port)],
                 cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
             )
         deadline = time.monotonic() + 30
@@ -194,8 +194,9 @@ def test_two_annotators_with_a_restart_and_the_report(tmp_path: Path, browser_ty
                 context.close()
         server.stop()
 
-    result = subprocess.run([sys.executable, "-m", "eval.human", "report", "--items", str(study), "--db", str(db),
-                             "--out", str(tmp_path / "report")], cwd=REPO, capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, "-m", "eval.human", "report", "--human.study_dir", str(study),
+                             "--human.db", str(db), "--human.report_dir", str(tmp_path / "report")],
+                            cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "report/report.json").read_text())
 

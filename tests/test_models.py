@@ -125,8 +125,12 @@ def test_reference_notebook_lines_for_base_with_lora_and_value_head():
 def test_param_report_cli_prints_the_notebook_lines(capsys):
     from train import param_report
 
-    param_report.main(["--model", "google/flan-t5-base", "--r", "32", "--targets", "q,v"])
+    param_report.main(["--model.name_or_path", "google/flan-t5-base", "--lora.r", "32", "--lora.target_modules", "q,v"])
     assert capsys.readouterr().out.strip() == NOTEBOOK_LORA_LINES
+    param_report.main([])  # the defaults are the reference workflow
+    assert capsys.readouterr().out.strip() == NOTEBOOK_LORA_LINES
+    param_report.main(["--lora.r", "16"])  # half the rank, half the LoRA parameters
+    assert capsys.readouterr().out.splitlines()[0] == f"trainable model parameters: {3538944 // 2}"
     param_report.main(["--config", str(REPO / "configs/flan_t5_base.yaml"), "--value-head"])
     assert capsys.readouterr().out.splitlines()[:2] == [
         f"trainable model parameters: {3538944 + 769}",
@@ -145,10 +149,25 @@ def test_unknown_architecture_is_a_model_error(capsys):
     from train.cli import run_cli
 
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(param_report.main, ["--model", "t5-nonexistent"])
+        run_cli(param_report.main, ["--model.name_or_path", "t5-nonexistent"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: no architecture for 't5-nonexistent'") and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--r", "16"], "error: --r was replaced: use --lora.r"),
+    (["--model", "google/flan-t5-xl"], "error: --model was replaced: use --model.name_or_path"),
+    (["--targets", "q,k"], "error: --targets was replaced: use --lora.target_modules"),
+    (["--lora.rank", "8"], "error: unknown option --lora.rank; valid keys in lora: r, alpha, target_modules, dropout, bias"),
+])
+def test_param_report_former_flags_fail_naming_the_key(capsys, argv, message):
+    from train import param_report
+    from train.cli import run_cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(param_report.main, argv)
+    assert exit_info.value.code == 2 and capsys.readouterr().err.strip() == message
 
 
 def test_parameter_report_counts_shared_parameters_once_and_4bit_twice():

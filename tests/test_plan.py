@@ -6,11 +6,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from train.config import LoraSettings, load_config
+from train.config import ExperimentConfig, LoraSettings, load_config
 from train.errors import ConfigError
 from train.models import (
     ValueHead, add_reference_adapter, apply_lora, build_from_architecture, load_policy, resolve_architecture,
@@ -116,7 +119,8 @@ def test_reward_model_params_match_roberta_base_formula():
 
 
 def _inputs(**kw) -> PlanInputs:
-    return dataclasses.replace(PlanInputs(), **kw)
+    """The reference workflow's inputs (the config defaults), changed by `kw`."""
+    return dataclasses.replace(PlanInputs.from_config(ExperimentConfig()), **kw)
 
 
 @pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`:UserWarning")  # tiny.yaml adapts lm_head
@@ -131,7 +135,8 @@ def test_reference_adapter_bytes_match_a_real_second_adapter(tiny_artifacts, rep
     frozen_with, trainable_after, _ = _actual_bytes(policy)
     assert trainable_after == trainable
 
-    inputs = PlanInputs.from_config(cfg, gpus=2, zero=3, gpu_mem_gib=1.0)
+    cfg.plan.gpus, cfg.plan.zero, cfg.plan.gpu_mem_gib = 2, 3, 1.0
+    inputs = PlanInputs.from_config(cfg)
     assert inputs.reference_adapter
     with_ref = plan_for(dataclasses.replace(inputs, zero=2)).components
     assert with_ref["KL reference adapter (frozen LoRA)"] == frozen_with - frozen_without > 0
@@ -184,15 +189,25 @@ def test_xxl_verdicts_follow_from_the_sizes():
     assert plan_for(_inputs(model="google/flan-t5-small")).fits
 
 
-def test_cli_plan_config_and_table(capsys, tiny_artifacts, repo_root):
-    p = main(["--model", "google/flan-t5-small", "--gpus", "2", "--zero", "3", "--mini-batch", "4"])
+def test_cli_plan_config_and_table(capsys, tiny_artifacts, repo_root, tmp_path):
+    p = main(["--model.name_or_path", "google/flan-t5-small", "--plan.gpus", "2", "--plan.zero", "3",
+              "--ppo.mini_batch_size", "4"])
     out = capsys.readouterr().out
-    assert "verdict: FITS" in out and "ZeRO-3 gathered layer" in out and p.inputs.gpus == 2
-    p = main(["--config", str(repo_root / "configs" / "tiny.yaml"), "--gpu-mem", "1.0", "--margin", "0",
-              "--model", str(tiny_artifacts.t5), "--reward.model_name_or_path", str(tiny_artifacts.roberta)])
+    assert "verdict: FITS" in out and "ZeRO-3 gathered layer" in out and (p.inputs.gpus, p.inputs.zero) == (2, 3)
+    p = main(["--config", str(repo_root / "configs" / "tiny.yaml"), "--plan.gpu_mem_gib", "1.0", "--plan.margin=0",
+              "--model.name_or_path", str(tiny_artifacts.t5), "--reward.model_name_or_path", str(tiny_artifacts.roberta)])
     out = capsys.readouterr().out
-    assert p.inputs.prompt_len == 256 and p.inputs.max_new_tokens == 32
+    assert p.inputs.prompt_len == 256 and p.inputs.max_new_tokens == 32 and p.inputs.margin == 0
     assert not p.fits and "DOES NOT FIT" in out  # 1 GiB of CUDA overhead alone leaves too little
+    assert "turn this knob: --" in out
+    # The plan section can live in a recipe like any other section; the command line still wins.
+    recipe = tmp_path / "plan.yaml"
+    recipe.write_text("model:\n  name_or_path: google/flan-t5-small\n  quantization: 4bit\n"
+                      "plan:\n  gpus: 4\n  zero: 2\n  offload: true\n  gpu_mem_gib: 40\n")
+    p = main(["--config", str(recipe), "--plan.gpus", "8", "--ppo.mini_batch_size", "8"])
+    capsys.readouterr()
+    assert (p.inputs.gpus, p.inputs.zero, p.inputs.offload, p.inputs.gpu_mem_gib, p.inputs.quant) == (8, 2, True, 40.0, "4bit")
+    assert (p.inputs.mini_batch, p.inputs.batch) == (8, 16)
     table = markdown_table(_inputs(), models=["google/flan-t5-small"])
     rows = [line for line in table.splitlines() if line.startswith("| google/")]
     assert len(rows) == 4 and table.splitlines()[0].startswith("| model | GPUs | ZeRO |")
@@ -201,16 +216,34 @@ def test_cli_plan_config_and_table(capsys, tiny_artifacts, repo_root):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--zero", "5"], "--zero must be"),
-        (["--zero", "1", "--offload"], "--offload needs"),
-        (["--model", "google/flan-t5-huge"], "no architecture"),
-        (["--gpus", "0"], "--gpus must be"),
+        (["--plan.zero", "5"], "plan.zero must be"),
+        (["--plan.zero", "1", "--plan.offload", "true"], "plan.offload needs"),
+        (["--model.name_or_path", "google/flan-t5-huge"], "no architecture"),
+        (["--plan.gpus", "0"], "plan.gpus must be"),
+        (["--plan.margin", "1"], "plan.margin must be"),
+        (["--plan.gpus", "two"], "'plan.gpus' must be an integer"),
+        (["--plan.reward_device", "elsewhere"], "'plan.reward_device' must be one of"),
         (["--reward.model_name_or_path", "someone/other-classifier"], "cannot size reward model"),
+        # The former flags fail naming the key that replaced them.
+        (["--gpus", "8"], "--gpus was replaced: use --plan.gpus"),
+        (["--model", "google/flan-t5-xxl"], "--model was replaced: use --model.name_or_path"),
+        (["--mini-batch", "8"], "--mini-batch was replaced: use --ppo.mini_batch_size"),
+        (["--gradient-checkpointing"], "--gradient-checkpointing was replaced: use --plan.gradient_checkpointing true"),
+        (["--gpu-mem", "40"], "--gpu-mem was replaced: use --plan.gpu_mem_gib"),
     ],
 )
 def test_bad_input_gives_one_clear_error(argv, message):
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         main(argv)
+
+
+def test_cli_error_is_one_line_and_help_shows_the_grammar(repo_root):
+    done = subprocess.run([sys.executable, "-m", "train.plan", "--zero", "3"], cwd=repo_root, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip() == "error: --zero was replaced: use --plan.zero"
+    help_text = subprocess.run([sys.executable, "-m", "train.plan", "--help"], cwd=repo_root, capture_output=True,
+                               text=True, timeout=120).stdout
+    assert "--section.key VALUE" in help_text and "--plan.gpus" in help_text and "--table" in help_text
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: compares with torch.cuda.max_memory_allocated")
@@ -228,7 +261,7 @@ def test_planner_against_cuda_allocations():
     assert abs(torch.cuda.memory_allocated() - start - static) < 16 * 1024**2  # allocator rounding only
     model, head = policy["model"], policy["value_head"]
     model.eval()
-    inputs = PlanInputs(model="google/flan-t5-base")
+    inputs = _inputs(model="google/flan-t5-base")
     batch, q, r = inputs.mini_batch, inputs.prompt_len, inputs.max_new_tokens + 1
     ids = torch.randint(2, 32000, (batch, q), device=device)
     dec = torch.randint(2, 32000, (batch, r), device=device)

@@ -28,7 +28,9 @@ from rewards.scorer import RewardScores
 from train.config import load_config
 from train.errors import ConfigError
 from train.rollout import PromptStream, generate_responses, score_responses
-from helpers import BACKENDS, copy_checkpoint, free_port, launcher
+from helpers import (
+    BACKENDS, copy_checkpoint, expected_scalars, free_port, launcher, logged_numbers, tensorboard_scalars, wandb_history,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 300
@@ -212,11 +214,34 @@ def test_ppo_raises_the_reward_on_the_tiny_default(tmp_path, tiny_artifacts):
                 "env/reward_mean", "env/reward_std", "env/toxicity_mean", "tokens/response_len",
                 "time/generate", "time/score", "time/update", "time/step"):
         assert all(torch.isfinite(torch.tensor(r[key])) for r in log), key
-    assert list((tmp_path / "ppo" / "tensorboard").glob("events.out.tfevents.*"))
+    # The default tracker, TensorBoard, got every number of log.jsonl at its step; no other tracker ran.
+    assert tensorboard_scalars(tmp_path / "ppo" / "tensorboard") == expected_scalars(log)
+    assert not (tmp_path / "ppo" / "wandb").exists()
     # Held-out prompts, same sampling seed: the trained adapter against the starting policy (a fresh LoRA = base).
     before = mean_sampled_reward(tiny_artifacts, None)
     after = mean_sampled_reward(tiny_artifacts, tmp_path / "ppo" / "adapter")
     assert after > before + 0.5, (before, after)
+
+
+@pytest.mark.parametrize("trackers", ["tensorboard,wandb", "none"])
+def test_tensorboard_and_wandb_offline_get_the_log_and_none_logs_nowhere(tmp_path, tiny_artifacts, trackers):
+    # wandb offline (no network), with its own WANDB_DIR: wandb's environment variables win over our defaults.
+    wandb_env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wandb-dir"),
+                 **{f"WANDB_{name}_DIR": str(tmp_path / name.lower()) for name in ("CACHE", "CONFIG", "DATA")}}
+    env = {**{k: v for k, v in run_env().items() if not k.startswith("WANDB_")}, **wandb_env}
+    run_ppo(tiny_args(tiny_artifacts, tmp_path, "--ppo.steps", "2", "--ppo.batch_size", "8", "--trackers", trackers),
+            env=env)
+    log = read_log(tmp_path)
+    assert [r["step"] for r in log] == [1, 2]
+    assert not (tmp_path / "ppo" / "wandb").exists()  # with WANDB_DIR set, wandb writes there
+    if trackers == "none":
+        assert not (tmp_path / "ppo" / "tensorboard").exists() and not (tmp_path / "wandb-dir").exists()
+        return
+    assert tensorboard_scalars(tmp_path / "ppo" / "tensorboard") == expected_scalars(log)
+    rows = wandb_history(tmp_path / "wandb-dir" / "wandb")
+    assert [row["_step"] for row in rows] == [1, 2]
+    for row, record in zip(rows, log):
+        assert {k: row[k] for k in logged_numbers(record)} == pytest.approx(logged_numbers(record))
 
 
 @pytest.mark.parametrize("backend", list(BACKENDS))
@@ -360,8 +385,8 @@ def test_sigterm_checkpoints_the_current_step_and_exits_with_status_3(tmp_path, 
 def test_two_steps_with_the_reward_server(tmp_path, tiny_artifacts):
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "rewards.server", "--model", str(tiny_artifacts.roberta), "--device", "cpu",
-         "--port", str(port), "--log-level", "warning"],
+        [sys.executable, "-m", "rewards.server", "--reward.model_name_or_path", str(tiny_artifacts.roberta),
+         "--reward.device", "cpu", "--reward_server.port", str(port), "--reward_server.log_level", "warning"],
         cwd=REPO_ROOT, env=run_env(DETOX_REWARD_TOKEN="ppo-test"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         text=True,
     )

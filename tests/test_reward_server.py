@@ -18,10 +18,10 @@ import pytest
 import torch
 
 from rewards.client import RewardClient, total_backoff_s
-from rewards.config import RewardConfig
-from rewards.errors import RewardError
+from rewards.config import RewardConfig, RewardServerConfig
+from rewards.errors import ConfigError, RewardError
 from rewards.scorer import RewardScorer, RewardScores
-from rewards.server import DynamicBatcher, QueueFullError, ServerSettings, build_app
+from rewards.server import DynamicBatcher, QueueFullError, build_app, parse_args
 from helpers import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -37,8 +37,8 @@ class ServerProcess:
         env = {k: v for k, v in os.environ.items() if k != "DETOX_REWARD_TOKEN"}
         if token:
             env["DETOX_REWARD_TOKEN"] = token
-        command = [sys.executable, "-m", "rewards.server", "--model", str(model), "--device", "cpu",
-                   "--port", str(self.port), "--log-level", "warning", *extra]
+        command = [sys.executable, "-m", "rewards.server", *extra, "--reward.model_name_or_path", str(model),
+                   "--reward.device", "cpu", "--reward_server.port", str(self.port), "--reward_server.log_level", "warning"]
         self.proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self._wait_ready()
 
@@ -74,8 +74,8 @@ class ServerProcess:
 @pytest.fixture(scope="module")
 def server(tiny_artifacts):
     # A 30 ms wait gives concurrent requests time to meet in one batch.
-    proc = ServerProcess(tiny_artifacts.roberta, "--max-batch-size", "32", "--max-wait-ms", "30",
-                         "--max-texts-per-request", str(MAX_TEXTS), "--max-chars", str(MAX_CHARS))
+    proc = ServerProcess(tiny_artifacts.roberta, "--reward.batch_size", "32", "--reward_server.max_wait_ms", "30",
+                         "--reward_server.max_texts_per_request", str(MAX_TEXTS), "--reward_server.max_chars", str(MAX_CHARS))
     yield proc
     proc.stop()
 
@@ -103,6 +103,8 @@ def test_health_reports_model_labels_and_device(server, tiny_artifacts):
     assert health["status"] == "ok" and health["device"] == "cpu"
     assert health["model"] == str(tiny_artifacts.roberta)
     assert health["labels"] == {"0": "nothate", "1": "hate"}
+    # The limits clients read to split their batches (rewards.client), and the texts per model call.
+    assert (health["max_texts_per_request"], health["max_chars"], health["max_batch_size"]) == (MAX_TEXTS, MAX_CHARS, 32)
 
 
 def test_server_scores_equal_in_process_scores(server, local_scorer):
@@ -202,13 +204,84 @@ def test_client_raises_after_its_retry_budget_when_the_server_dies(tiny_artifact
 
 def test_server_cli_with_missing_model_exits_with_one_clear_line(tmp_path):
     missing = tmp_path / "no-model-here"
-    done = subprocess.run([sys.executable, "-m", "rewards.server", "--model", str(missing), "--port", str(free_port())],
+    done = subprocess.run([sys.executable, "-m", "rewards.server", "--reward.model_name_or_path", str(missing),
+                           "--reward_server.port", str(free_port())],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
     assert "Traceback" not in done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("rewards.server: error:")
     assert str(missing) in lines[0] and "does not exist" in lines[0]
+
+
+def test_client_reads_the_servers_request_limit(tiny_artifacts, local_scorer, tmp_path):
+    """The client splits by the limit the server reports in /health (read once), not by a constant of its own; the
+    server's settings come from a training recipe whose other sections it ignores."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("output_dir: runs/x\nppo:\n  steps: 3\nreward_server:\n  max_texts_per_request: 3\n"
+                      "  max_wait_ms: 0\n")
+    proc = ServerProcess(tiny_artifacts.roberta, "--config", str(recipe), token=None)
+    texts = [texts_for(w, 1)[0] for w in range(7)]
+    try:
+        assert httpx.get(f"{proc.url}/health", timeout=5).json()["max_texts_per_request"] == 3
+        before = proc.stats()["requests"]
+        with RewardClient(proc.url) as client:
+            assert_same_scores(client.score(texts), local_scorer.score(texts))
+            assert client.max_texts_per_request == 3
+        assert proc.stats()["requests"] - before == 3  # 3 + 3 + 1
+        before = proc.stats()["requests"]
+        with RewardClient(proc.url, max_texts_per_request=2) as client:  # a cap may lower the server's limit
+            assert len(client.score(texts)) == 7
+        assert proc.stats()["requests"] - before == 4
+    finally:
+        proc.stop()
+
+
+def run_server_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rewards.server", *args], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=60, env=env)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        # Checked before any model loads: the missing model directory is never reached.
+        (["--reward_server.max_queue", "0"], "reward_server.max_queue must be a positive integer, got 0"),
+        (["--reward.batch_size", "-4"], "reward.batch_size must be a positive integer, got -4"),
+        (["--reward_server.port", "70000"], "reward_server.port must be between 1 and 65535"),
+        (["--reward_server.max_wait_ms", "soon"], "'reward_server.max_wait_ms' must be a number"),
+        (["--reward_server.max_queu", "5"], "did you mean '--reward_server.max_queue'"),
+        (["--ppo.steps", "5"], "unknown option --ppo"),
+        # The former flags name the keys that replaced them.
+        (["--model", "x"], "--model was replaced: use --reward.model_name_or_path"),
+        (["--max-batch-size", "8"], "--max-batch-size was replaced: use --reward.batch_size"),
+        (["--trust-remote-code"], "--trust-remote-code was replaced: use --reward.trust_remote_code true"),
+        (["--reward_server.require_token", "true", "--reward.token_env", "DETOX_TEST_NO_SUCH_VARIABLE"],
+         "DETOX_TEST_NO_SUCH_VARIABLE (reward.token_env) is not set"),
+    ],
+)
+def test_server_refuses_bad_settings_in_one_line_before_loading_the_model(tmp_path, args, message):
+    done = run_server_cli("--reward.model_name_or_path", str(tmp_path / "no-model-here"), *args)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rewards.server: error:") and message in lines[0], done.stderr
+    assert "does not exist" not in lines[0]
+
+
+def test_server_settings_from_a_recipe_and_overrides(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("seed: 1\nsft:\n  max_steps: 3\nreward:\n  model_name_or_path: some/dir\n  batch_size: 8\n"
+                      "reward_server:\n  port: 9001\n  max_chars: 100\n")
+    cfg = parse_args(["--config", str(recipe), "--reward_server.port=9002", "--reward.device", "cuda:7"])
+    assert (cfg.reward.model_name_or_path, cfg.reward.batch_size, cfg.reward.device) == ("some/dir", 8, "cuda:7")
+    assert (cfg.reward_server.port, cfg.reward_server.max_chars, cfg.reward_server.host) == (9002, 100, "127.0.0.1")
+    defaults = parse_args([])
+    assert defaults.reward == RewardConfig() and defaults.reward_server == RewardServerConfig()
+    recipe.write_text("reward_server:\n  prot: 9001\n")  # unknown keys inside the two sections are errors
+    with pytest.raises(ConfigError, match="unknown key 'reward_server.prot'; did you mean 'reward_server.port'"):
+        parse_args(["--config", str(recipe)])
+    help_text = run_server_cli("--help").stdout
+    assert "--section.key VALUE" in help_text and "--reward_server.max_texts_per_request (default 256)" in help_text
 
 
 class FakeScorer:
@@ -247,7 +320,7 @@ def test_batcher_slices_results_per_request_and_respects_max_batch_size():
 
 
 def test_full_queue_answers_503():
-    settings = ServerSettings(max_queue=1)
+    settings = RewardServerConfig(max_queue=1)
     app = build_app(FakeScorer(), settings, token=None)  # lifespan not run: no worker drains the queue
 
     async def scenario() -> httpx.Response:

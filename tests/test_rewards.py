@@ -200,10 +200,13 @@ def test_make_reward_fn_picks_in_process_or_server(reversed_classifier, monkeypa
         make_reward_fn(RewardConfig(url="http://127.0.0.1:9", text="everything"))
 
 
-def scoring_transport(handler_log: list, statuses: list[int], payload=None):
-    """An httpx transport answering /score with the given statuses in turn, then 200 with one score per text."""
+def scoring_transport(handler_log: list, statuses: list[int], payload=None, server_limit: int = 256):
+    """An httpx transport answering /score with the given statuses in turn, then 200 with one score per text; /health
+    reports `server_limit` texts per request."""
 
     def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/health":
+            return httpx.Response(200, json={"status": "ok", "max_texts_per_request": server_limit})
         texts = json.loads(request.content)["texts"]
         handler_log.append(texts)
         if statuses:
@@ -264,6 +267,15 @@ def test_client_splits_large_batches_and_keeps_order():
     texts = ["a" * n for n in range(1, 9)]
     assert client.score(texts).rewards.tolist() == [float(n) for n in range(1, 9)]
     assert [len(c) for c in calls] == [3, 3, 2]
+    calls.clear()  # no cap: the server's limit, asked once
+    client = RewardClient("http://reward", transport=scoring_transport(calls, [], server_limit=5))
+    assert len(client.score(texts)) == 8 and len(client.score(texts[:6])) == 6
+    assert [len(c) for c in calls] == [5, 3, 5, 1]
+    client = RewardClient("http://reward", max_texts_per_request=9, transport=scoring_transport(calls, [], server_limit=4))
+    assert client.max_texts_per_request == 4  # a cap never raises the server's limit
+    old_server = httpx.MockTransport(lambda request: httpx.Response(200, json={"status": "ok"}))
+    with pytest.raises(RewardError, match="does not report max_texts_per_request"):
+        RewardClient("http://reward", transport=old_server).score(["a"])
 
 
 def test_over_long_texts_keep_their_end_so_the_summary_is_always_scored(tiny_artifacts):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
@@ -21,11 +23,14 @@ from train import sft
 from train.checkpoint import latest_checkpoint, list_checkpoints
 from train.cli import run_cli
 from train.config import load_config
+from train.errors import ConfigError
 from train.data import build_eval_dataset
 from train.merge_adapter import merge_adapter
 from train.models import apply_lora, load_base_model
 from train.preemption import PREEMPTED_EXIT_CODE
-from helpers import BACKENDS, copy_checkpoint, free_port, launcher
+from helpers import (
+    BACKENDS, copy_checkpoint, expected_scalars, free_port, launcher, logged_numbers, tensorboard_scalars, wandb_history,
+)
 
 ADAPTER_FILE = "adapter/adapter_model.safetensors"
 # A loss drop this large cannot be noise: validation loss is computed in eval mode (no dropout) on fixed data,
@@ -115,6 +120,76 @@ def test_gradient_accumulation_takes_one_optimizer_step_per_step(tiny_artifacts,
     assert (state["epoch"], state["batches_in_epoch"]) == (1, 4)  # the end of the second epoch of two steps
     optimizer = torch.load(checkpoint / "optimizer.pt", weights_only=True)
     assert {int(state["step"]) for state in optimizer["state"].values()} == {4}
+
+
+def test_tensorboard_gets_the_numbers_of_log_jsonl_and_the_config(trained):
+    expected = expected_scalars(read_jsonl(trained / "sft/log.jsonl"))
+    assert {"train/loss", "train/lr", "eval/loss", "eval/rouge1"} <= expected.keys()
+    # Every number, at its step, once (eval/samples is text: log.jsonl only).
+    assert tensorboard_scalars(trained / "sft/tensorboard") == expected
+    (hparams,) = (trained / "sft/tensorboard").glob("*/hparams.yml")  # the flattened config, as hyperparameters
+    assert yaml.safe_load(hparams.read_text())["sft.max_steps"] == 40
+    assert not (trained / "sft/wandb").exists()
+
+
+def test_resumed_run_replaces_the_tensorboard_steps_after_its_checkpoint(tiny_artifacts, repo_root, tmp_path,
+                                                                         one_torch_thread):
+    # The first run logged steps 3 and 4 after its step-2 checkpoint; resumed from there, the run logs them again
+    # and TensorBoard shows them once, as log.jsonl does.
+    args = sft_args(repo_root, tiny_artifacts, tmp_path, "--data.max_examples", "32", "--sft.max_steps", "4",
+                    "--sft.save_every_steps", "2", "--sft.log_every_steps", "1", "--sft.eval_every_steps", "100",
+                    "--sft.eval_rouge_examples", "0")
+    sft.main(args)
+    shutil.rmtree(tmp_path / "sft/checkpoints/checkpoint-4")
+    sft.main([*args, "--resume"])
+    expected = expected_scalars(read_jsonl(tmp_path / "sft/log.jsonl"))
+    assert [step for step, _ in expected["train/loss"]] == [1, 2, 3, 4]
+    assert tensorboard_scalars(tmp_path / "sft/tensorboard") == expected
+
+
+@pytest.mark.parametrize("trackers", ["wandb", "none"])
+def test_wandb_tracker_logs_offline_and_none_logs_nowhere(tiny_artifacts, repo_root, tmp_path, trackers,
+                                                          one_torch_thread):
+    args = sft_args(repo_root, tiny_artifacts, tmp_path, "--data.max_examples", "32", "--sft.max_steps", "2",
+                    "--sft.log_every_steps", "1", "--sft.eval_every_steps", "2", "--sft.eval_rouge_examples", "0",
+                    "--trackers", trackers)
+    if trackers == "none":
+        sft.main(args)
+    else:  # a process of its own: wandb keeps process-wide state and service processes. Offline: no network.
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "ACCELERATE_"))}
+        env.update(WANDB_MODE="offline", WANDB_CACHE_DIR=str(tmp_path / "cache"), WANDB_CONFIG_DIR=str(tmp_path / "cfg"),
+                   WANDB_DATA_DIR=str(tmp_path / "data"), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+        proc = subprocess.run([sys.executable, "-m", "train.sft", *args], cwd=repo_root, env=env, capture_output=True,
+                              text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    log = read_jsonl(tmp_path / "sft/log.jsonl")
+    assert [(r["step"], "train/loss" in r) for r in log] == [(0, False), (1, True), (2, True), (2, False)]
+    assert not (tmp_path / "sft/tensorboard").exists()
+    if trackers == "none":
+        assert not (tmp_path / "sft/wandb").exists()
+        return
+    rows = {row["_step"]: row for row in wandb_history(tmp_path / "sft/wandb")}  # <stage dir>/wandb/offline-run-*
+    assert sorted(rows) == [0, 1, 2]
+    for record in log:
+        assert {k: rows[record["step"]][k] for k in logged_numbers(record)} == pytest.approx(logged_numbers(record))
+
+
+def test_a_wandb_run_that_cannot_start_is_one_clear_error(repo_root, tmp_path):
+    import wandb.errors
+
+    from train.trackers import start_trackers
+
+    class NotLoggedIn:  # what accelerate's init_trackers does when wandb.init fails (online, no API key)
+        log_with, is_main_process, trackers = ["wandb"], True, ["a wandb tracker that did not start"]
+
+        def init_trackers(self, *args, **kwargs):
+            raise wandb.errors.UsageError("No API key configured. Use `wandb login` to log in.")
+
+    accelerator = NotLoggedIn()
+    cfg = load_config(repo_root / "configs/tiny.yaml", ["--output_dir", str(tmp_path), "--trackers", "wandb"])
+    with pytest.raises(ConfigError, match=r"wandb could not start a run \(No API key.*wandb login.*WANDB_MODE=offline"):
+        start_trackers(accelerator, cfg, "sft")
+    assert accelerator.trackers == []  # end_training() must not finish a run that never started
 
 
 def _start(args: list[str], repo_root: Path, stderr: Path) -> subprocess.Popen:

@@ -7,6 +7,7 @@ every job a test submits is cancelled at the end if it is still queued or runnin
 
 from __future__ import annotations
 
+import dataclasses
 import http.server
 import json
 import os
@@ -86,9 +87,11 @@ def test_plan_reads_the_config_and_checks_ppo_batches():
     # The server arguments are valid for rewards.server and carry the config's reward settings.
     cfg = load_config(REPO / "configs/tiny.yaml", ["--reward.batch_size", "7"])
     server = reward_server_parse_args(shlex.split(plan["REWARD_SERVER_ARGS"]))
-    assert (server.model, server.device, server.max_batch_size) == (cfg.reward.model_name_or_path, "cuda:0", 7)
-    assert (server.reward_label, server.toxic_label, server.dtype) == (
-        cfg.reward.reward_label, cfg.reward.toxic_label, cfg.reward.dtype)
+    assert server.reward == dataclasses.replace(cfg.reward, device="cuda:0", text="prompt_and_summary")
+    assert server.reward_server == cfg.reward_server
+    args = ["--config", "configs/tiny.yaml", "--reward_server.max_queue", "9", "--reward.max_length", "33"]
+    server = reward_server_parse_args(shlex.split(launch_helpers.plan("ppo", 1, 1, args, "cpu")["REWARD_SERVER_ARGS"]))
+    assert (server.reward_server.max_queue, server.reward.max_length, server.reward.device) == (9, 33, "cpu")
     # 3 processes cannot share PPO's global batch of 16 / mini-batch of 4: one clear error before any model loads.
     with pytest.raises(launch_helpers.LaunchError, match="multiples of the 3 training processes"):
         launch_helpers.plan("ppo", 3, 1, ["--config", "configs/tiny.yaml"], "cpu")

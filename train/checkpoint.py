@@ -40,6 +40,14 @@ def checkpoint_path(root: str | os.PathLike, step: int) -> Path:
     return Path(root) / f"checkpoint-{step}"
 
 
+def checkpoint_step(path: str | os.PathLike) -> int:
+    """The step of checkpoint directory `path` (`checkpoint-<step>`)."""
+    m = _CHECKPOINT_NAME.match(Path(path).name)
+    if m is None:
+        raise ValueError(f"not a checkpoint directory name: {path}")
+    return int(m.group(1))
+
+
 @contextmanager
 def atomic_checkpoint_dir(final: str | os.PathLike, is_main_process: bool = True) -> Iterator[Path]:
     """Yield a temporary directory to write a checkpoint into; on success it becomes `final`.

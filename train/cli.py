@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Callable, Optional
+import textwrap
+from typing import Callable, Mapping, Optional
 
 from rewards.errors import RewardError
 from train.config import ExperimentConfig, load_config
@@ -21,14 +22,28 @@ def config_from_cli(
     description: str,
     argv: Optional[list[str]] = None,
     add_arguments: Optional[Callable[[argparse.ArgumentParser], None]] = None,
+    config_required: bool = True,
+    renamed: Optional[Mapping[str, str]] = None,
+    prog: Optional[str] = None,
+    epilog: str = "",
 ) -> tuple[argparse.Namespace, ExperimentConfig]:
-    """Parse `--config` and the script's own flags; everything else is a config override."""
-    parser = argparse.ArgumentParser(description=description, epilog=OVERRIDE_HELP)
-    parser.add_argument("--config", required=True, help="YAML recipe, e.g. configs/tiny.yaml")
+    """Parse `--config` and the script's own flags (modes such as --resume); everything else is a config override.
+
+    `renamed` maps the command's former flags to the keys that replaced them ({"gpus": "plan.gpus"}): such a flag
+    stops with one line naming its key. `epilog` is shown in --help before the override grammar.
+    """
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, epilog="\n\n".join(filter(None, [epilog, textwrap.fill(OVERRIDE_HELP, 100)])),
+        formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
+    )
+    if config_required:
+        parser.add_argument("--config", required=True, help="YAML recipe, e.g. configs/tiny.yaml")
+    else:
+        parser.add_argument("--config", help="YAML recipe, e.g. configs/tiny.yaml (default: the defaults in train/config.py)")
     if add_arguments is not None:
         add_arguments(parser)
     args, rest = parser.parse_known_args(argv)
-    return args, load_config(args.config, rest)
+    return args, load_config(args.config, rest, renamed=renamed)
 
 
 def run_cli(main: Callable[[Optional[list[str]]], object], argv: Optional[list[str]] = None) -> None:

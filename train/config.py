@@ -3,28 +3,27 @@
 Every default lives here, once. A recipe in `configs/` overrides some of them and the command line
 overrides the recipe:
 
-    python -m eval.baseline --config configs/tiny.yaml --eval.max_examples 20 --model.dtype=float32
+    python -m eval.evaluate --config configs/tiny.yaml --eval.max_examples 20 --model.dtype=float32
 
 Unknown keys, values of the wrong type and missing files raise `ConfigError` with one message that
-says what is wrong and how to fix it.
+says what is wrong and how to fix it. The grammar itself (YAML -> dataclasses, overrides, typing) lives in
+`rewards.config`, the bottom of the import order, so that the reward server shares it without importing `train`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Mapping, Optional
 
 import yaml
 
-from rewards.config import RewardConfig
+from rewards.config import RewardConfig, RewardServerConfig, check_reward, check_reward_server, load_dataclass, read_yaml
 from train.atomic import write_text
 from train.errors import ConfigError
+from train.trackers import check_trackers
 
 PROMPT_TEMPLATE = "\nSummarize the following conversation.\n\n{dialogue}\n\nSummary:\n"
 
@@ -167,12 +166,48 @@ class EvalConfig:
 
 
 @dataclass
+class PlanConfig:
+    # What-if hardware of the memory planner (python -m train.plan); training ignores this section. The sizes it
+    # plans with are the training keys (model.*, lora.*, ppo.batch_size, rollout.*, data.max_prompt_tokens, reward.*).
+    gpus: int = 1  # training GPUs (processes) the PPO job runs on
+    zero: int = 0  # DeepSpeed ZeRO stage 1, 2 or 3; 0 = plain data parallel (DDP)
+    offload: bool = False  # DeepSpeed CPU offload: optimizer (ZeRO >= 2) and, under ZeRO-3, the parameters
+    gradient_checkpointing: bool = False  # keep only each block's input for the backward (see train/plan.py)
+    # "separate": the reward classifier on its own device (reward.device cuda:N, or a reward server), not on the
+    # training GPUs; "shared": a copy on every training GPU (reward.device auto).
+    reward_device: Literal["separate", "shared"] = "separate"
+    gpu_mem_gib: float = 80.0  # memory of one GPU, GiB
+    margin: float = 0.10  # fraction of gpu_mem_gib kept free for fragmentation and temporaries
+
+
+@dataclass
+class HumanConfig:
+    # Blinded human evaluation (python -m eval.human {export,serve,report}); training ignores this section.
+    # "{output_dir}" expands to the run's output_dir.
+    eval_dir: str = "{output_dir}/eval"  # export: evaluation output read (directory with examples.jsonl, or the file)
+    study_dir: str = "{output_dir}/human"  # export writes the blinded items here; serve and report read them
+    n: int = 50  # export: dialogues sampled
+    seed: int = 0  # export: sampling, slot-order and annotator-order seed
+    systems: Optional[list[str]] = None  # export: systems compared; null = every system in the evaluation
+    host: str = "127.0.0.1"  # serve: interface to bind; 127.0.0.1 = this machine only (else set DETOX_HUMAN_TOKEN)
+    port: int = 8600  # serve
+    db: Optional[str] = None  # serve, report: SQLite answers file; null = <study_dir>/answers.sqlite
+    key: Optional[str] = None  # report: un-blinding key; null = <study_dir>/key.json
+    report_dir: Optional[str] = None  # report: output directory; null = <study_dir>/report
+
+
+@dataclass
 class ExperimentConfig:
     seed: int = 42
     output_dir: str = "runs/flan-t5-base"
     # The debug hook of SFT and PPO: every process appends, per optimisation step, the examples it trained on and a
     # hash of its trainable weights to <debug_dir>/rank<r>.jsonl (to check sharding and identical weights). null = off.
     debug_dir: Optional[str] = None
+    # Experiment trackers of SFT and PPO, besides log.jsonl (train/trackers.py): tensorboard (<stage dir>/tensorboard/),
+    # wandb (Weights & Biases: pip install wandb; files under <stage dir>/wandb/; WANDB_MODE etc. apply), both, or
+    # none ([] or "none"). On the command line: --trackers tensorboard,wandb / --trackers none.
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    tracker_project: Optional[str] = None  # the wandb project; null = $WANDB_PROJECT if set, else "detox-sum"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -180,43 +215,28 @@ class ExperimentConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    reward_server: RewardServerConfig = field(default_factory=RewardServerConfig)  # python -m rewards.server
     eval: EvalConfig = field(default_factory=EvalConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)  # python -m train.plan
+    human: HumanConfig = field(default_factory=HumanConfig)  # python -m eval.human
 
 
 # ----------------------------------------------------------------------------------------------------
 # Loading and validation
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
+                renamed: Mapping[str, str] | None = None) -> ExperimentConfig:
     """Build an ExperimentConfig from defaults, then the YAML file at `path`, then `overrides`.
 
-    `overrides` are command-line tokens: ["--ppo.learning_rate", "1e-5", "--model.dtype=float32"].
+    `overrides` are command-line tokens: ["--ppo.learning_rate", "1e-5", "--model.dtype=float32"]. `renamed` adds
+    a command's former flags to RENAMED_KEYS (e.g. {"gpus": "plan.gpus"}), so that they fail naming their key.
     """
-    raw: dict[str, Any] = {}
-    if path is not None:
-        raw = read_yaml(path)
-    cfg = build_dataclass(ExperimentConfig, raw, where=str(path) if path else "defaults")
-    for key, value in parse_overrides(overrides or []):
-        set_by_path(cfg, key, value)
+    raw: dict[str, Any] = read_yaml(path) if path is not None else {}
+    cfg = load_dataclass(ExperimentConfig, raw, overrides, where=str(path) if path else "defaults",
+                         renamed={**RENAMED_KEYS, **(renamed or {})})
     validate(cfg)
     return cfg
-
-
-def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        available = sorted(str(x) for x in Path("configs").glob("*.yaml")) if Path("configs").is_dir() else []
-        hint = f" Available recipes: {', '.join(available)}." if available else ""
-        raise ConfigError(f"config file not found: {path}.{hint}")
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config file {path} must contain a mapping of sections, got {type(raw).__name__}")
-    return raw
 
 
 # Keys that earlier versions had, and what replaced them: named in the error instead of a generic "unknown key".
@@ -226,117 +246,6 @@ RENAMED_KEYS = {
     "ppo.score_scaling": "ppo.score_normalization: scale",
     "ppo.score_norm": "ppo.score_normalization: standardize",
 }
-
-
-def build_dataclass(cls: type, raw: Any, where: str, prefix: str = ""):
-    """Instantiate dataclass `cls` from a nested dict, rejecting unknown keys and wrong types."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: '{prefix.rstrip('.') or 'top level'}' must be a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in raw.items():
-        if key not in names:
-            if f"{prefix}{key}" in RENAMED_KEYS:
-                raise ConfigError(f"{where}: '{prefix}{key}' was replaced: use {RENAMED_KEYS[prefix + key]}")
-            raise ConfigError(f"{where}: unknown key '{prefix}{key}'{_suggest(key, names, prefix)}")
-        kwargs[key] = coerce(value, hints[key], f"{prefix}{key}", where)
-    return cls(**kwargs)
-
-
-def coerce(value: Any, tp: Any, key: str, where: str) -> Any:
-    """Check `value` against type `tp`, converting command-line strings where unambiguous."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        return build_dataclass(tp, value, where, prefix=f"{key}.")
-    if origin in (typing.Union, types.UnionType):
-        non_none = [a for a in args if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
-            return None
-        return coerce(value, non_none[0], key, where)
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{where}: '{key}' must be one of {', '.join(map(repr, args))}; got {value!r}")
-        return value
-    if origin is list:
-        (item_tp,) = args
-        if isinstance(value, str):  # command line: "q,v" or "[q, v]"
-            value = [v.strip() for v in value.strip("[]").split(",") if v.strip()]
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: '{key}' must be a list, got {value!r}")
-        return [coerce(v, item_tp, f"{key}[{i}]", where) for i, v in enumerate(value)]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-        raise ConfigError(f"{where}: '{key}' must be true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: '{key}' must be an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads 1e-5 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: '{key}' must be a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{where}: '{key}' must be a string, got {value!r}")
-    raise TypeError(f"unsupported config type {tp} for {key}")  # a bug in this module, not user input
-
-
-def parse_overrides(tokens: list[str]) -> list[tuple[str, str]]:
-    """["--a.b", "1", "--c=2"] -> [("a.b", "1"), ("c", "2")]."""
-    pairs, i = [], 0
-    while i < len(tokens):
-        tok = tokens[i]
-        if not tok.startswith("--") or tok == "--":
-            raise ConfigError(f"unexpected argument {tok!r}: overrides look like --section.key value")
-        key = tok[2:]
-        if "=" in key:
-            key, value = key.split("=", 1)
-            i += 1
-        else:
-            if i + 1 >= len(tokens):
-                raise ConfigError(f"option --{key} needs a value")
-            value = tokens[i + 1]
-            i += 2
-        pairs.append((key.replace("-", "_"), value))
-    return pairs
-
-
-def set_by_path(cfg: Any, dotted: str, value: Any) -> None:
-    """Set `cfg.a.b.c = value` (type-checked), with a clear error for an unknown key."""
-    parts = dotted.split(".")
-    obj, prefix = cfg, ""
-    for depth, part in enumerate(parts):
-        names = [f.name for f in dataclasses.fields(obj)]
-        if part not in names:
-            if f"{prefix}{part}" in RENAMED_KEYS:
-                raise ConfigError(f"--{prefix}{part} was replaced: use --{RENAMED_KEYS[prefix + part].replace(': ', ' ')}")
-            raise ConfigError(f"unknown option --{prefix}{part}{_suggest(part, names, prefix, cli=True)}")
-        if depth == len(parts) - 1:
-            tp = typing.get_type_hints(type(obj))[part]
-            if dataclasses.is_dataclass(tp):
-                raise ConfigError(f"--{dotted} is a section; set one of its keys, e.g. --{dotted}.{dataclasses.fields(tp)[0].name}")
-            setattr(obj, part, coerce(value, tp, dotted, "command line"))
-        else:
-            obj = getattr(obj, part)
-            if not dataclasses.is_dataclass(obj):
-                raise ConfigError(f"--{prefix}{part} is not a section; did you mean --{prefix}{part} VALUE?")
-            prefix += part + "."
 
 
 def validate(cfg: ExperimentConfig) -> None:
@@ -370,6 +279,14 @@ def validate(cfg: ExperimentConfig) -> None:
     for name, value in (("data.max_examples", d.max_examples), ("eval.max_examples", cfg.eval.max_examples)):
         if value is not None and value <= 0:
             raise ConfigError(f"{name} must be positive or null, got {value}")
+    cfg.trackers = check_trackers(cfg.trackers)
+    check_reward(cfg.reward)
+    check_reward_server(cfg.reward_server)
+    h = cfg.human  # the plan section is checked by train.plan (PlanInputs.check), its only reader
+    if h.n < 1:
+        raise ConfigError(f"human.n must be at least 1, got {h.n}")
+    if not 0 < h.port < 65536:
+        raise ConfigError(f"human.port must be between 1 and 65535, got {h.port}")
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -381,10 +298,3 @@ def save_config(cfg: Any, path: str | os.PathLike) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
-
-def _suggest(key: str, names: list[str], prefix: str, cli: bool = False) -> str:
-    close = difflib.get_close_matches(key, names, n=1)
-    dash = "--" if cli else ""
-    if close:
-        return f"; did you mean '{dash}{prefix}{close[0]}'?"
-    return f"; valid keys{' in ' + prefix.rstrip('.') if prefix else ''}: {', '.join(names)}"

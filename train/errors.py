@@ -2,15 +2,14 @@
 
 Entry points catch `DetoxSumError` (see `train.cli.run_cli`) and print the message alone, without a
 traceback; anything else is a bug and keeps its traceback.
+
+`DetoxSumError` and `ConfigError` live in `rewards.errors` (the config grammar and the reward server raise
+`ConfigError` without importing `train`); they are re-exported here, the same classes.
 """
 
+from rewards.errors import ConfigError, DetoxSumError
 
-class DetoxSumError(Exception):
-    """Base class of errors caused by the user's input (configs, data, model paths)."""
-
-
-class ConfigError(DetoxSumError):
-    """A config file or command-line override is missing, unknown or of the wrong type."""
+__all__ = ["ConfigError", "DataError", "DetoxSumError", "ModelError"]
 
 
 class DataError(DetoxSumError):

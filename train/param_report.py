@@ -1,9 +1,12 @@
 """Print how many parameters LoRA (and the PPO value head) trains, offline, from the shipped architectures.
 
-    python -m train.param_report --model google/flan-t5-base              # LoRA r=32 on q,v
-    python -m train.param_report --model google/flan-t5-base --value-head --r 16 --targets q,k,v,o
+    python -m train.param_report                                          # google/flan-t5-base, LoRA r=32 on q,v
+    python -m train.param_report --value-head --lora.r 16 --lora.target_modules q,k,v,o
     python -m train.param_report --config configs/flan_t5_base.yaml      # model and lora from a recipe
-    python -m train.param_report --all                                    # table for the five FLAN-T5 sizes
+    python -m train.param_report --all [--no-lora]                        # table for the five FLAN-T5 sizes
+
+Settings are config keys (`--config FILE`, `--model.name_or_path`, `--lora.r`, `--lora.alpha`,
+`--lora.target_modules`); `--all`, `--no-lora` and `--value-head` choose what is reported.
 
 Models are built on the meta device (no weights, no memory, no download): a hub id must be one of the
 shipped `configs/architectures/`, anything else must be a local model directory with a config.json.
@@ -11,12 +14,10 @@ shipped `configs/architectures/`, anything else must be a local model directory 
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 from typing import Optional
 
-from train.cli import run_cli
-from train.config import LoraSettings, load_config
+from train.cli import config_from_cli, run_cli
+from train.config import LoraSettings
 from train.models import ARCHITECTURES, ValueHead, apply_lora, build_from_architecture, parameter_report, ParamReport
 
 
@@ -43,41 +44,30 @@ def format_table(rows: list[tuple[str, int, ParamReport]]) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML recipe: takes model.name_or_path and the lora section from it")
-    parser.add_argument("--model", help="hub id of a shipped architecture or a local model directory "
-                        "(default: google/flan-t5-base, or the recipe's model)")
+# Flags of earlier versions and the keys that replaced them: each stops with one line naming its key.
+FORMER_FLAGS = {"model": "model.name_or_path", "r": "lora.r", "alpha": "lora.alpha", "targets": "lora.target_modules"}
+
+
+def add_modes(parser) -> None:
     parser.add_argument("--all", action="store_true", help="a table for all shipped FLAN-T5 sizes")
-    parser.add_argument("--lora", action=argparse.BooleanOptionalAction, default=True, help="add a fresh LoRA")
+    parser.add_argument("--no-lora", action="store_true", help="the base model alone, without a fresh LoRA")
     parser.add_argument("--value-head", action="store_true", help="add the PPO value head (d_model + 1)")
-    parser.add_argument("--r", type=int, help="LoRA rank (default 32 or the recipe's)")
-    parser.add_argument("--alpha", type=int, help="LoRA alpha (does not change counts)")
-    parser.add_argument("--targets", help="comma-separated LoRA target modules, e.g. q,v")
-    return parser.parse_args(argv)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    args = parse_args(argv)
-    cfg = load_config(args.config)
-    lora = dataclasses.replace(cfg.lora)
-    if args.r is not None:
-        lora.r = args.r
-    if args.alpha is not None:
-        lora.alpha = args.alpha
-    if args.targets is not None:
-        lora.target_modules = [t.strip() for t in args.targets.split(",") if t.strip()]
-    lora_or_none = lora if args.lora else None
-
+    args, cfg = config_from_cli(__doc__.split("\n\n")[0], argv, add_modes, config_required=False,
+                                renamed=FORMER_FLAGS, prog="python -m train.param_report",
+                                epilog="Keys read: --model.name_or_path (a shipped architecture or a local model directory),\n"
+                                       "--lora.r, --lora.alpha, --lora.target_modules.")
+    lora = None if args.no_lora else cfg.lora
     if args.all:
         rows = [
-            (name, report_for(name, None, False).total, report_for(name, lora_or_none, args.value_head))
+            (name, report_for(name, None, False).total, report_for(name, lora, args.value_head))
             for name in ARCHITECTURES
         ]
         print(format_table(rows))
         return
-    model_name = args.model or cfg.model.name_or_path
-    print(report_for(model_name, lora_or_none, args.value_head).format())
+    print(report_for(cfg.model.name_or_path, lora, args.value_head).format())
 
 
 if __name__ == "__main__":

@@ -1,13 +1,16 @@
 """Per-GPU memory planner for PPO with FLAN-T5 (small to xxl): does this job fit before it is queued?
 
-    python -m train.plan --model google/flan-t5-xxl --gpus 8 --zero 3 [--quant 4bit] [--mini-batch 8]
-    python -m train.plan --config configs/flan_t5_base.yaml --gpus 1 --gradient-checkpointing
+    python -m train.plan --model.name_or_path google/flan-t5-xxl --plan.gpus 8 --plan.zero 3 [--model.quantization 4bit]
+    python -m train.plan --config configs/flan_t5_base.yaml --plan.gradient_checkpointing true --ppo.mini_batch_size 8
     python -m train.plan --table            # Markdown: flan-t5 small..xxl x {1, 8} GPUs x ZeRO {2, 3}
 
 Nothing is downloaded and no weights are made: the policy is built on the meta device from the shipped
 architecture configs (`train.models.build_from_architecture`), LoRA is applied with the project's own
-`apply_lora`, so parameter counts per module are exact. Sizes come from the config (`--config`, default = the
-reference workflow) and flags override them. The planner models the PPO stage (the most demanding one).
+`apply_lora`, so parameter counts per module are exact. Sizes are the training keys of the config (`--config`,
+default = the reference workflow: model.*, lora.*, ppo.batch_size/mini_batch_size, rollout.batch_size/max_new_tokens,
+data.max_prompt_tokens, reward.*); the hardware to plan for is its `plan` section (GPUs, ZeRO stage, offload,
+gradient checkpointing, reward placement, GPU memory, margin); `--section.key VALUE` overrides either. The planner
+models the PPO stage (the most demanding one).
 
 Memory model, per GPU (N = GPUs, b = bytes per element of the model dtype: fp32 4, bf16/fp16 2). "Sharded"
 means divided by N (rounded up).
@@ -65,7 +68,7 @@ Peak = weights + trainable + optimizer + max(training phase, generation phase) +
   workspaces, which `torch.cuda.max_memory_allocated` does not see). The rollout's no-grad forward passes
   (old and reference log-probs) hold less than the training pass and are not counted. Temporaries during
   the backward (a few layer-sized gradient tensors) and fragmentation are left to the safety margin: the job
-  fits when peak <= gpu_mem * (1 - margin) (default 10% of 80 GiB).
+  fits when peak <= plan.gpu_mem_gib * (1 - plan.margin) (default 10% of 80 GiB).
 Reward model (RoBERTa classifier): parameters * reward dtype bytes, plus inference activations of one
   batch, batch * length * (2 intermediate + 4 hidden) * bytes (one layer at a time, no gradients). On
   "separate" placement it is reported for its own device and not added to the training GPUs; "shared" puts
@@ -74,7 +77,6 @@ Reward model (RoBERTa classifier): parameters * reward dtype bytes, plus inferen
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import math
@@ -85,8 +87,8 @@ from typing import Literal, Optional
 import torch
 from torch import nn
 
-from train.cli import run_cli
-from train.config import ExperimentConfig, LoraSettings, load_config
+from train.cli import config_from_cli, run_cli
+from train.config import ExperimentConfig, LoraSettings
 from train.errors import ConfigError, ModelError
 
 GIB = 1024**3
@@ -313,58 +315,67 @@ def reward_model_params(name_or_path: str) -> tuple[int, int, int]:
 
 @dataclass
 class PlanInputs:
-    """Everything the estimate depends on; `from_config` fills it from an ExperimentConfig."""
+    """Everything the estimate depends on, flat, so that a knob is one `dataclasses.replace`. `from_config` fills
+    it from an ExperimentConfig: the defaults live there (each field names its config key)."""
 
-    model: str = "google/flan-t5-base"
-    gpus: int = 1
-    zero: int = 0  # 0 = plain data parallel (DDP), 1/2/3 = DeepSpeed ZeRO stage
-    dtype: str = "bfloat16"
-    quant: Quant = None
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    batch: int = 16  # ppo.batch_size, global
-    mini_batch: int = 4  # ppo.mini_batch_size, global
-    gen_batch: int = 16  # rollout.batch_size: prompts per generate() call
-    prompt_len: int = 512  # data.max_prompt_tokens
-    max_new_tokens: int = 400  # rollout.max_new_tokens
-    gradient_checkpointing: bool = False
-    reference_adapter: bool = False  # ppo.reference: initial_adapter keeps a frozen fp32 copy of the LoRA
-    offload: bool = False  # DeepSpeed CPU offload: optimizer (ZeRO >= 2) and, under ZeRO-3, parameters
-    reward_model: str = REFERENCE_REWARD_MODEL
-    reward_dtype: str = "float32"
-    reward_batch: int = 64
-    reward_len: int = 512
-    reward_device: Literal["separate", "shared"] = "separate"
-    gpu_mem_gib: float = 80.0
-    margin: float = 0.10
+    model: str  # model.name_or_path
+    gpus: int  # plan.gpus
+    zero: int  # plan.zero: 0 = plain data parallel (DDP), 1/2/3 = DeepSpeed ZeRO stage
+    dtype: str  # model.dtype
+    quant: Quant  # model.quantization
+    lora: LoraSettings  # lora
+    batch: int  # ppo.batch_size, global
+    mini_batch: int  # ppo.mini_batch_size, global
+    gen_batch: int  # rollout.batch_size: prompts per generate() call
+    prompt_len: int  # data.max_prompt_tokens
+    max_new_tokens: int  # rollout.max_new_tokens
+    gradient_checkpointing: bool  # plan.gradient_checkpointing
+    reference_adapter: bool  # ppo.reference: initial_adapter keeps a frozen fp32 copy of the LoRA
+    offload: bool  # plan.offload: DeepSpeed CPU offload, optimizer (ZeRO >= 2) and, under ZeRO-3, parameters
+    reward_model: str  # reward.model_name_or_path
+    reward_dtype: str  # reward.dtype
+    reward_batch: int  # reward.batch_size
+    reward_len: int  # reward.max_length (null: 512, RoBERTa's limit)
+    reward_device: Literal["separate", "shared"]  # plan.reward_device
+    gpu_mem_gib: float  # plan.gpu_mem_gib
+    margin: float  # plan.margin
 
     @classmethod
-    def from_config(cls, cfg: ExperimentConfig, **overrides) -> "PlanInputs":
-        inputs = cls(
-            model=cfg.model.name_or_path, dtype=cfg.model.dtype, quant=cfg.model.quantization,
+    def from_config(cls, cfg: ExperimentConfig) -> "PlanInputs":
+        p = cfg.plan
+        return cls(
+            model=cfg.model.name_or_path, gpus=p.gpus, zero=p.zero, dtype=cfg.model.dtype, quant=cfg.model.quantization,
             lora=dataclasses.replace(cfg.lora), batch=cfg.ppo.batch_size, mini_batch=cfg.ppo.mini_batch_size,
             gen_batch=cfg.rollout.batch_size, prompt_len=cfg.data.max_prompt_tokens,
-            max_new_tokens=cfg.rollout.max_new_tokens, reward_model=cfg.reward.model_name_or_path,
-            reward_dtype=cfg.reward.dtype, reward_batch=cfg.reward.batch_size,
-            reward_len=cfg.reward.max_length or 512, reference_adapter=cfg.ppo.reference == "initial_adapter",
+            max_new_tokens=cfg.rollout.max_new_tokens, gradient_checkpointing=p.gradient_checkpointing,
+            reference_adapter=cfg.ppo.reference == "initial_adapter", offload=p.offload,
+            reward_model=cfg.reward.model_name_or_path, reward_dtype=cfg.reward.dtype, reward_batch=cfg.reward.batch_size,
+            reward_len=cfg.reward.max_length or 512, reward_device=p.reward_device, gpu_mem_gib=p.gpu_mem_gib,
+            margin=p.margin,
         )
-        return dataclasses.replace(inputs, **{k: v for k, v in overrides.items() if v is not None})
 
     def check(self) -> None:
+        """Value checks, named by config key (the plan section's only checks: training ignores it)."""
         if self.gpus < 1:
-            raise ConfigError(f"--gpus must be at least 1, got {self.gpus}")
+            raise ConfigError(f"plan.gpus must be at least 1, got {self.gpus}")
         if self.zero not in (0, 1, 2, 3):
-            raise ConfigError(f"--zero must be 0 (no ZeRO, plain DDP), 1, 2 or 3; got {self.zero}")
+            raise ConfigError(f"plan.zero must be 0 (no ZeRO, plain DDP), 1, 2 or 3; got {self.zero}")
         if self.offload and self.zero < 2:
-            raise ConfigError("--offload needs DeepSpeed ZeRO-2 or ZeRO-3: add --zero 2 or --zero 3")
+            raise ConfigError("plan.offload needs DeepSpeed ZeRO-2 or ZeRO-3: add --plan.zero 2 or --plan.zero 3")
         if self.dtype not in DTYPE_BYTES or self.reward_dtype not in DTYPE_BYTES:
-            raise ConfigError(f"dtypes must be one of {', '.join(DTYPE_BYTES)}")
+            raise ConfigError(f"model.dtype and reward.dtype must be one of {', '.join(DTYPE_BYTES)}")
         if self.quant not in (None, "8bit", "4bit"):
-            raise ConfigError(f"--quant must be 8bit or 4bit, got {self.quant!r}")
-        for name in ("batch", "mini_batch", "gen_batch", "prompt_len", "max_new_tokens", "reward_batch", "reward_len"):
+            raise ConfigError(f"model.quantization must be 8bit, 4bit or null, got {self.quant!r}")
+        keys = {"batch": "ppo.batch_size", "mini_batch": "ppo.mini_batch_size", "gen_batch": "rollout.batch_size",
+                "prompt_len": "data.max_prompt_tokens", "max_new_tokens": "rollout.max_new_tokens",
+                "reward_batch": "reward.batch_size", "reward_len": "reward.max_length"}
+        for name, key in keys.items():
             if getattr(self, name) < 1:
-                raise ConfigError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if not 0 <= self.margin < 1 or self.gpu_mem_gib <= 0:
-            raise ConfigError("--gpu-mem must be positive and --margin between 0 and 1")
+                raise ConfigError(f"{key} must be at least 1, got {getattr(self, name)}")
+        if self.gpu_mem_gib <= 0:
+            raise ConfigError(f"plan.gpu_mem_gib must be positive, got {self.gpu_mem_gib}")
+        if not 0 <= self.margin < 1:
+            raise ConfigError(f"plan.margin must be at least 0 and below 1, got {self.margin}")
 
 
 @dataclass
@@ -449,22 +460,23 @@ def _knobs(inputs: PlanInputs) -> list[tuple[str, PlanInputs]]:
     r = dataclasses.replace
     knobs: list[tuple[str, PlanInputs]] = []
     if inputs.zero < 3:
-        knobs.append(("--zero 3 (shard the frozen weights too)", r(inputs, zero=3)))
-    knobs.append((f"--gpus {inputs.gpus * 2} (more GPUs)", r(inputs, gpus=inputs.gpus * 2)))
+        knobs.append(("--plan.zero 3 (shard the frozen weights too)", r(inputs, zero=3)))
+    knobs.append((f"--plan.gpus {inputs.gpus * 2} (more GPUs)", r(inputs, gpus=inputs.gpus * 2)))
     if inputs.quant != "4bit":
-        knobs.append(("--quant 4bit (QLoRA base weights)", r(inputs, quant="4bit")))
+        knobs.append(("--model.quantization 4bit (QLoRA base weights)", r(inputs, quant="4bit")))
     if math.ceil(inputs.mini_batch / inputs.gpus) > 1:
-        knobs.append((f"--mini-batch {max(inputs.gpus, inputs.mini_batch // 2)} (smaller PPO mini-batch)",
+        knobs.append((f"--ppo.mini_batch_size {max(inputs.gpus, inputs.mini_batch // 2)} (smaller PPO mini-batch)",
                       r(inputs, mini_batch=max(inputs.gpus, inputs.mini_batch // 2))))
     if not inputs.gradient_checkpointing:
-        knobs.append(("--gradient-checkpointing", r(inputs, gradient_checkpointing=True)))
+        knobs.append(("--plan.gradient_checkpointing true", r(inputs, gradient_checkpointing=True)))
     if inputs.max_new_tokens > 32:
-        knobs.append((f"--max-new-tokens {inputs.max_new_tokens // 2}", r(inputs, max_new_tokens=inputs.max_new_tokens // 2)))
+        knobs.append((f"--rollout.max_new_tokens {inputs.max_new_tokens // 2}",
+                      r(inputs, max_new_tokens=inputs.max_new_tokens // 2)))
     if not inputs.offload:
-        knobs.append(("--zero 3 --offload (DeepSpeed CPU offload of parameters and optimizer)",
+        knobs.append(("--plan.zero 3 --plan.offload true (DeepSpeed CPU offload of parameters and optimizer)",
                       r(inputs, zero=3, offload=True)))
     if inputs.reward_device == "shared":
-        knobs.append(("--reward-device separate (classifier on its own device)", r(inputs, reward_device="separate")))
+        knobs.append(("--plan.reward_device separate (classifier on its own device)", r(inputs, reward_device="separate")))
     return knobs
 
 
@@ -563,42 +575,31 @@ def markdown_table(base: PlanInputs, models: Optional[list[str]] = None, gpus=(1
     return "\n".join(lines)
 
 
-def parse_args(argv: Optional[list[str]]) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Other config keys can be overridden as --section.key VALUE (e.g. --lora.r 16).",
-    )
-    add = parser.add_argument
-    add("--config", help="YAML recipe (batch sizes, lengths, LoRA, dtype); default: the reference workflow")
-    add("--model", help="shipped FLAN-T5 id (google/flan-t5-small..xxl) or a local model directory")
-    add("--gpus", type=int, default=1)
-    add("--zero", type=int, default=0, help="DeepSpeed ZeRO stage 1/2/3; 0 = plain DDP (default)")
-    add("--quant", choices=["8bit", "4bit"], help="bitsandbytes base weights")
-    add("--dtype", choices=list(DTYPE_BYTES), help="model dtype (default: the config's model.dtype)")
-    add("--batch", type=int, help="global PPO batch (ppo.batch_size)")
-    add("--mini-batch", type=int, help="global PPO mini-batch (ppo.mini_batch_size)")
-    add("--gen-batch", type=int, help="prompts per generate() call (rollout.batch_size)")
-    add("--prompt-len", type=int, help="prompt tokens (data.max_prompt_tokens)")
-    add("--max-new-tokens", type=int, help="generated tokens (rollout.max_new_tokens)")
-    add("--gradient-checkpointing", action="store_true")
-    add("--offload", action="store_true", help="DeepSpeed CPU offload (needs --zero 2 or 3)")
-    add("--reward-device", choices=["separate", "shared"], default="separate",
-        help="reward classifier on its own device (default) or a copy on every training GPU")
-    add("--gpu-mem", type=float, default=80.0, help="GiB per GPU (default 80)")
-    add("--margin", type=float, default=0.10, help="safety margin as a fraction of --gpu-mem (default 0.10)")
-    add("--table", action="store_true", help="Markdown table: flan-t5 small..xxl x {1, 8} GPUs x ZeRO {2, 3}")
-    return parser.parse_known_args(argv)
+# The planner's flags of earlier versions and the keys that replaced them: each stops with one line naming its key.
+FORMER_FLAGS = {
+    "model": "model.name_or_path", "gpus": "plan.gpus", "zero": "plan.zero", "quant": "model.quantization",
+    "dtype": "model.dtype", "batch": "ppo.batch_size", "mini_batch": "ppo.mini_batch_size",
+    "gen_batch": "rollout.batch_size", "prompt_len": "data.max_prompt_tokens", "max_new_tokens": "rollout.max_new_tokens",
+    "gradient_checkpointing": "plan.gradient_checkpointing: true", "offload": "plan.offload: true",
+    "reward_device": "plan.reward_device", "gpu_mem": "plan.gpu_mem_gib", "margin": "plan.margin",
+}
+EPILOG = """\
+The hardware to plan for is the plan section (train/config.py PlanConfig):
+  --plan.gpus N  --plan.zero 0|1|2|3  --plan.offload true  --plan.gradient_checkpointing true
+  --plan.reward_device separate|shared  --plan.gpu_mem_gib GIB  --plan.margin FRACTION
+Sizes are training keys: --model.name_or_path, --model.dtype, --model.quantization, --lora.r,
+--lora.target_modules, --ppo.batch_size, --ppo.mini_batch_size, --rollout.batch_size, --rollout.max_new_tokens,
+--data.max_prompt_tokens, --reward.model_name_or_path, --reward.batch_size, ..."""
 
 
 def main(argv: Optional[list[str]] = None) -> Plan | str:
-    args, overrides = parse_args(argv)
-    cfg = load_config(args.config, overrides) if (args.config or overrides) else ExperimentConfig()
-    inputs = PlanInputs.from_config(
-        cfg, model=args.model, gpus=args.gpus, zero=args.zero, quant=args.quant, dtype=args.dtype, batch=args.batch,
-        mini_batch=args.mini_batch, gen_batch=args.gen_batch, prompt_len=args.prompt_len,
-        max_new_tokens=args.max_new_tokens, gradient_checkpointing=args.gradient_checkpointing or None,
-        offload=args.offload or None, reward_device=args.reward_device, gpu_mem_gib=args.gpu_mem, margin=args.margin,
-    )
+    def add_arguments(parser) -> None:
+        parser.add_argument("--table", action="store_true",
+                            help="Markdown table: flan-t5 small..xxl x {1, 8} GPUs x ZeRO {2, 3}, other settings from the config")
+
+    args, cfg = config_from_cli(__doc__.split("\n\n")[0], argv, add_arguments, config_required=False,
+                                renamed=FORMER_FLAGS, prog="python -m train.plan", epilog=EPILOG)
+    inputs = PlanInputs.from_config(cfg)
     inputs.check()
     if args.table:
         table = markdown_table(inputs)
@@ -607,7 +608,7 @@ def main(argv: Optional[list[str]] = None) -> Plan | str:
     try:
         p = plan_for(inputs)
     except ModelError as e:
-        raise ConfigError(f"--model: {e}") from None
+        raise ConfigError(f"model.name_or_path: {e}") from None
     print(format_plan(p))
     return p
 

@@ -15,7 +15,7 @@ every statistic over the batch (score shaping, whitening, loss normalisation, th
 global. Only sampling differs: each process samples its own rows with its own seed.
 
 Writes `<output_dir>/ppo/`: `checkpoints/checkpoint-<step>/`, `adapter/` (final LoRA adapter + value head),
-`config.yaml`, `log.jsonl`, `tensorboard/`.
+`config.yaml`, `log.jsonl`, and the trackers' `tensorboard/` or `wandb/` (`trackers`; train/trackers.py).
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ from train.ppo_core import (
 from train.preemption import PREEMPTED_EXIT_CODE, StopSignal
 from train.rollout import PromptStream, gather_trajectory, log_samples, make_experience, policy_forward, rollout_stats
 from train.run_log import JsonlLog
+from train.trackers import make_trackers, start_trackers
 
 log = logging.getLogger("train.ppo")
 POLICY_DIR = "policy"  # adapter + value head inside a checkpoint
@@ -82,14 +83,14 @@ class PPORun:
         # which is right for the policy but not for a scorer that each process runs whole.
         self.reward_fn = make_reward_fn(cfg.reward)
         self.accelerator = accelerator = Accelerator(
-            cpu=use_cpu(), gradient_accumulation_steps=p.gradient_accumulation_steps, log_with="tensorboard",
-            project_dir=str(self.out))
+            cpu=use_cpu(), gradient_accumulation_steps=p.gradient_accumulation_steps,
+            log_with=make_trackers(cfg, "ppo", resume_from))
         fix_deepspeed_cpu_ranks(accelerator)
         check_batch_sizes(p.batch_size, p.mini_batch_size, p.gradient_accumulation_steps, accelerator.num_processes)
         if accelerator.is_main_process:
             log.info("reward model %s (%s)", cfg.reward.model_name_or_path, self.reward_fn.where)
             save_config(cfg, self.out / "config.yaml")
-            accelerator.init_trackers("tensorboard")
+        start_trackers(accelerator, cfg, "ppo")
         set_seed(cfg.seed)  # the same initial weights on every process
 
         # The policy: base + LoRA + value head; on resume the adapter and value head come from the checkpoint. The
@@ -126,7 +127,7 @@ class PPORun:
             if accelerator.is_main_process:
                 log.info("resumed from %s at step %d", resume_from, self.start_step)
         self.log = JsonlLog(self.out / "log.jsonl", accelerator.is_main_process,
-                            resumed_step=self.start_step if resume_from else None)
+                            resumed_step=self.start_step if resume_from else None, accelerator=accelerator)
 
     def train(self) -> dict[str, float]:
         cfg, accelerator, policy = self.cfg, self.accelerator, self.policy
@@ -150,9 +151,8 @@ class PPORun:
             stats.update({"time/update": time.perf_counter() - update_started, "time/step": time.perf_counter() - started})
             if torch.cuda.is_available():
                 stats["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            self.log.write({"step": step, **stats})
+            self.log.write({"step": step, **stats})  # and to the trackers
             if is_main:
-                accelerator.log(stats, step=step)
                 progress.update(1)
                 progress.set_postfix(reward=f"{stats['env/reward_mean']:.3f}", kl=f"{stats['objective/kl']:.3f}")
                 if step % cfg.ppo.log_every_steps == 0:

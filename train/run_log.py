@@ -1,4 +1,5 @@
-"""The JSON-lines training log (`log.jsonl`) of SFT and PPO: one object per logged step, main process only."""
+"""The JSON-lines training log (`log.jsonl`) of SFT and PPO: one object per logged step, main process only; its
+numbers also go to the experiment trackers (train/trackers.py)."""
 
 from __future__ import annotations
 
@@ -8,16 +9,18 @@ from pathlib import Path
 from typing import Any, Optional
 
 from train.atomic import write_text
+from train.trackers import log_to_trackers
 
 log = logging.getLogger(__name__)
 
 
 class JsonlLog:
     """Appends one JSON object per line. A fresh run starts an empty log; a resumed run first drops the lines of
-    steps after its checkpoint (the interrupted run logged them, the resumed run repeats them), atomically."""
+    steps after its checkpoint (the interrupted run logged them, the resumed run repeats them), atomically.
+    `accelerator`: each record's numbers also go to its trackers (`accelerator.log`), at the record's step."""
 
-    def __init__(self, path: Path, enabled: bool, resumed_step: Optional[int] = None):
-        self.path, self.enabled = Path(path), enabled
+    def __init__(self, path: Path, enabled: bool, resumed_step: Optional[int] = None, accelerator: Any = None):
+        self.path, self.enabled, self.accelerator = Path(path), enabled, accelerator
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -42,3 +45,5 @@ class JsonlLog:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.accelerator is not None:
+                log_to_trackers(self.accelerator, record)

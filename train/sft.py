@@ -8,7 +8,8 @@ Usage:
     python -m train.sft --config configs/tiny.yaml --resume          # continue after a kill or preemption
 
 Writes `<output_dir>/sft/`: `checkpoints/checkpoint-<step>/`, `adapter/` (peft `save_pretrained`, safetensors),
-`config.yaml` (resolved config), `metrics.json` and `log.jsonl` (one JSON object per logged step / evaluation).
+`config.yaml` (resolved config), `metrics.json` and `log.jsonl` (one JSON object per logged step / evaluation), and
+the trackers' `tensorboard/` or `wandb/` (`trackers`, which get the numbers of log.jsonl; train/trackers.py).
 
 The global batch: `sft.batch_size` counts examples over all processes (each takes an equal share of every batch;
 the last incomplete batch of an epoch is dropped), and the loss of an optimisation step is the mean over all its
@@ -61,6 +62,7 @@ from train.models import apply_lora, load_base_model, load_tokenizer, parameter_
 from train.preemption import PREEMPTED_EXIT_CODE, StopSignal
 from train.rouge import compute_rouge
 from train.run_log import JsonlLog
+from train.trackers import make_trackers, start_trackers
 
 log = logging.getLogger("train.sft")
 
@@ -101,12 +103,14 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         gradient_accumulation_steps=s.gradient_accumulation_steps,
         # The same shuffled order on every process, reproducible per epoch; each batch (global) is split evenly.
         dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True, data_seed=cfg.seed),
+        log_with=make_trackers(cfg, "sft", resume_from),
     )
     fix_deepspeed_cpu_ranks(accelerator)
     collectives = Collectives.of(accelerator)
     if s.batch_size % accelerator.num_processes:
         raise ConfigError(f"sft.batch_size ({s.batch_size}) is global and must be a multiple of the number of "
                           f"processes ({accelerator.num_processes})")
+    start_trackers(accelerator, cfg, "sft")  # before seeding: whatever a tracker draws cannot shift our random streams
     torch.manual_seed(cfg.seed)
     stop = StopSignal()
     main_process = accelerator.is_main_process
@@ -161,7 +165,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         scheduler.load_state_dict(torch.load(resume_from / SCHEDULER_FILE, weights_only=True))
         if main_process:
             log.info("resumed from %s at step %d of %d", resume_from, state.step, total_steps)
-    logger = JsonlLog(sft_dir / "log.jsonl", main_process, resumed_step=state.step if resume_from else None)
+    logger = JsonlLog(sft_dir / "log.jsonl", main_process, resumed_step=state.step if resume_from else None,
+                      accelerator=accelerator)  # log.jsonl and the trackers
 
     def evaluate() -> dict[str, Any]:
         record = {"step": state.step, "eval/loss": validation_loss(model, val_loader, accelerator)}

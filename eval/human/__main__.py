@@ -1,55 +1,77 @@
 """Command line of the human evaluation: `python -m eval.human {export,serve,report}`.
 
-    python -m eval.human export --eval-dir runs/tiny/eval --n 50 --seed 0 --out runs/tiny/human
-    DETOX_HUMAN_TOKEN=secret python -m eval.human serve --items runs/tiny/human [--db FILE] [--host 127.0.0.1] [--port 8600]
-    python -m eval.human report --items runs/tiny/human [--db FILE] [--key FILE] [--out DIR]
+    python -m eval.human export --config configs/tiny.yaml --human.n 50 --human.seed 0   # runs/tiny/eval -> runs/tiny/human
+    DETOX_HUMAN_TOKEN=secret python -m eval.human serve --config configs/tiny.yaml [--human.port 8600]
+    python -m eval.human report --config configs/tiny.yaml [--human.db FILE] [--human.key FILE] [--human.report_dir DIR]
 
-The server binds to 127.0.0.1 unless --host says otherwise; set DETOX_HUMAN_TOKEN to require an access token at
+Settings are the `human` section of the config (train/config.py HumanConfig), set in a recipe or with
+`--human.NAME VALUE`: eval_dir and study_dir default to <output_dir>/eval and <output_dir>/human, so the recipe of a
+run finds its evaluation. Without --config, the defaults (or e.g. --human.eval_dir runs/tiny/eval
+--human.study_dir runs/tiny/human) apply. `export --force` replaces an existing export.
+
+The server binds to 127.0.0.1 unless human.host says otherwise; set DETOX_HUMAN_TOKEN to require an access token at
 sign-in (do so whenever the server is reachable by others).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
+import textwrap
 from typing import Optional
 
 from eval.human.export import export_study
 from eval.human.items import load_study
 from eval.human.report import DB_FILE, write_report
 from eval.human.store import AnswerStore
-from train.cli import run_cli
-from train.errors import ConfigError
+from rewards.config import LOOPBACK_HOSTS, section_help
+from train.cli import OVERRIDE_HELP, run_cli
+from train.config import ExperimentConfig, HumanConfig, load_config
 
 TOKEN_ENV = "DETOX_HUMAN_TOKEN"
 log = logging.getLogger("eval.human")
 
+COMMANDS = {
+    "export": "sample dialogues and write blinded items + the separate key (human.eval_dir -> human.study_dir)",
+    "serve": "run the annotation web app on the items in human.study_dir",
+    "report": "un-blind the answers and write report.md/.json/.png (to human.report_dir)",
+}
+# Each command's flags of earlier versions and the keys that replaced them: each stops with one line naming its key.
+FORMER_FLAGS = {
+    "export": {"eval_dir": "human.eval_dir", "out": "human.study_dir", "n": "human.n", "seed": "human.seed",
+               "systems": "human.systems"},
+    "serve": {"items": "human.study_dir", "db": "human.db", "host": "human.host", "port": "human.port"},
+    "report": {"items": "human.study_dir", "db": "human.db", "key": "human.key", "out": "human.report_dir"},
+}
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m eval.human", description=__doc__.splitlines()[0])
+    epilog = ("Settings: the human section, from --config FILE and --human.NAME VALUE overrides\n"
+              "(\"{output_dir}\" expands to the config's output_dir):\n"
+              f"{section_help('human', HumanConfig())}\n\n{textwrap.fill(OVERRIDE_HELP, 100)}")
+    parser = argparse.ArgumentParser(prog="python -m eval.human", description=__doc__.splitlines()[0], epilog=epilog,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True)
-
-    export = commands.add_parser("export", help="sample dialogues and write blinded items + the separate key")
-    export.add_argument("--eval-dir", required=True, help="evaluation output (directory with examples.jsonl, or the file)")
-    export.add_argument("--out", required=True, help="directory for items.jsonl, items.csv, manifest.json, key.json")
-    export.add_argument("--n", type=int, default=50, help="number of dialogues to sample (default 50)")
-    export.add_argument("--seed", type=int, default=0, help="sampling, slot-order and annotator-order seed")
-    export.add_argument("--systems", help="comma-separated systems to compare (default: all in the evaluation)")
-    export.add_argument("--force", action="store_true", help="replace an existing export in --out")
-
-    serve = commands.add_parser("serve", help="run the annotation web app")
-    serve.add_argument("--items", required=True, help="export directory (from `export --out`)")
-    serve.add_argument("--db", help=f"SQLite answers file (default: <items>/{DB_FILE})")
-    serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
-    serve.add_argument("--port", type=int, default=8600)
-
-    report = commands.add_parser("report", help="un-blind the answers and write report.md/.json/.png")
-    report.add_argument("--items", required=True, help="export directory (from `export --out`)")
-    report.add_argument("--db", help=f"SQLite answers file (default: <items>/{DB_FILE})")
-    report.add_argument("--key", help="un-blinding key (default: <items>/key.json)")
-    report.add_argument("--out", help="report directory (default: <items>/report)")
+    for name, help_text in COMMANDS.items():
+        sub = commands.add_parser(name, help=help_text, description=help_text, epilog=epilog,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+        sub.add_argument("--config", help="YAML recipe (its output_dir and human section); default: the defaults")
+        if name == "export":
+            sub.add_argument("--force", action="store_true", help="replace an existing export in human.study_dir")
     return parser
+
+
+def resolve_paths(cfg: ExperimentConfig) -> HumanConfig:
+    """The human section with "{output_dir}" expanded in its paths."""
+    h = cfg.human
+
+    def expand(path: Optional[str]) -> Optional[str]:
+        return None if path is None else path.replace("{output_dir}", cfg.output_dir)
+
+    return dataclasses.replace(h, eval_dir=expand(h.eval_dir), study_dir=expand(h.study_dir), db=expand(h.db),
+                               key=expand(h.key), report_dir=expand(h.report_dir))
 
 
 def serve(items: str, db: Optional[str], host: str, port: int) -> None:
@@ -60,24 +82,22 @@ def serve(items: str, db: Optional[str], host: str, port: int) -> None:
     study = load_study(items)
     store = AnswerStore(db or study.directory / DB_FILE, study.items_sha256)
     token = os.environ.get(TOKEN_ENV) or None
-    if host not in ("127.0.0.1", "localhost", "::1") and token is None:
+    if host not in LOOPBACK_HOSTS and token is None:
         log.warning("serving on %s without an access token: anyone who can reach it can sign in; set %s", host,
                     TOKEN_ENV)
-    if not 0 < port < 65536:
-        raise ConfigError(f"--port must be between 1 and 65535, got {port}")
     log.info("%d items, answers in %s; open http://%s:%d/", len(study.items), store.path, host, port)
     uvicorn.run(create_app(study, store, token), host=host, port=port, log_level="info")
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    args = build_parser().parse_args(argv)
+    args, overrides = build_parser().parse_known_args(argv)
+    h = resolve_paths(load_config(args.config, overrides, renamed=FORMER_FLAGS[args.command]))
     if args.command == "export":
-        systems = [s.strip() for s in args.systems.split(",") if s.strip()] if args.systems else None
-        export_study(args.eval_dir, args.out, n=args.n, seed=args.seed, systems=systems, force=args.force)
+        export_study(h.eval_dir, h.study_dir, n=h.n, seed=h.seed, systems=h.systems, force=args.force)
     elif args.command == "serve":
-        serve(args.items, args.db, args.host, args.port)
+        serve(h.study_dir, h.db, h.host, h.port)
     else:
-        write_report(args.items, db=args.db, key=args.key, out=args.out)
+        write_report(h.study_dir, db=h.db, key=h.key, out=h.report_dir)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ def read_eval_examples(path: Path) -> list[dict[str, Any]]:
         path = path / EXAMPLES_FILE
     if not path.is_file():
         raise DataError(f"evaluation examples not found at {path}: run `python -m eval.evaluate --config ...` first "
-                        f"and pass its eval directory (e.g. runs/tiny/eval) as --eval-dir")
+                        f"and pass its eval directory (e.g. runs/tiny/eval) as --human.eval_dir, or the run's --config")
     examples = []
     for number, record in read_jsonl(path, fix="re-run eval.evaluate"):
         systems = record.get("systems")
@@ -83,12 +83,12 @@ def export_study(
 ) -> Path:
     """Write items.jsonl, items.csv, manifest.json and key.json to `out_dir`; returns `out_dir`."""
     if n < 1:
-        raise ConfigError(f"--n must be at least 1, got {n}")
+        raise ConfigError(f"human.n must be at least 1, got {n}")
     out = Path(out_dir)
     if (out / ITEMS_FILE).exists() and not force:
         # Answers collected so far refer to these items; a new export would silently orphan them.
-        raise ConfigError(f"{out / ITEMS_FILE} already exists (answers may refer to it): choose another --out "
-                          f"or pass --force to replace it")
+        raise ConfigError(f"{out / ITEMS_FILE} already exists (answers may refer to it): choose another "
+                          f"--human.study_dir or pass --force to replace it")
     examples = read_eval_examples(Path(eval_path))
     chosen = choose_systems(examples, systems)
     rng = random.Random(seed)

@@ -124,7 +124,7 @@ def read_items(path: Path) -> list[Item]:
     """Parse items.jsonl; any malformed line stops with its line number."""
     fix = "re-run `python -m eval.human export` or restore the original file"
     if not path.is_file():
-        raise DataError(f"items file not found at {path}: run `python -m eval.human export ... --out {path.parent}` first")
+        raise DataError(f"items file not found at {path}: run `python -m eval.human export ... --human.study_dir {path.parent}` first")
     items: list[Item] = []
     seen: set[str] = set()
     for number, record in read_jsonl(path, fix=fix):
@@ -164,7 +164,7 @@ def load_study(path: str | Path) -> Study:
 def load_key(path: str | Path, study: Study) -> dict[str, dict[str, str]]:
     """The un-blinding key, item_id → slot → system, checked against the study it claims to belong to."""
     path = Path(path)
-    fix = "pass the key.json written by the same `python -m eval.human export` run (--key)"
+    fix = "pass the key.json written by the same `python -m eval.human export` run (--human.key)"
     key = _read_json(path, "un-blinding key", fix)
     if not isinstance(key, dict) or key.get("format") != FORMAT or not isinstance(key.get("items"), dict):
         raise DataError(f"{path} is not a detox-sum human-evaluation key ({FORMAT}): {fix}")
