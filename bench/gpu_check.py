@@ -4,13 +4,13 @@ Each step is a subprocess with its own time limit, so a failure costs only its o
 1. a flan-t5-base-sized model with random weights (the shipped architecture), saved in bf16 with the tiny tokenizer
    (its ids are valid flan-t5 ids; generated ids beyond it decode to nothing, which only changes what the reward
    model reads);
-2. `train.ppo` with the reference recipe (configs/flan_t5_base.yaml: bf16, LoRA r=32 on q,v, value head, batch 16 /
+2. `train.ppo` with the original notebook's recipe (configs/flan_t5_base.yaml: bf16, LoRA r=32 on q,v, value head, batch 16 /
    mini-batch 4, LengthSampler(100, 400)) on that model with the tiny prompts and reward model (on the same GPU),
    4 steps each: one process without DeepSpeed, DeepSpeed ZeRO-2 on one process, and a 4-bit base
    (bitsandbytes). From each log.jsonl: the median s/step of steps 2-4, the first mini-batch's ratio (1 up to
    bf16 rounding) and torch.cuda.max_memory_allocated against the planner's estimate for the same settings;
 3. `bench/ppo_step_vs_notebook.py --device cuda --model-size base --dtype bfloat16 --steps 1`: s/step against the
-   reference notebook's one-sample-at-a-time loop. (Against TRL 0.11.4 itself once bench/ppo_vs_trl.py exists.)
+   original notebook's one-sample-at-a-time loop. (Against TRL 0.11.4 itself once bench/ppo_vs_trl.py exists.)
 
 Writes OUT/gpu_check.md. `--dry-run` runs steps 2-3 on the CPU with the tiny model, to check this script.
 """
@@ -154,7 +154,7 @@ def main() -> None:
             planned, status = float("nan"), f"{status}; planner: {e}"
         rows.append((label.replace(" (bf16)", " (fp32, dry run)") if args.dry_run else label, figures, planned, status))
 
-    lines += ["", f"Device: {device}. Reference recipe on the random model, tiny prompts (longest {prompt_len} "
+    lines += ["", f"Device: {device}. The original notebook's recipe on the random model, tiny prompts (longest {prompt_len} "
               "tokens) and tiny reward model on the same GPU; s/step is the median of steps 2-4.", "",
               "| run | s/step | first mini-batch ratio | max allocated (GiB) | planner peak (GiB) | status |",
               "|---|---:|---:|---:|---:|---|"]

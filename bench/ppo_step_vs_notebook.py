@@ -1,10 +1,10 @@
-"""Time one PPO step of `train.ppo` against a reference-notebook-style step on the same model, in one run.
+"""Time one PPO step of `train.ppo` against an original-notebook-style step on the same model, in one run.
 
     python bench/ppo_step_vs_notebook.py [--config configs/tiny.yaml] [--steps 3] [--append bench/RESULTS.md]
     python bench/ppo_step_vs_notebook.py --device cuda --model-size base --dtype bfloat16 --append bench/RESULTS.md
 
 By default: the tiny model on the CPU with the recipe's (configs/tiny.yaml) settings. `--model-size base`: a
-flan-t5-base-sized model with random weights (the shipped architecture) and the reference workflow's LoRA,
+flan-t5-base-sized model with random weights (the shipped architecture) and the original notebook's LoRA,
 rollout and PPO settings (configs/flan_t5_base.yaml, LengthSampler(100, 400) lengths), still with the tiny
 prompts, tokenizer and reward model (prompt ids are valid flan-t5 ids; generated ids beyond the tiny vocabulary
 decode to nothing, which only changes what the reward model reads). On `--device cuda` our reward model sits on
@@ -24,7 +24,7 @@ ours uses `ppo.forward_batch_size` from the config):
 
 Each variant runs one warm-up step, then `--steps` timed steps (median reported), each split into experience
 making (generation + rewards + no-grad forward passes) and the update. Rows are measured for the recipe's rollout lengths and, with
-`--reference-lengths`, for the notebook's LengthSampler(100, 400) too. The last column is the ceiling that any
+`--notebook-lengths`, for the notebook's LengthSampler(100, 400) too. The last column is the ceiling that any
 experience making can reach against this notebook-style step: notebook-style step time / our update time, i.e.
 the speed-up if our rollouts and rewards took no time at all. The ms per decoding step (experience making time /
 model calls made by generate()) compares one batched decoding step with one single-row step.
@@ -63,7 +63,7 @@ NOTEBOOK_REWARD_BATCH = 16
 
 
 def notebook_rollout(policy, tokenizer, prompts, reward_fn, cfg, device) -> tuple[Trajectory, int]:
-    """Experience making as the reference notebook wrote it: one generate() per prompt, then TRL's forward passes
+    """Experience making as the original notebook wrote it: one generate() per prompt, then TRL's forward passes
     (one mini-batch at a time). Also returns the number of decoding steps (model calls) the generate() calls made."""
     responses = []
     with torch.no_grad():
@@ -148,11 +148,11 @@ def main() -> None:
     parser.add_argument("--config", default="configs/tiny.yaml")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant (after one warm-up)")
     parser.add_argument("--torch-threads", type=int, default=1, help="1 is stable on a shared 2-core VM")
-    parser.add_argument("--reference-lengths", action="store_true",
+    parser.add_argument("--notebook-lengths", action="store_true",
                         help="also measure with the notebook's LengthSampler(100, 400) for max_new_tokens")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--model-size", choices=["tiny", "base"], default="tiny",
-                        help="base: flan-t5-base-sized random weights with the reference workflow's settings")
+                        help="base: flan-t5-base-sized random weights with the original notebook's settings")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="model dtype (default: the config's)")
     parser.add_argument("--append", type=Path, help="append a results section to this markdown file")
     args = parser.parse_args()
@@ -163,14 +163,14 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
 
     base = load_config(args.config)
-    if args.model_size == "base":  # the reference workflow's LoRA, sampling and PPO settings
-        reference = load_config(REPO_ROOT / "configs" / "flan_t5_base.yaml")
-        base = dataclasses.replace(base, lora=reference.lora, rollout=reference.rollout, ppo=reference.ppo)
+    if args.model_size == "base":  # the original notebook's LoRA, sampling and PPO settings
+        notebook = load_config(REPO_ROOT / "configs" / "flan_t5_base.yaml")
+        base = dataclasses.replace(base, lora=notebook.lora, rollout=notebook.rollout, ppo=notebook.ppo)
     if args.dtype:
         base = dataclasses.replace(base, model=dataclasses.replace(base.model, dtype=args.dtype))
-    label = "recipe" if args.model_size == "tiny" else "reference workflow"
+    label = "recipe" if args.model_size == "tiny" else "original notebook's workflow"
     settings = [(label, base)]
-    if args.reference_lengths and args.model_size == "tiny":
+    if args.notebook_lengths and args.model_size == "tiny":
         rollout = dataclasses.replace(base.rollout, max_new_tokens_min=100, max_new_tokens=400)
         settings.append(("notebook LengthSampler(100, 400)", dataclasses.replace(base, rollout=rollout)))
 
@@ -191,7 +191,7 @@ def main() -> None:
                  else f"flan-t5-base-sized random weights, {base.model.dtype}")
         lines = [
             "",
-            f"## One PPO step: batched rollouts vs the reference notebook's loop ({model} on {args.device})",
+            f"## One PPO step: batched rollouts vs the original notebook's loop ({model} on {args.device})",
             "",
             f"- Command: `{command}`",
             f"- Machine: {machine_line(f'torch threads {args.torch_threads}')}",

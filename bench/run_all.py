@@ -154,7 +154,7 @@ def worker(args) -> None:
         def evaluate() -> None:
             summaries = generate_texts(policy, tokenizer, shard["prompt"], gen, cfg.data.max_prompt_tokens, device, progress=False)
             scorer.score(summaries)
-            compute_rouge(summaries, shard["references"])
+            compute_rouge(summaries, shard["human_summaries"])
 
         results["eval"] = len(examples) / _timed(evaluate, accelerator)
     else:

@@ -20,7 +20,7 @@ processes, and each (batch, system) is generated with the seed `seed + k`, so 1 
 the same summaries (greedy or sampled) and the same reward inputs. Per-example records are gathered with
 `gather_object`, keyed by example index, and checked for duplicates and gaps before anything is written.
 
-Metrics (main process): ROUGE-1/2/L/Lsum against every reference, toxicity mean and std, reward mean, each
+Metrics (main process): ROUGE-1/2/L/Lsum against every human summary, toxicity mean and std, reward mean, each
 with a bootstrap CI; for every system against the "before" one, the relative change in toxicity, and the
 reward and ROUGE differences, with paired bootstrap CIs. Writes `<output_dir>/eval/`: `examples.jsonl`,
 `summary.json`, `report.md`, `toxicity.png` and, given a PPO log, `ppo_curves.png`.
@@ -140,7 +140,7 @@ def resolve_ppo_log(setting: Optional[str], output_dir: str) -> Optional[Path]:
 
 
 def load_examples(cfg: ExperimentConfig) -> list[dict[str, Any]]:
-    """The evaluation split as plain dicts (id, dialogue, prompt, references), first eval.max_examples;
+    """The evaluation split as plain dicts (id, dialogue, prompt, human_summaries), first eval.max_examples;
     DataError when empty."""
     return build_eval_dataset(cfg.data, cfg.eval.split, cfg.eval.max_examples).to_list()
 
@@ -237,7 +237,7 @@ def evaluate_shard(
     device: torch.device,
     progress: bool,
 ) -> list[dict[str, Any]]:
-    """Per-example records (index, id, dialogue, references, per-system summary/reward/toxicity/ROUGE)."""
+    """Per-example records (index, id, dialogue, human_summaries, per-system summary/reward/toxicity/ROUGE)."""
     settings = cfg.eval.generation
     records: list[dict[str, Any]] = []
     bar = tqdm(total=len(batches) * len(systems), desc="evaluating", unit="batch", disable=not progress)
@@ -259,10 +259,10 @@ def evaluate_shard(
         # number of processes.
         scores = reward_fn([p for _ in systems for p in prompts], [t for s in systems for t in summaries[s.name]])
         rewards, toxicity = scores.rewards.tolist(), scores.toxicity.tolist()
-        references = [row["references"] for row in rows]
-        per_system_rouge = {s.name: rouge_per_example(summaries[s.name], references) for s in systems}
+        targets = [row["human_summaries"] for row in rows]
+        per_system_rouge = {s.name: rouge_per_example(summaries[s.name], targets) for s in systems}
         for j, (index, row) in enumerate(zip(indices, rows)):
-            record = {"index": index, "id": row["id"], "dialogue": row["dialogue"], "references": row["references"],
+            record = {"index": index, "id": row["id"], "dialogue": row["dialogue"], "human_summaries": row["human_summaries"],
                       "systems": {}}
             for k, system in enumerate(systems):
                 flat = k * len(prompts) + j
@@ -327,7 +327,7 @@ def compute_metrics(
 
 def write_examples(path: Path, records: list[dict[str, Any]]) -> None:
     """examples.jsonl in the layout eval.report and eval.human read, one example per line in split order."""
-    keys = ("id", "dialogue", "references", "systems")
+    keys = ("id", "dialogue", "human_summaries", "systems")
     write_text(path, "".join(json.dumps({k: r[k] for k in keys}) + "\n" for r in records))
 
 

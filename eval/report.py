@@ -120,7 +120,7 @@ def qualitative_rows(records: Sequence[dict[str, Any]], before: str, after: str)
 
 
 def qualitative_table(records: Sequence[dict[str, Any]], before: str, after: str, rows: int = 10) -> str:
-    """The reference notebook's last table: the `rows` largest and `rows` smallest reward improvements."""
+    """The original notebook's last table: the `rows` largest and `rows` smallest reward improvements."""
     ordered = qualitative_rows(records, before, after)
     shown = ordered if len(ordered) <= 2 * rows else ordered[:rows] + [None] + ordered[-rows:]
     lines = [f"| id | {before} summary | {after} summary | reward {before} | reward {after} | improvement |",
@@ -191,7 +191,7 @@ def _series(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> tuple[Option
 
 def plot_ppo_curves(rows: Sequence[dict[str, Any]], path: Path) -> Optional[Path]:
     """Reward mean and KL per PPO step, side by side; None when the log has neither."""
-    curves = [("reward", *_series(rows, REWARD_KEYS)), ("KL to the reference", *_series(rows, KL_KEYS))]
+    curves = [("reward", *_series(rows, REWARD_KEYS)), ("KL to the KL reference", *_series(rows, KL_KEYS))]
     curves = [c for c in curves if c[1] is not None]
     if not curves:
         return None
@@ -239,7 +239,7 @@ def write_report(
         f"- Throughput: {throughput['examples_per_second']} examples/s on {throughput['num_processes']} process(es) "
         f"({throughput['seconds']} s)",
         "", "## Metrics", "", metrics_table(summary), "",
-        "ROUGE is the F-measure against the best-matching reference (stemming on). Toxicity is the classifier's "
+        "ROUGE is the F-measure against the best-matching human summary (stemming on). Toxicity is the classifier's "
         "probability of the toxic class; reward is the logit of the non-toxic class.", "",
         "## Before → after", "", comparison_section(summary), "",
     ]

@@ -1,6 +1,6 @@
 """Bootstrap confidence intervals for evaluation metrics.
 
-The reference notebook reported toxicity on 10 samples, so its "improvement" moved by tens of percent from
+The original notebook reported toxicity on 10 samples, so its "improvement" moved by tens of percent from
 run to run. Here every mean comes with a percentile bootstrap interval, and every before/after comparison
 is *paired*: the same resampled example indices are used for both systems, so the interval reflects the
 per-example differences rather than two independent noisy means.

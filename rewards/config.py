@@ -29,9 +29,9 @@ T = TypeVar("T")
 class RewardConfig:
     # Hate-speech classifier: hub id or local directory. Labels are looked up by name in its id2label.
     model_name_or_path: str = "facebook/roberta-hate-speech-dynabench-r4-target"
-    reward_label: str = "nothate"  # reward = raw logit of this class (the reference notebook's choice)
+    reward_label: str = "nothate"  # reward = raw logit of this class (the original notebook's choice)
     toxic_label: str = "hate"  # toxicity = softmax probability of this class
-    # What is scored: the reference notebook scored prompt + summary; "summary" scores the summary alone.
+    # What is scored: the original notebook scored prompt + summary; "summary" scores the summary alone.
     text: Literal["prompt_and_summary", "summary"] = "prompt_and_summary"
     # Placement: "auto" = each process's own device (its GPU by LOCAL_RANK, or the CPU); or an explicit one
     # such as "cpu" or "cuda:7", which keeps the classifier off the training GPUs.

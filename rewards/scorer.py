@@ -1,6 +1,6 @@
 """In-process reward scoring: texts in, per-text logits, rewards and toxicity out.
 
-The reward of a text is the raw logit of the `reward_label` class ("nothate", as in the reference notebook) and
+The reward of a text is the raw logit of the `reward_label` class ("nothate", as in the original notebook) and
 its toxicity is the softmax probability of the `toxic_label` class ("hate"). Both classes are looked up by name.
 """
 

@@ -33,7 +33,7 @@ class DataConfig:
     # Hub id (knkarthick/dialogsum) or a local directory in the Hugging Face CSV layout
     # (train/validation/test.csv) or the original cylnlp JSONL layout (dialogsum.{train,dev,test}.jsonl).
     path: str = "knkarthick/dialogsum"
-    # Keep dialogues with min < len(dialogue) <= max characters, as the reference notebook did.
+    # Keep dialogues with min < len(dialogue) <= max characters, as the original notebook did.
     min_dialogue_chars: int = 200
     max_dialogue_chars: int = 1000
     prompt_template: str = PROMPT_TEMPLATE
@@ -67,20 +67,20 @@ class LoraSettings:
 class GenerationSettings:
     batch_size: int = 16  # prompts per generate() call
     do_sample: bool = True
-    top_k: int = 0  # 0 = no top-k filtering (the reference's sampling)
+    top_k: int = 0  # 0 = no top-k filtering (the original notebook's sampling)
     top_p: float = 1.0
     temperature: float = 1.0
     min_length: int = 5
     max_new_tokens: int = 400
     # When set, each rollout batch draws max_new_tokens uniformly from [max_new_tokens_min, max_new_tokens)
-    # like the reference notebook's LengthSampler(100, 400). None = always max_new_tokens.
+    # like the original notebook's LengthSampler(100, 400). None = always max_new_tokens.
     max_new_tokens_min: Optional[int] = None
     num_beams: int = 1
 
 
 @dataclass
 class SFTConfig:
-    # Defaults follow the reference notebook's adapter training (AdamW, lr 1e-3, one epoch).
+    # Defaults follow the original notebook's adapter training (AdamW, lr 1e-3, one epoch).
     learning_rate: float = 1e-3
     batch_size: int = 8  # global: examples per optimisation step (before accumulation) over all processes
     gradient_accumulation_steps: int = 1
@@ -100,13 +100,13 @@ class SFTConfig:
 
 @dataclass
 class PPOConfig:
-    # Defaults reproduce the reference workflow; the rest are the classic TRL PPOTrainer's defaults.
+    # Defaults reproduce the original notebook; the rest are the classic TRL PPOTrainer's defaults.
     learning_rate: float = 1.41e-5
     batch_size: int = 16  # global rollout batch
     mini_batch_size: int = 4
     gradient_accumulation_steps: int = 1
     ppo_epochs: int = 1
-    steps: int = 10  # PPO steps (the reference ran 10)
+    steps: int = 10  # PPO steps (the original notebook ran 10)
     init_kl_coef: float = 0.2
     adaptive_kl: bool = True
     kl_target: float = 6.0
@@ -117,7 +117,7 @@ class PPOConfig:
     cliprange_value: float = 0.2
     vf_coef: float = 0.1
     whiten_rewards: bool = False
-    # Score shaping before the KL penalty (off in the reference workflow: raw nothate logits). "scale" divides by
+    # Score shaping before the KL penalty (off in the original notebook: raw nothate logits). "scale" divides by
     # the running std of all scores seen (TRL's use_score_scaling), "standardize" also subtracts the running mean
     # (TRL's use_score_norm); score_clip then clips to [-score_clip, score_clip].
     score_normalization: Literal["none", "scale", "standardize"] = "none"
@@ -144,7 +144,7 @@ class PPOConfig:
 class EvalConfig:
     split: Literal["train", "validation", "test"] = "test"
     max_examples: Optional[int] = None  # None = the full split
-    # Greedy decoding for ROUGE by default; set do_sample: true for the reference's sampled settings.
+    # Greedy decoding for ROUGE by default; set do_sample: true for the original notebook's sampled settings.
     generation: GenerationSettings = field(
         default_factory=lambda: GenerationSettings(do_sample=False, max_new_tokens=200, min_length=0)
     )

@@ -1,18 +1,18 @@
 """DialogSum loading and the prompt datasets for SFT, PPO and evaluation.
 
 `load_dialogsum(path)` reads DialogSum from any of three sources into one schema (splits `train`,
-`validation`, `test`; columns `id`, `dialogue`, `summary`, `references`, `topic`):
+`validation`, `test`; columns `id`, `dialogue`, `summary`, `human_summaries`, `topic`):
 
 * a local directory in the original cylnlp JSONL layout (`dialogsum.{train,dev,test}.jsonl`; the test
   file has `summary1..3`/`topic1..3`),
 * a local directory in the Hugging Face CSV layout (`{train,validation,test}.csv`; the test split repeats
-  each dialogue once per reference, so rows of the same dialogue are grouped back into one example),
+  each dialogue once per human summary, so rows of the same dialogue are grouped back into one example),
 * a hub id such as `knkarthick/dialogsum` (the CSV layout, loaded with `datasets.load_dataset`).
 
-Rows whose dialogue is empty or not a string, or that have no reference summary, are dropped, counted
+Rows whose dialogue is empty or not a string, or that have no human summary, are dropped, counted
 and logged; `read_dialogsum` returns those counts in a `LoadReport`.
 
-The builders reproduce the reference notebook: keep dialogues with 200 < len <= 1000 characters, wrap
+The builders reproduce the original notebook: keep dialogues with 200 < len <= 1000 characters, wrap
 them in the "Summarize the following conversation." prompt, tokenize, and split 80/20 without
 shuffling, with the same rounding as `Dataset.train_test_split(test_size=0.2, shuffle=False)`.
 """
@@ -46,17 +46,17 @@ FEATURES = Features(
     id=Value("string"),
     dialogue=Value("string"),
     summary=Value("string"),
-    references=List(Value("string")),
+    human_summaries=List(Value("string")),
     topic=Value("string"),
 )
-_REPEAT_SUFFIX = re.compile(r"_\d+$")  # HF test ids: test_<i>_<k>, k = reference number
+_REPEAT_SUFFIX = re.compile(r"_\d+$")  # HF test ids: test_<i>_<k>, k = summary number
 
 
 @dataclass
 class SplitReport:
     rows_read: int = 0
     dropped_dialogue: int = 0  # empty, whitespace-only or non-string dialogue
-    dropped_summary: int = 0  # no non-empty string reference summary
+    dropped_summary: int = 0  # no non-empty string human summary
     examples: int = 0  # after dropping, grouping and max_examples
 
 
@@ -106,7 +106,7 @@ def read_dialogsum(
         dropped = split_report.dropped_dialogue + split_report.dropped_summary
         if dropped:
             logger.warning(
-                "dropped %d of %d rows in %s: %d with an empty or non-string dialogue, %d without a reference summary",
+                "dropped %d of %d rows in %s: %d with an empty or non-string dialogue, %d without a human summary",
                 dropped, split_report.rows_read, split, split_report.dropped_dialogue, split_report.dropped_summary,
             )
         columns = {name: [ex[name] for ex in examples] for name in FEATURES}
@@ -159,7 +159,7 @@ def _read_hub(repo_id: str, splits: Sequence[str]) -> dict[str, Table]:
 def _normalise(records: Iterable[tuple[int, dict[str, Any]]], where: str, group_repeats: bool):
     """Map raw records to the common schema, dropping unusable rows.
 
-    With `group_repeats`, rows that share a dialogue become one example with all their references.
+    With `group_repeats`, rows that share a dialogue become one example with all their human summaries.
     """
     report = SplitReport()
     examples: list[dict[str, Any]] = []
@@ -172,20 +172,20 @@ def _normalise(records: Iterable[tuple[int, dict[str, Any]]], where: str, group_
         if not isinstance(dialogue, str) or not dialogue.strip():
             report.dropped_dialogue += 1
             continue
-        references, topics = _references(record)
-        if not references:
+        summaries, topics = _human_summaries(record)
+        if not summaries:
             report.dropped_summary += 1
             continue
         example = {
             "id": str(record["id"] if "id" in record else record["fname"]),
             "dialogue": dialogue,
-            "summary": references[0],
-            "references": references,
+            "summary": summaries[0],
+            "human_summaries": summaries,
             "topic": topics[0] if topics else "",
         }
         if group_repeats and dialogue in by_dialogue:
             first = by_dialogue[dialogue]
-            first["references"].extend(references)
+            first["human_summaries"].extend(summaries)
             if not first["topic"] and topics:
                 first["topic"] = topics[0]
             grouped.add(dialogue)
@@ -212,8 +212,8 @@ def _check_columns(record: dict[str, Any], where: str, row_no: int) -> None:
         )
 
 
-def _references(record: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """Non-empty reference summaries (summary, or summary1..N in the original test file) and their topics."""
+def _human_summaries(record: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """Non-empty human summaries (summary, or summary1..N in the original test file) and their topics."""
     if "summary" in record:
         pairs = [(record["summary"], record.get("topic"))]
     else:
@@ -221,9 +221,9 @@ def _references(record: dict[str, Any]) -> tuple[list[str], list[str]]:
         while f"summary{k}" in record:
             pairs.append((record[f"summary{k}"], record.get(f"topic{k}")))
             k += 1
-    references = [s for s, _ in pairs if isinstance(s, str) and s.strip()]
+    summaries = [s for s, _ in pairs if isinstance(s, str) and s.strip()]
     topics = [t for s, t in pairs if isinstance(s, str) and s.strip() and isinstance(t, str) and t.strip()]
-    return references, topics
+    return summaries, topics
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -231,7 +231,7 @@ def _references(record: dict[str, Any]) -> tuple[list[str], list[str]]:
 
 
 def filter_by_length(ds: Dataset, min_chars: int, max_chars: int) -> Dataset:
-    """Keep examples with min_chars < len(dialogue) <= max_chars (the reference notebook's filter)."""
+    """Keep examples with min_chars < len(dialogue) <= max_chars (the original notebook's filter)."""
     return ds.filter(
         lambda dialogues: [min_chars < len(d) <= max_chars for d in dialogues],
         input_columns="dialogue",
@@ -246,7 +246,7 @@ def format_prompt(dialogue: str, template: str) -> str:
 
 def split_sizes(n: int, train_fraction: float) -> tuple[int, int]:
     """(n_train, n_test) exactly as `Dataset.train_test_split(test_size=1 - train_fraction)` computes them."""
-    test_size = round(1.0 - train_fraction, 10)  # 1 - 0.8 is 0.19999999999999996; the reference passed 0.2
+    test_size = round(1.0 - train_fraction, 10)  # 1 - 0.8 is 0.19999999999999996; the original notebook passed 0.2
     n_test = math.ceil(test_size * n)
     return n - n_test, n_test
 
@@ -254,8 +254,8 @@ def split_sizes(n: int, train_fraction: float) -> tuple[int, int]:
 def build_ppo_datasets(cfg: DataConfig, tokenizer) -> DatasetDict:
     """PPO prompts: the filtered train split, tokenized, split into `train`/`test` without shuffling.
 
-    Columns: `id`, `dialogue`, `references`, `input_ids` (prompt, truncated to max_prompt_tokens) and
-    `query` (= tokenizer.decode(input_ids), special tokens included, as in the reference notebook).
+    Columns: `id`, `dialogue`, `human_summaries`, `input_ids` (prompt, truncated to max_prompt_tokens) and
+    `query` (= tokenizer.decode(input_ids), special tokens included, as in the original notebook).
     `cfg.max_examples` caps the filtered set before splitting.
     """
     ds = _filtered_split(cfg, "train")
@@ -278,7 +278,7 @@ def build_ppo_datasets(cfg: DataConfig, tokenizer) -> DatasetDict:
 
 def build_sft_datasets(cfg: DataConfig, tokenizer) -> DatasetDict:
     """LoRA SFT examples from the filtered train and validation splits: `input_ids`, `attention_mask`
-    (prompt, truncated to max_prompt_tokens) and `labels` (first reference, truncated to max_summary_tokens).
+    (prompt, truncated to max_prompt_tokens) and `labels` (first human summary, truncated to max_summary_tokens).
     Unpadded; the collator pads per batch. `cfg.max_examples` caps each split after filtering.
     """
 
@@ -300,9 +300,9 @@ def build_sft_datasets(cfg: DataConfig, tokenizer) -> DatasetDict:
 
 
 def build_eval_dataset(cfg: DataConfig, split: str, max_examples: int | None = None) -> Dataset:
-    """Examples for ROUGE/toxicity evaluation: `id`, `dialogue`, `prompt`, `references` (all of them).
+    """Examples for ROUGE/toxicity evaluation: `id`, `dialogue`, `prompt`, `human_summaries` (all of them).
 
-    No length filter: the reference notebook's ROUGE evaluation used the whole test split. `max_examples`
+    No length filter: the original notebook's ROUGE evaluation used the whole test split. `max_examples`
     (default: cfg.max_examples) keeps the first N examples.
     """
     cap = max_examples if max_examples is not None else cfg.max_examples
@@ -313,7 +313,7 @@ def build_eval_dataset(cfg: DataConfig, split: str, max_examples: int | None = N
         lambda batch: {"prompt": [format_prompt(d, cfg.prompt_template) for d in batch["dialogue"]]},
         batched=True,
         remove_columns=["summary", "topic"],
-    ).select_columns(["id", "dialogue", "prompt", "references"])
+    ).select_columns(["id", "dialogue", "prompt", "human_summaries"])
 
 
 def _filtered_split(cfg: DataConfig, split: str) -> Dataset:

@@ -15,7 +15,7 @@ def generation_kwargs(settings: GenerationSettings, rng: Optional[random.Random]
     """`generate()` keyword arguments from settings. Sampling knobs are passed only when sampling, so greedy
     decoding is not mixed with top_k/top_p (transformers warns about that)."""
     max_new_tokens = settings.max_new_tokens
-    if settings.max_new_tokens_min is not None:  # the reference's LengthSampler(min, max)
+    if settings.max_new_tokens_min is not None:  # the original notebook's LengthSampler(min, max)
         max_new_tokens = (rng or random).randrange(settings.max_new_tokens_min, settings.max_new_tokens)
     kwargs = dict(max_new_tokens=max_new_tokens, min_length=settings.min_length, num_beams=settings.num_beams)
     if settings.do_sample:

@@ -1,13 +1,14 @@
-"""Model factory: the seq2seq policy (base + LoRA + value head) and model-size reports.
+"""Model factory: the seq2seq policy (base + LoRA + value head), its saving and loading, and the shipped architectures.
 
     base = load_base_model(cfg.model)                  # FLAN-T5 (or a local T5), optionally 8/4-bit
     peft_model = apply_lora(base, cfg.lora, adapter)   # fresh LoRA or an existing adapter
     policy = Seq2SeqPolicy(peft_model, ValueHead(d_model))
     policy, tokenizer = load_policy(cfg)               # all of the above
 
-The PPO reference model is the same base with the adapter switched off (`policy.adapter_disabled()`), so
+The PPO KL reference is the same base with the adapter switched off (`policy.adapter_disabled()`), so
 no second copy of the base is held. `build_from_architecture` builds the shipped FLAN-T5 architectures
-(`configs/architectures/`) with random weights, on the meta device by default, for parameter reports.
+(`configs/architectures/`) with random weights, on the meta device by default, for the parameter report
+(train/param_report.py) and the memory planner (train/plan.py).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import importlib.util
 import logging
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -446,45 +446,3 @@ def build_from_architecture(name_or_path: str, device: str | torch.device = "met
             # by from_pretrained after save_pretrained (transformers ties equal tensors on load).
             nn.init.normal_(model.lm_head.weight, mean=0.0, std=config.initializer_factor)
     return model
-
-
-@dataclass
-class ParamReport:
-    trainable: int
-    total: int
-    percent: float = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.percent = 100.0 * self.trainable / self.total if self.total else 0.0
-
-    def format(self) -> str:
-        """The three lines the reference notebook printed."""
-        return (
-            f"trainable model parameters: {self.trainable}\n"
-            f"all model parameters: {self.total}\n"
-            f"percentage of trainable model parameters: {self.percent:.2f}%"
-        )
-
-
-def _numel(param: torch.Tensor) -> int:
-    n = param.numel()
-    # bitsandbytes packs two 4-bit values per byte of storage (as peft's get_nb_trainable_parameters counts).
-    if param.__class__.__name__ == "Params4bit":
-        if hasattr(param, "element_size"):
-            n *= 2 * param.element_size()
-        elif hasattr(param, "quant_storage"):
-            n *= 2 * param.quant_storage.itemsize
-        else:
-            n *= 2
-    return n
-
-
-def parameter_report(model: nn.Module) -> ParamReport:
-    """Trainable and total parameters, each shared Parameter counted once (named_parameters deduplicates)."""
-    trainable = total = 0
-    for _, param in model.named_parameters():
-        n = _numel(param)
-        total += n
-        if param.requires_grad:
-            trainable += n
-    return ParamReport(trainable=trainable, total=total)

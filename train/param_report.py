@@ -14,12 +14,57 @@ shipped `configs/architectures/`, anything else must be a local model directory 
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Optional
+
+import torch
+from torch import nn
 
 from train.cli import config_from_cli, run_cli
 from train.config import LoraSettings
-from train.models import ARCHITECTURES, ValueHead, apply_lora, build_from_architecture, parameter_report, ParamReport
+from train.models import ARCHITECTURES, ValueHead, apply_lora, build_from_architecture
 
+
+@dataclass
+class ParamReport:
+    trainable: int
+    total: int
+    percent: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.percent = 100.0 * self.trainable / self.total if self.total else 0.0
+
+    def format(self) -> str:
+        """The three lines the original notebook printed."""
+        return (
+            f"trainable model parameters: {self.trainable}\n"
+            f"all model parameters: {self.total}\n"
+            f"percentage of trainable model parameters: {self.percent:.2f}%"
+        )
+
+
+def _numel(param: torch.Tensor) -> int:
+    n = param.numel()
+    # bitsandbytes packs two 4-bit values per byte of storage (as peft's get_nb_trainable_parameters counts).
+    if param.__class__.__name__ == "Params4bit":
+        if hasattr(param, "element_size"):
+            n *= 2 * param.element_size()
+        elif hasattr(param, "quant_storage"):
+            n *= 2 * param.quant_storage.itemsize
+        else:
+            n *= 2
+    return n
+
+
+def parameter_report(model: nn.Module) -> ParamReport:
+    """Trainable and total parameters, each shared Parameter counted once (named_parameters deduplicates)."""
+    trainable = total = 0
+    for _, param in model.named_parameters():
+        n = _numel(param)
+        total += n
+        if param.requires_grad:
+            trainable += n
+    return ParamReport(trainable=trainable, total=total)
 
 def report_for(model_name: str, lora: Optional[LoraSettings], value_head: bool) -> ParamReport:
     """Counts for `model_name` (+ fresh LoRA when `lora` is given) (+ value head)."""

@@ -7,7 +7,7 @@
 Nothing is downloaded and no weights are made: the policy is built on the meta device from the shipped
 architecture configs (`train.models.build_from_architecture`), LoRA is applied with the project's own
 `apply_lora`, so parameter counts per module are exact. Sizes are the training keys of the config (`--config`,
-default = the reference workflow: model.*, lora.*, ppo.batch_size/mini_batch_size, rollout.batch_size/max_new_tokens,
+default = the original notebook's: model.*, lora.*, ppo.batch_size/mini_batch_size, rollout.batch_size/max_new_tokens,
 data.max_prompt_tokens, reward.*); the hardware to plan for is its `plan` section (GPUs, ZeRO stage, offload,
 gradient checkpointing, reward placement, GPU memory, margin); `--section.key VALUE` overrides either. The planner
 models the PPO stage (the most demanding one).
@@ -93,9 +93,9 @@ from train.errors import ConfigError, ModelError
 
 GIB = 1024**3
 CUDA_OVERHEAD_BYTES = 1 * GIB
-REFERENCE_REWARD_MODEL = "facebook/roberta-hate-speech-dynabench-r4-target"
-# RoBERTa-base with a 2-class head: the reference reward model's architecture, so it needs no download.
-REFERENCE_REWARD_ARCH = dict(
+DEFAULT_REWARD_MODEL = "facebook/roberta-hate-speech-dynabench-r4-target"
+# RoBERTa-base with a 2-class head: the default reward model's architecture, so it needs no download.
+DEFAULT_REWARD_ARCH = dict(
     vocab_size=50265, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
     max_position_embeddings=514, type_vocab_size=1, num_labels=2,
 )
@@ -297,12 +297,12 @@ def reward_model_params(name_or_path: str) -> tuple[int, int, int]:
 
     if (Path(name_or_path) / "config.json").is_file():
         config = AutoConfig.from_pretrained(name_or_path)
-    elif name_or_path == REFERENCE_REWARD_MODEL:
-        config = RobertaConfig(**REFERENCE_REWARD_ARCH)
+    elif name_or_path == DEFAULT_REWARD_MODEL:
+        config = RobertaConfig(**DEFAULT_REWARD_ARCH)
     else:
         raise ConfigError(
             f"the planner cannot size reward model {name_or_path!r} offline: pass a local directory with its "
-            f"config.json via --reward.model_name_or_path DIR (or use {REFERENCE_REWARD_MODEL})"
+            f"config.json via --reward.model_name_or_path DIR (or use {DEFAULT_REWARD_MODEL})"
         )
     with torch.device("meta"):
         model = AutoModelForSequenceClassification.from_config(config)

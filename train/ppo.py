@@ -43,7 +43,8 @@ from train.distributed import (
     Collectives, PlainAccumulation, configure_deepspeed, fix_deepspeed_cpu_ranks, gathered_trainable, use_cpu,
 )
 from train.errors import ConfigError
-from train.models import add_reference_adapter, load_policy, parameter_report, save_policy
+from train.models import add_reference_adapter, load_policy, save_policy
+from train.param_report import parameter_report
 from train.ppo_core import (
     ScoreShaper, Trajectory, check_batch_sizes, gae_advantages, kl_penalized_rewards, make_kl_controller, ppo_loss,
     step_stats, trajectory_minibatch_stats,

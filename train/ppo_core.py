@@ -432,7 +432,7 @@ SCORE_NORMALIZATIONS = ("none", "scale", "standardize")
 class ScoreShaper:
     """Reward-model scores -> PPO scores: optional running normalisation, then optional clipping.
 
-    `normalization`: "none" (the reference workflow: raw logits), "scale" (divide by the running standard
+    `normalization`: "none" (the original notebook: raw logits), "scale" (divide by the running standard
     deviation: TRL's `use_score_scaling`) or "standardize" (also subtract the running mean: TRL's
     `use_score_scaling` + `use_score_norm`). The running statistics cover every score seen so far, this batch
     included, with the unbiased standard deviation as TRL. `clip`: then clip to [-clip, clip] (TRL's `score_clip`).

@@ -296,7 +296,7 @@ def make_experience(
 ) -> tuple[Trajectory, RolloutInfo]:
     """Generate, decode, score and forward this process's prompts (rows of the PPO dataset: input_ids, query, id).
 
-    The classifier sees the dataset's `query` (the decoded prompt) and the summary, as the reference notebook did.
+    The classifier sees the dataset's `query` (the decoded prompt) and the summary, as the original notebook did.
     """
     device = accelerator.device if accelerator is not None else next(policy.parameters()).device
     started = time.perf_counter()

@@ -1,7 +1,7 @@
-"""ROUGE with `rouge_score` (stemming on), single- or multi-reference.
+"""ROUGE with `rouge_score` (stemming on), against one or several human summaries per example.
 
-`evaluate.load("rouge")` needs the hub, so we call `rouge_score` directly. With several references per
-example (DialogSum's test split has three) each metric takes the best-matching reference, as
+`evaluate.load("rouge")` needs the hub, so we call `rouge_score` directly. With several human summaries
+per example (DialogSum's test split has three) each metric takes the best-matching one, as
 `RougeScorer.score_multi` does. ROUGE-Lsum treats newlines as sentence boundaries; summaries rarely contain
 newlines, so we put one after each sentence (a regex splitter: nltk's punkt data is not available offline).
 """
@@ -30,23 +30,23 @@ class RougeResult:
     num_examples: int
 
 
-def rouge_per_example(predictions: Sequence[str], references: Sequence[Sequence[str] | str]) -> list[dict[str, float]]:
-    """ROUGE F-measures for each prediction against its reference(s)."""
-    if len(predictions) != len(references):
-        raise ValueError(f"{len(predictions)} predictions but {len(references)} reference sets")
+def rouge_per_example(predictions: Sequence[str], targets: Sequence[Sequence[str] | str]) -> list[dict[str, float]]:
+    """ROUGE F-measures for each prediction against its target summary (or summaries)."""
+    if len(predictions) != len(targets):
+        raise ValueError(f"{len(predictions)} predictions but {len(targets)} target sets")
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
     rows = []
-    for prediction, refs in zip(predictions, references):
+    for prediction, refs in zip(predictions, targets):
         refs = [refs] if isinstance(refs, str) else list(refs)
         if not refs:
-            raise ValueError("an example has no reference summary")
+            raise ValueError("an example has no target summary")
         scores = scorer.score_multi([split_sentences(r) for r in refs], split_sentences(prediction))
         rows.append({k: scores[k].fmeasure for k in ROUGE_TYPES})
     return rows
 
 
-def compute_rouge(predictions: Sequence[str], references: Sequence[Sequence[str] | str]) -> RougeResult:
-    rows = rouge_per_example(predictions, references)
+def compute_rouge(predictions: Sequence[str], targets: Sequence[Sequence[str] | str]) -> RougeResult:
+    rows = rouge_per_example(predictions, targets)
     n = len(rows)
     mean = {k: (sum(r[k] for r in rows) / n if n else float("nan")) for k in ROUGE_TYPES}
     return RougeResult(per_example=rows, mean=mean, num_examples=n)

@@ -58,7 +58,8 @@ from train.debug import write_debug_record
 from train.distributed import Collectives, configure_deepspeed, fix_deepspeed_cpu_ranks, gathered_trainable, use_cpu
 from train.errors import ConfigError, DataError
 from train.generation import generate_texts
-from train.models import apply_lora, load_base_model, load_tokenizer, parameter_report
+from train.models import apply_lora, load_base_model, load_tokenizer
+from train.param_report import parameter_report
 from train.preemption import PREEMPTED_EXIT_CODE, StopSignal
 from train.rouge import compute_rouge
 from train.run_log import JsonlLog
@@ -118,7 +119,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         sft_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, sft_dir / "config.yaml")
 
-    # 1. Data: tokenized train/validation examples (filtered as the reference), plus a validation sample for ROUGE.
+    # 1. Data: tokenized train/validation examples (filtered as the original notebook did), plus a validation sample for ROUGE.
     tokenizer = load_tokenizer(cfg.model)
     with accelerator.main_process_first():  # tokenizing once fills the datasets cache for the other processes
         datasets = build_sft_datasets(cfg.data, tokenizer)
@@ -381,7 +382,7 @@ def validation_rouge(model, tokenizer, examples, cfg: ExperimentConfig, accelera
             cfg.data.max_prompt_tokens, accelerator.device, progress=False,
         )
     predictions = gather_object(predictions)[: len(prompts)]
-    rouge = compute_rouge(predictions, examples["references"])
+    rouge = compute_rouge(predictions, examples["human_summaries"])
     record: dict[str, Any] = {f"eval/{k}": v for k, v in rouge.mean.items()}
     record["eval/samples"] = [{"id": i, "prediction": p} for i, p in zip(examples["id"][:2], predictions[:2])]
     return record

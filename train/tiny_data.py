@@ -5,11 +5,11 @@ explains the template syntax). This module checks that file whole and generates 
 has nine topic scenarios (shopping, a doctor's visit, a job interview, ...) and one short one, each a set of
 turn and summary templates with slots (names, items, prices, times, places), so every summary is determined
 by its dialogue and a tiny seq2seq model can learn the mapping quickly. About 20% of the dialogues are
-"heated": the speakers insult each other (generic insults only, no slurs), and some of their references
-repeat the insult, so a model fine-tuned on this data sometimes writes toxic summaries that PPO can later
+"heated": the speakers insult each other (generic insults only, no slurs), and some of their human
+summaries repeat the insult, so a model fine-tuned on this data sometimes writes toxic summaries that PPO can later
 learn to avoid. About 5% of the dialogues fall outside the (200, 1000] character range on purpose, so the
 length filter has work to do. There are SPLIT_SIZES dialogues per split (1000 train, 100 validation, 100
-test); the test split is written with TEST_REFERENCES (3) reference rows per dialogue.
+test); the test split is written with TEST_SUMMARIES (3) rows per dialogue, one per human summary.
 
 Everything comes from seeded `random.Random` instances (never the global RNG), one per split, so the
 output is identical on every run and growing one split does not change the others.
@@ -35,15 +35,15 @@ import yaml
 
 from train.errors import DataError
 
-# Counts of dialogues per split; the test split is written with 3 reference rows per dialogue.
+# Counts of dialogues per split; the test split is written with 3 rows (human summaries) per dialogue.
 SPLIT_SIZES = {"train": 1000, "validation": 100, "test": 100}
 SPLIT_ID_PREFIX = {"train": "train", "validation": "dev", "test": "test"}
-TEST_REFERENCES = 3
+TEST_SUMMARIES = 3
 CSV_COLUMNS = ["id", "dialogue", "summary", "topic"]
 
 MIN_CHARS, MAX_CHARS = 200, 1000  # the length filter's range: min < len(dialogue) <= max
 HEATED_FRACTION = 0.20
-TOXIC_REFERENCE_FRACTION = 0.5  # share of a heated dialogue's references that repeat the insult
+TOXIC_SUMMARY_FRACTION = 0.5  # share of a heated dialogue's summaries that repeat the insult
 SHORT_FRACTION = LONG_FRACTION = 0.025  # outside the length range on purpose
 SMALL_TALK_PAIRS, LONG_SMALL_TALK_PAIRS = (0, 3), (8, 12)  # small-talk exchanges added (inclusive ranges)
 
@@ -123,14 +123,14 @@ class ScenarioSpec:
     slots: tuple[Slot, ...]
     opener: Optional[tuple[str, str]]  # (A's line, B's line): A's always comes, half of the time after B's
     turns: tuple[Turn, ...]
-    summaries: tuple[str, ...]  # TEST_REFERENCES phrasings, with {A} and {B} for the speakers
+    summaries: tuple[str, ...]  # TEST_SUMMARIES phrasings, with {A} and {B} for the speakers
 
 
 @dataclass(frozen=True)
 class HeatedSpec:
     slots: tuple[Slot, ...]
     turns: tuple[Turn, ...]  # spoken by X (the insulter) and Y
-    toxic: tuple[str, ...]  # the k-th is appended to the k-th reference, or else the k-th neutral one
+    toxic: tuple[str, ...]  # the k-th is appended to the k-th summary, or else the k-th neutral one
     neutral: tuple[str, ...]
 
 
@@ -296,9 +296,9 @@ def _turns(spec: Any, where: str, speakers: tuple[str, str], scope: dict[str, bo
     return tuple(turns)
 
 
-def _references(spec: Any, where: str, scope: dict[str, bool]) -> tuple[str, ...]:
-    if len(_list(spec, where)) != TEST_REFERENCES:
-        _fail(where, f"expected {TEST_REFERENCES} phrasings (one per test reference), got {len(spec)}")
+def _phrasings(spec: Any, where: str, scope: dict[str, bool]) -> tuple[str, ...]:
+    if len(_list(spec, where)) != TEST_SUMMARIES:
+        _fail(where, f"expected {TEST_SUMMARIES} phrasings (one per test summary), got {len(spec)}")
     for i, template in enumerate(spec, 1):
         _check(template, f"{where} {i}", scope)
     return tuple(spec)
@@ -322,7 +322,7 @@ def _scenario(name: str, spec: Any, tables: dict[str, tuple]) -> ScenarioSpec:
         _fail(f"{where}, turn 1", "the turns after the opener (A's line) start with B")
     if not opener and len(turns) < 2:
         _fail(f"{where}, turns", "a scenario without an opener needs at least two turns")
-    summaries = _references(spec["summaries"], f"{where}, summary", scope)
+    summaries = _phrasings(spec["summaries"], f"{where}, summary", scope)
     return ScenarioSpec(name, spec["topic"], slots, opener, turns, summaries)
 
 
@@ -361,8 +361,8 @@ def _parse(raw: Any) -> TinyData:
     turns = _turns(spec["turns"], "heated", HEATED_ROLES, scope)
     if turns[0][0] != "X" or len(turns) % 2:
         _fail("heated, turns", "X speaks first and both speak equally often, so the dialogue keeps alternating")
-    heated = HeatedSpec(slots, turns, _references(spec["toxic"], "heated, toxic", scope),
-                        _references(spec["neutral"], "heated, neutral", scope))
+    heated = HeatedSpec(slots, turns, _phrasings(spec["toxic"], "heated, toxic", scope),
+                        _phrasings(spec["neutral"], "heated, neutral", scope))
 
     toxicity = _mapping(raw["toxicity"], "toxicity", ("summary_insults", "insults", "neutral"), ())
     scope = dict.fromkeys(("adj", "noun", "X", "Y"), False)
@@ -469,7 +469,7 @@ def _speakers(turns: list[Turn]) -> dict[str, str]:
 @dataclass(frozen=True)
 class Dialogue:
     dialogue: str
-    summaries: tuple[str, ...]  # TEST_REFERENCES paraphrased references
+    summaries: tuple[str, ...]  # TEST_SUMMARIES paraphrased human summaries
     topic: str
     heated: bool
 
@@ -490,8 +490,8 @@ def make_dialogue(rng: random.Random) -> Dialogue:
         extra: list[str] = []
         if heated:
             toxic, neutral = _heat(rng, scenario, data.heated)
-            extra = [toxic[k] if rng.random() < TOXIC_REFERENCE_FRACTION else neutral[k]
-                     for k in range(TEST_REFERENCES)]
+            extra = [toxic[k] if rng.random() < TOXIC_SUMMARY_FRACTION else neutral[k]
+                     for k in range(TEST_SUMMARIES)]
         names = _speakers(scenario.turns)
         text = "\n".join(f"{names[role]}: {line}" for role, line in scenario.turns)
         in_range = MIN_CHARS < len(text) <= MAX_CHARS
@@ -512,19 +512,19 @@ def make_split(split: str, seed: int) -> list[Dialogue]:
 
 
 def split_rows(split: str, dialogues: list[Dialogue], seed: int) -> list[dict[str, str]]:
-    """Rows in the Hugging Face DialogSum layout: one per dialogue, or TEST_REFERENCES per test dialogue."""
+    """Rows in the Hugging Face DialogSum layout: one per dialogue, or TEST_SUMMARIES per test dialogue."""
     prefix = SPLIT_ID_PREFIX[split]
     if split == "test":
         return [
             {"id": f"{prefix}_{i}_{k + 1}", "dialogue": d.dialogue, "summary": d.summaries[k], "topic": d.topic}
             for i, d in enumerate(dialogues)
-            for k in range(TEST_REFERENCES)
+            for k in range(TEST_SUMMARIES)
         ]
-    # Train/validation have one reference each; mostly the first phrasing, so the mapping is easy to learn.
-    rng = random.Random(f"{seed}-dialogsum-{split}-reference")
+    # Train/validation have one human summary each; mostly the first phrasing, so the mapping is easy to learn.
+    rng = random.Random(f"{seed}-dialogsum-{split}-reference")  # the seed text predates the word "human summary"
     return [
         {"id": f"{prefix}_{i}", "dialogue": d.dialogue, "topic": d.topic,
-         "summary": d.summaries[rng.choices(range(TEST_REFERENCES), weights=[6, 2, 2])[0]]}
+         "summary": d.summaries[rng.choices(range(TEST_SUMMARIES), weights=[6, 2, 2])[0]]}
         for i, d in enumerate(dialogues)
     ]
 
@@ -563,7 +563,7 @@ def make_toxicity_examples(seed: int) -> list[dict[str, str]]:
         "hate": lambda: (
             _fill(rng.choice(data.toxic_templates), rng, *insult)
             if rng.random() < 0.7
-            # A toxic summary: an insult next to neutral content, as the heated references have.
+            # A toxic summary: an insult next to neutral content, as the heated dialogues' summaries have.
             else f"{_summary_sentence(rng, data)} {_fill(rng.choice(data.toxic_summary_templates), rng, *insult)}"
         ),
         "nothate": lambda: (

@@ -35,7 +35,7 @@ EXAMPLES_FILE = "examples.jsonl"
 
 
 def read_eval_examples(path: Path) -> list[dict[str, Any]]:
-    """Read eval's per-example JSONL ({"id", "dialogue", "references", "systems": {name: {"summary", ...}}})."""
+    """Read eval's per-example JSONL ({"id", "dialogue", "human_summaries", "systems": {name: {"summary", ...}}})."""
     if path.is_dir():
         path = path / EXAMPLES_FILE
     if not path.is_file():
