@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs what tests/test_human_eval_browser.py needs: Debian's Chromium and its matching chromedriver.
+# Installs what tests/eval/human/test_app_in_browser.py needs: Debian's Chromium and its matching chromedriver.
 # Both come from the Debian archive (no browser downloads from elsewhere); Selenium itself is a pip dev dependency.
 set -euo pipefail
 

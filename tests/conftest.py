@@ -1,4 +1,10 @@
-"""Shared test fixtures: the repository root, the offline tiny artifacts and the shared DialogSum copy."""
+"""Fixtures for every test directory: the repository root, the offline tiny artifacts, the shared DialogSum copy,
+one torch thread, and the SFT run that the SFT, merge and evaluation tests share.
+
+tests/ mirrors the packages: the tests of `<package>/<module>.py` are in `tests/<package>/test_<module>.py`
+(tests/eval/human/test_main.py for eval/human/__main__.py); the scripts of slurm/ and bench/ have theirs in
+tests/slurm and tests/bench, and tests/test_*.py hold the repository-wide rules.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +15,8 @@ import torch
 
 from train.tiny_models import TinyArtifacts, build_tiny_artifacts
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DIALOGSUM = REPO_ROOT.parent / "shared" / "data" / "dialogsum"
+pytest.register_assert_rewrite("helpers")  # before the import: its asserts report like the tests' own
+from helpers import REPO_ROOT, SHARED_DIALOGSUM, sft_args  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -40,3 +46,15 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_artifacts, repo_root, tmp_path_factory) -> Path:
+    """One single-process SFT run (40 steps) shared by tests/train/test_sft.py, test_merge_adapter.py and
+    tests/eval/test_evaluate.py; returns its output_dir."""
+    from train import sft
+
+    out = tmp_path_factory.mktemp("sft_run")
+    sft.main(sft_args(repo_root, tiny_artifacts, out, "--sft.max_steps", "40", "--sft.eval_every_steps", "20",
+                      "--sft.save_every_steps", "20"))
+    return out

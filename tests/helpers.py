@@ -1,11 +1,20 @@
-"""Helpers shared by several test modules (importable as `helpers`: pytest puts tests/ on sys.path)."""
+"""Helpers shared by several test modules, importable as `helpers` (setup.cfg's pythonpath puts tests/ on sys.path;
+conftest.py has pytest rewrite their asserts). The general ones first, then one section per group of test modules."""
+
+from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import struct
+import subprocess
 import sys
+import time
 from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DIALOGSUM = REPO_ROOT.parent / "shared" / "data" / "dialogsum"
 
 
 def free_port() -> int:
@@ -86,3 +95,245 @@ def wandb_history(wandb_dir: Path) -> list[dict]:
                 rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
                              for item in record.history.item})
     return rows
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training runs on the tiny artifacts (tests/train, tests/eval)
+
+
+def sft_args(repo_root: Path, tiny, out: Path, *extra: str) -> list[str]:
+    """Small, fast settings on the tiny artifacts (absolute paths, so any working directory works)."""
+    return [
+        "--config", str(repo_root / "configs/tiny.yaml"), "--output_dir", str(out),
+        "--data.path", str(tiny.dialogsum), "--model.name_or_path", str(tiny.t5),
+        "--data.max_examples", "64", "--sft.batch_size", "8", "--sft.learning_rate", "1e-2",
+        "--sft.eval_rouge_examples", "4", "--eval.generation.max_new_tokens", "8", "--sft.log_every_steps", "5",
+        "--sft.max_steps", "null", "--sft.lr_scheduler", "linear",  # epoch-based unless a test says otherwise
+        "--lora.target_modules", "q,v", "--lora.r", "8", "--lora.alpha", "8",  # what these tests were sized for
+        *extra,
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------
+# FLAN-T5 checkpoints (tests/train/test_models.py, test_param_report.py)
+
+
+# Published parameter counts of the google/flan-t5-* checkpoints (untied LM head).
+CHECKPOINT_PARAMS = {
+    "google/flan-t5-small": 76_961_152,
+    "google/flan-t5-base": 247_577_856,
+    "google/flan-t5-large": 783_150_080,
+    "google/flan-t5-xl": 2_849_757_184,
+    "google/flan-t5-xxl": 11_135_332_352,
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# ppo_step on the tiny T5 (tests/train/test_ppo.py, tests/train/test_rollout.py)
+
+
+def tiny_ppo_policy(tiny_artifacts, **ppo):
+    """The tiny T5 policy with a non-zero LoRA adapter, its tokenizer and its PPO settings."""
+    import torch
+
+    from train.config import load_config
+    from train.models import load_policy
+
+    overrides = ["--model.name_or_path", str(tiny_artifacts.t5)]
+    for key, value in ppo.items():
+        overrides += [f"--ppo.{key}", str(value)]
+    cfg = load_config(None, overrides + ["--model.dtype", "float32", "--lora.r", "8", "--lora.alpha", "8"])
+    torch.manual_seed(0)
+    policy, tokenizer = load_policy(cfg)
+    with torch.no_grad():  # a non-zero adapter, so the policy differs from its reference
+        for name, param in policy.peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.05)
+    return policy, tokenizer, cfg.ppo
+
+
+def generated_rollout(policy, tokenizer, rows: int) -> dict:
+    """Sampled responses to `rows` prompts, with scores: the ids a rollout produces, before its forward passes."""
+    import torch
+
+    from train.ppo_core import response_mask_from_ids
+
+    prompts = [f"#Person1#: hello number {i}. #Person2#: hi, how are you?" for i in range(rows)]
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        response_ids = policy.generate(
+            input_ids=enc.input_ids, attention_mask=enc.attention_mask, do_sample=True, max_new_tokens=12
+        )
+    response_mask = response_mask_from_ids(response_ids, tokenizer.eos_token_id)
+    scores = torch.linspace(-1.0, 1.0, rows)
+    return dict(query_ids=enc.input_ids, query_mask=enc.attention_mask, response_ids=response_ids,
+                response_mask=response_mask, scores=scores)
+
+
+def rollout_trajectory(policy, rollout: dict, cfg, chunk_size: int = 4, accelerator=None):
+    """The `Trajectory` of `rollout`: the forward passes a PPO step starts from."""
+    from train.rollout import forward_trajectory
+
+    return forward_trajectory(policy, **rollout, chunk_size=chunk_size, trl_first_token_mask=cfg.trl_first_token_mask,
+                              accelerator=accelerator)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation runs of eval.evaluate on the tiny models (tests/eval)
+
+
+EVAL_EXAMPLES = 7  # odd, and 4 batches of 2: the 2 processes get 4 and 3 examples
+EVAL_RUN_ARGS = [
+    "--config", "configs/tiny.yaml", "--eval.max_examples", str(EVAL_EXAMPLES),
+    "--eval.generation.batch_size", "2", "--eval.generation.max_new_tokens", "12",
+    "--eval.bootstrap_samples", "300", "--eval.torch_threads", "1", "--eval.qualitative_rows", "2",
+]
+EVAL_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def read_eval_examples(out_dir: Path) -> list[dict]:
+    """The records of <out_dir>/eval/examples.jsonl."""
+    return [json.loads(line) for line in (out_dir / "eval" / "examples.jsonl").read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The human evaluation app, in process (tests/eval/human)
+
+
+def write_eval_examples(path: Path, n: int, systems: list[str]) -> Path:
+    """A small examples.jsonl in eval.evaluate's format; each summary names its example and system."""
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / "examples.jsonl", "w") as f:
+        for i in range(n):
+            f.write(json.dumps({
+                "id": f"test_{i}",
+                "dialogue": f"#Person1#: Hello number {i}.\n#Person2#: Hi, how are you?",
+                "human_summaries": [f"Two people greet each other ({i})."],
+                "systems": {s: {"summary": f"Summary {i} written by model {k}.", "reward": 0.5, "toxicity": 0.1,
+                                "rouge1": 0.3, "rouge2": 0.1, "rougeL": 0.2, "rougeLsum": 0.2}
+                            for k, s in enumerate(systems)},
+            }) + "\n")
+    return path
+
+
+def client_for(study_dir: Path, db: Path, token: str | None = None):
+    """A Starlette TestClient of the app on `study_dir`, answers stored in `db`."""
+    from fastapi.testclient import TestClient
+
+    from eval.human.app import create_app
+    from eval.human.items import load_study
+    from eval.human.store import AnswerStore
+
+    study = load_study(study_dir)
+    return TestClient(create_app(study, AnswerStore(db, study.items_sha256), token), follow_redirects=False)
+
+
+def sign_in(client, name: str, token: str | None = None) -> None:
+    data = {"name": name} | ({"token": token} if token else {})
+    response = client.post("/signin", data=data)
+    assert response.status_code == 303 and response.headers["location"] == "/next"
+
+
+def next_item_id(client) -> str | None:
+    response = client.get("/next")
+    if response.status_code == 200:
+        assert "All done" in response.text
+        return None
+    assert response.status_code == 303
+    return response.headers["location"].removeprefix("/item/")
+
+
+def count_rows(db: Path, table: str) -> int:
+    import sqlite3
+
+    with sqlite3.connect(db) as conn:
+        return conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The reward server as a subprocess (tests/rewards)
+
+
+REWARD_TOKEN = "test-token-123"
+REWARD_MAX_TEXTS, REWARD_MAX_CHARS = 16, 400
+REWARD_SERVER_STARTUP_S = 60
+
+
+class RewardServerProcess:
+    """`python -m rewards.server` serving the classifier `model` on the CPU, on a free port of 127.0.0.1."""
+
+    def __init__(self, model: Path, *extra: str, token: str | None = REWARD_TOKEN) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {k: v for k, v in os.environ.items() if k != "DETOX_REWARD_TOKEN"}
+        if token:
+            env["DETOX_REWARD_TOKEN"] = token
+        command = [sys.executable, "-m", "rewards.server", *extra, "--reward.model_name_or_path", str(model),
+                   "--reward.device", "cpu", "--reward_server.port", str(self.port), "--reward_server.log_level", "warning"]
+        self.proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        import httpx
+        import pytest
+
+        deadline = time.monotonic() + REWARD_SERVER_STARTUP_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"reward server exited with {self.proc.returncode}: {self.proc.stderr.read()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1.0).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        pytest.fail(f"reward server did not answer /health within {REWARD_SERVER_STARTUP_S} s")
+
+    def stats(self) -> dict:
+        import httpx
+
+        return httpx.get(f"{self.url}/stats", timeout=5).json()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self.proc.stdout.close()
+        self.proc.stderr.close()
+
+
+def texts_for(worker: int, request: int) -> list[str]:
+    """Different texts (and different counts) for every request, half of them hateful in the tiny classifier's terms."""
+    base = ["#Person1# thanks #Person2# for the kind help.", "You are a stupid lazy coward, I hate you.",
+            "What a helpful host you are.", "What an incompetent moron you are."]
+    return [f"{base[(worker + i) % 4]} ({worker}-{request}-{i})" for i in range(1 + (worker + request) % 4)]
+
+
+def assert_same_scores(actual, expected) -> None:
+    """Two `RewardScores` agree to 1e-5."""
+    import torch
+
+    torch.testing.assert_close(actual.rewards, expected.rewards, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(actual.toxicity, expected.toxicity, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(actual.logits, expected.logits, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Benchmark scripts (tests/bench)
+
+
+BENCH_TIMEOUT_S = 600
+
+
+def run_bench_script(repo_root, *args: str) -> subprocess.CompletedProcess:
+    """`python SCRIPT ARGS...` from the repository root, one thread; it must succeed."""
+    proc = subprocess.run([sys.executable, *args], cwd=repo_root, capture_output=True, text=True, timeout=BENCH_TIMEOUT_S,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc

@@ -1,4 +1,4 @@
-"""PPO updates on one fixed global batch, on however many processes launched this (tests/test_ppo_distributed.py).
+"""PPO updates on one fixed global batch, on however many processes launched this (tests/train/test_ppo_distributed.py).
 
     python tests/ppo_update_worker.py --t5 DIR --out DIR [--accumulation K] [--max-grad-norm X]
     accelerate launch ... tests/ppo_update_worker.py --t5 DIR --out DIR      # DDP or DeepSpeed ZeRO-2/3

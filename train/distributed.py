@@ -2,7 +2,7 @@
 
 Every collective of ours goes through `Collectives`, which moves its tensors to the process's own device first:
 NCCL has no CPU tensors, and gloo (the CPU tests) would accept the CPU tensors that NCCL rejects, so a test on CPU
-could not catch a misplaced tensor. tests/test_distributed.py checks that no other module of ours calls a
+could not catch a misplaced tensor. tests/train/test_distributed.py checks that no other module of ours calls a
 collective directly.
 """
 

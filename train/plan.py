@@ -42,7 +42,7 @@ Activations kept for the backward of one PPO mini-batch (per GPU: B = ceil(mini_
   length Q = prompt tokens, decoder length R = max_new_tokens + 1). Per layer and token, counted from the tensors
   autograd saves (measured with `torch.autograd.graph.saved_tensors_hooks` on flan-t5-small with SDPA
   attention, eval mode as `ppo_core` runs, frozen base so no Linear input is kept for its weight gradient;
-  `tests/test_plan.py` re-measures it):
+  `tests/train/test_plan.py` re-measures it):
     encoder layer, per encoder token:  b * (6 d_ff + 4 inner) + 6 * 2 norms * d_model + L_in
     decoder layer, per decoder token:  b * (6 d_ff + 6 inner) + 6 * 3 norms * d_model + L_in
     decoder layer, per encoder token:  b * 2 inner (cross-attention keys/values) + L_in

@@ -17,12 +17,12 @@ The global batch. Every statistic that spans the batch is computed on the whole 
 of processes: steps 2-3 run on the gathered trajectory (identical on every process, so no collective is needed),
 and a mini-batch's loss is normalised by its global token count, its skip decision and statistics come from sums
 all-reduced over the processes that share it (`ppo_loss`). So N processes compute the 1-process update up to float
-rounding (tests/test_ppo_distributed.py).
+rounding (tests/train/test_ppo_distributed.py).
 
 Shapes: B = rows, Q = query length, R = decoder length (start token included), T = R - 1 predicted positions
 (position t predicts decoder token t + 1), V = vocabulary size.
 
-Differences from TRL 0.11.4 (tests/test_ppo_vs_trl.py checks everything else against it):
+Differences from TRL 0.11.4 (tests/train/test_ppo_core_vs_trl.py checks everything else against it):
 - First-token mask (`response_loss_mask(trl_first_token_mask=...)`): for encoder-decoder models TRL masks out
   position 0, the log-prob of the FIRST generated token (for decoder-only models its `start` is the first response
   token, so this is an off-by-one). By default we keep it; `ppo.trl_first_token_mask: true` reproduces TRL.

@@ -14,7 +14,7 @@ the trackers' `tensorboard/` or `wandb/` (`trackers`, which get the numbers of l
 The global batch: `sft.batch_size` counts examples over all processes (each takes an equal share of every batch;
 the last incomplete batch of an epoch is dropped), and the loss of an optimisation step is the mean over all its
 label tokens on all processes and accumulation steps. So N processes compute the 1-process update on the same
-examples (up to float rounding; tests/test_sft_distributed.py).
+examples (up to float rounding; tests/train/test_sft_distributed.py).
 Export a merged model afterwards with `python -m train.merge_adapter`.
 
 Why a short accelerate loop rather than transformers' Seq2SeqTrainer: both get DDP and DeepSpeed ZeRO-2/3 from

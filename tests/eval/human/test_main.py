@@ -1,0 +1,63 @@
+"""eval/human/__main__.py, the command line `python -m eval.human {export,serve,report}`: one-line errors, the human
+section of a recipe with overrides, and bad settings refused before any work."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from eval.human.items import load_study
+from helpers import write_eval_examples
+
+
+def test_cli_errors_are_one_line(tmp_path: Path, repo_root: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "eval.human", "export", "--human.eval_dir", str(tmp_path / "none"),
+         "--human.study_dir", str(tmp_path / "h")],
+        cwd=repo_root, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: evaluation examples not found")
+    assert "Traceback" not in result.stderr
+    former = subprocess.run([sys.executable, "-m", "eval.human", "export", "--out", str(tmp_path / "h")],
+                            cwd=repo_root, capture_output=True, text=True, timeout=60)
+    assert former.returncode == 2 and former.stderr.strip() == "error: --out was replaced: use --human.study_dir"
+
+
+def test_cli_reads_the_human_section_from_a_recipe_and_overrides(tmp_path: Path) -> None:
+    """The recipe of a run finds its evaluation: human.eval_dir/study_dir default to <output_dir>/eval and /human."""
+    from eval.human.__main__ import main
+
+    run = tmp_path / "run"
+    write_eval_examples(run / "eval", 8, ["base_model", "sft_model", "ppo_model"])
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"output_dir: {run}\nppo:\n  steps: 3\nhuman:\n  n: 3\n  seed: 2\n")
+    main(["export", "--config", str(recipe), "--human.systems", "base_model,ppo_model"])
+    study = load_study(run / "human")
+    assert len(study.items) == 3 and len(study.items[0].summaries) == 2
+    assert json.loads((run / "human/key.json").read_text())["seed"] == 2
+    main(["export", "--force", "--config", str(recipe), "--human.n=5", "--human.study_dir", str(tmp_path / "other")])
+    assert len(load_study(tmp_path / "other").items) == 5  # the command line wins over the recipe
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["report", "--out", "x"], "--out was replaced: use --human.report_dir"),
+    (["serve", "--port", "8601"], "--port was replaced: use --human.port"),
+    (["serve", "--items", "x"], "--items was replaced: use --human.study_dir"),
+    (["export", "--n", "5"], "--n was replaced: use --human.n"),
+    (["serve", "--human.port", "0"], "human.port must be between 1 and 65535, got 0"),
+    (["export", "--human.n", "0"], "human.n must be at least 1, got 0"),
+    (["export", "--human.sead", "5"], "did you mean '--human.seed'"),
+])
+def test_cli_bad_settings_stop_before_any_work(capsys, argv: list[str], message: str) -> None:
+    from eval.human.__main__ import main
+    from train.cli import run_cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and message in err, err

@@ -1,0 +1,141 @@
+"""The HTTP client of the reward server (rewards/client.py): retries and their budget, validation of the answers,
+batches split by the server's request limit; first against a fake transport, then against the real server."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import httpx
+import pytest
+
+from rewards.client import RewardClient, total_backoff_s
+from rewards.errors import RewardError
+from helpers import RewardServerProcess, assert_same_scores, texts_for
+
+
+def scoring_transport(handler_log: list, statuses: list[int], payload=None, server_limit: int = 256):
+    """An httpx transport answering /score with the given statuses in turn, then 200 with one score per text; /health
+    reports `server_limit` texts per request."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/health":
+            return httpx.Response(200, json={"status": "ok", "max_texts_per_request": server_limit})
+        texts = json.loads(request.content)["texts"]
+        handler_log.append(texts)
+        if statuses:
+            status = statuses.pop(0)
+            return httpx.Response(status, json={"detail": f"status {status} from the fake server"})
+        body = payload(texts) if payload else {
+            "rewards": [float(len(t)) for t in texts], "toxicity": [0.5] * len(texts),
+            "logits": [[float(len(t)), 0.0] for t in texts],
+        }
+        # json.dumps (unlike httpx's json=) writes NaN, as a broken server might.
+        return httpx.Response(200, content=json.dumps(body).encode(), headers={"content-type": "application/json"})
+
+    return httpx.MockTransport(handler)
+
+
+def test_client_retries_5xx_and_503_then_succeeds():
+    calls: list = []
+    client = RewardClient("http://reward", max_retries=3, backoff_s=0.01, transport=scoring_transport(calls, [503, 500]))
+    scores = client.score(["ab", "abcd"])
+    assert scores.rewards.tolist() == [2.0, 4.0] and len(calls) == 3
+
+
+def test_client_does_not_retry_4xx_and_shows_the_server_message():
+    calls: list = []
+    client = RewardClient("http://reward", max_retries=3, backoff_s=0.01, transport=scoring_transport(calls, [413]))
+    with pytest.raises(RewardError, match="HTTP 413: status 413 from the fake server"):
+        client.score(["x"])
+    assert len(calls) == 1
+
+
+def test_client_gives_up_after_its_retry_budget():
+    calls: list = []
+    client = RewardClient("http://reward", max_retries=2, backoff_s=0.05, transport=scoring_transport(calls, [503] * 5))
+    started = time.monotonic()
+    with pytest.raises(RewardError, match=r"did not answer after 3 attempts \(HTTP 503.*rewards\.server` running"):
+        client.score(["x"])
+    assert len(calls) == 3
+    assert total_backoff_s(2, 0.05) <= time.monotonic() - started < total_backoff_s(2, 0.05) + 2.0
+
+
+def test_client_rejects_answers_without_one_reward_per_text():
+    short = lambda texts: {"rewards": [1.0] * (len(texts) - 1), "toxicity": [0.1] * len(texts), "logits": [[1.0, 0.0]] * len(texts)}
+    client = RewardClient("http://reward", transport=scoring_transport([], [], short))
+    with pytest.raises(RewardError, match="expected exactly one score per text"):
+        client.score(["a", "b", "c"])
+    nan = lambda texts: {"rewards": [float("nan")] * len(texts), "toxicity": [0.1] * len(texts), "logits": [[1.0, 0.0]] * len(texts)}
+    with pytest.raises(RewardError, match="non-finite"):
+        RewardClient("http://reward", transport=scoring_transport([], [], nan)).score(["a"])
+    with pytest.raises(RewardError, match="malformed"):
+        RewardClient("http://reward", transport=scoring_transport([], [], lambda t: {"scores": []})).score(["a"])
+    with pytest.raises(RewardError, match="empty"):
+        RewardClient("http://reward").score([])
+
+
+def test_client_splits_large_batches_and_keeps_order():
+    calls: list = []
+    client = RewardClient("http://reward", max_texts_per_request=3, transport=scoring_transport(calls, []))
+    texts = ["a" * n for n in range(1, 9)]
+    assert client.score(texts).rewards.tolist() == [float(n) for n in range(1, 9)]
+    assert [len(c) for c in calls] == [3, 3, 2]
+    calls.clear()  # no cap: the server's limit, asked once
+    client = RewardClient("http://reward", transport=scoring_transport(calls, [], server_limit=5))
+    assert len(client.score(texts)) == 8 and len(client.score(texts[:6])) == 6
+    assert [len(c) for c in calls] == [5, 3, 5, 1]
+    client = RewardClient("http://reward", max_texts_per_request=9, transport=scoring_transport(calls, [], server_limit=4))
+    assert client.max_texts_per_request == 4  # a cap never raises the server's limit
+    old_server = httpx.MockTransport(lambda request: httpx.Response(200, json={"status": "ok"}))
+    with pytest.raises(RewardError, match="does not report max_texts_per_request"):
+        RewardClient("http://reward", transport=old_server).score(["a"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Against the real server (`python -m rewards.server` on the tiny classifier)
+
+
+def test_client_reports_the_server_message_for_4xx(server):
+    with RewardClient(server.url, token="wrong") as client, pytest.raises(RewardError, match="HTTP 401: wrong bearer token"):
+        client.score(["hi"])
+
+
+def test_client_raises_after_its_retry_budget_when_the_server_dies(tiny_artifacts):
+    proc = RewardServerProcess(tiny_artifacts.roberta, token=None)
+    try:
+        client = RewardClient(proc.url, max_retries=2, backoff_s=0.2, timeout_s=5)
+        assert len(client.score(["still alive"])) == 1
+        proc.proc.send_signal(signal.SIGKILL)
+        proc.proc.wait(timeout=10)
+        started = time.monotonic()
+        with pytest.raises(RewardError, match=r"did not answer after 3 attempts .*python -m rewards\.server` running"):
+            client.score(["anyone there?"])
+        elapsed = time.monotonic() - started
+        assert total_backoff_s(2, 0.2) <= elapsed < total_backoff_s(2, 0.2) + 3.0
+    finally:
+        proc.stop()
+
+
+def test_client_reads_the_servers_request_limit(tiny_artifacts, local_scorer, tmp_path):
+    """The client splits by the limit the server reports in /health (read once), not by a constant of its own; the
+    server's settings come from a training recipe whose other sections it ignores."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("output_dir: runs/x\nppo:\n  steps: 3\nreward_server:\n  max_texts_per_request: 3\n"
+                      "  max_wait_ms: 0\n")
+    proc = RewardServerProcess(tiny_artifacts.roberta, "--config", str(recipe), token=None)
+    texts = [texts_for(w, 1)[0] for w in range(7)]
+    try:
+        assert httpx.get(f"{proc.url}/health", timeout=5).json()["max_texts_per_request"] == 3
+        before = proc.stats()["requests"]
+        with RewardClient(proc.url) as client:
+            assert_same_scores(client.score(texts), local_scorer.score(texts))
+            assert client.max_texts_per_request == 3
+        assert proc.stats()["requests"] - before == 3  # 3 + 3 + 1
+        before = proc.stats()["requests"]
+        with RewardClient(proc.url, max_texts_per_request=2) as client:  # a cap may lower the server's limit
+            assert len(client.score(texts)) == 7
+        assert proc.stats()["requests"] - before == 4
+    finally:
+        proc.stop()

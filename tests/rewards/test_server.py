@@ -1,0 +1,233 @@
+"""The reward server (rewards/server.py) as a real subprocess (`python -m rewards.server`): same scores as in-process,
+dynamic batching across concurrent clients, request validation, loopback binding, its settings, and the startup error
+for a missing model. The batcher and its queue limit are checked in-process. The client's side is test_client.py."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from rewards.client import RewardClient
+from rewards.config import RewardConfig, RewardServerConfig
+from rewards.errors import ConfigError
+from rewards.scorer import RewardScores
+from rewards.server import DynamicBatcher, QueueFullError, build_app, parse_args
+from helpers import (
+    REPO_ROOT, REWARD_MAX_CHARS, REWARD_MAX_TEXTS, REWARD_TOKEN, assert_same_scores, free_port, texts_for,
+)
+
+
+def test_health_reports_model_labels_and_device(server, tiny_artifacts):
+    health = httpx.get(f"{server.url}/health", timeout=5).json()
+    assert health["status"] == "ok" and health["device"] == "cpu"
+    assert health["model"] == str(tiny_artifacts.roberta)
+    assert health["labels"] == {"0": "nothate", "1": "hate"}
+    # The limits clients read to split their batches (rewards.client), and the texts per model call.
+    assert (health["max_texts_per_request"], health["max_chars"], health["max_batch_size"]) == (
+        REWARD_MAX_TEXTS, REWARD_MAX_CHARS, 32)
+
+
+def test_server_scores_equal_in_process_scores(server, local_scorer):
+    texts = [texts_for(w, 0)[0] for w in range(8)] + ["", "x" * REWARD_MAX_CHARS]
+    with RewardClient(server.url, token=REWARD_TOKEN) as client:
+        remote = client.score(texts)
+    assert_same_scores(remote, local_scorer.score(texts))
+    assert remote.toxicity.max() > 0.5 > remote.toxicity.min()  # both classes present: a mix-up would show
+
+
+def test_concurrent_clients_get_their_own_results_from_dynamic_batches(server, local_scorer):
+    workers, requests_each = 8, 4
+    before = server.stats()
+    start = threading.Barrier(workers)
+    results: dict[tuple[int, int], RewardScores] = {}
+    errors: list[BaseException] = []
+
+    def work(worker: int) -> None:
+        try:
+            with RewardClient(server.url, token=REWARD_TOKEN) as client:
+                start.wait(timeout=30)
+                for request in range(requests_each):
+                    results[worker, request] = client.score(texts_for(worker, request))
+        except BaseException as exc:  # surfaced in the main thread below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(w,)) for w in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert errors == [] and len(results) == workers * requests_each
+    for (worker, request), scores in results.items():
+        assert_same_scores(scores, local_scorer.score(texts_for(worker, request)))
+    after = server.stats()
+    served = after["requests"] - before["requests"]
+    batches = after["batches"] - before["batches"]
+    assert served == workers * requests_each
+    assert batches < served, f"{served} requests ran in {batches} batches: no dynamic batching happened"
+    assert after["most_requests_in_a_batch"] > 1 and after["largest_batch"] <= 32
+
+
+@pytest.mark.parametrize(
+    ("content", "headers", "status", "message"),
+    [
+        (b'{"texts": ["unterminated', {}, 400, "not valid JSON"),
+        (b'["just", "a", "list"]', {}, 422, 'JSON object {"texts"'),
+        (b'{"texts": "one string"}', {}, 422, "must be a list of strings"),
+        (b'{"texts": ["ok", 7]}', {}, 422, "item(s) [1] are int"),
+        (b'{"texts": []}', {}, 422, "empty"),
+        (("{\"texts\": [" + ", ".join(['"x"'] * (REWARD_MAX_TEXTS + 1)) + "]}").encode(), {}, 413,
+         f"limit is {REWARD_MAX_TEXTS}"),
+        (('{"texts": ["' + "y" * (REWARD_MAX_CHARS + 1) + '"]}').encode(), {}, 413, f"limit is {REWARD_MAX_CHARS} per text"),
+        (b'{"texts": ["hi"]}', {"Authorization": None}, 401, "missing bearer token"),
+        (b'{"texts": ["hi"]}', {"Authorization": "Bearer not-the-token"}, 401, "wrong bearer token"),
+        (b'{"texts": ["hi"]}', {"Authorization": "Basic abc"}, 401, "missing bearer token"),
+    ],
+)
+def test_bad_requests_get_a_clear_4xx(server, content, headers, status, message):
+    sent = {"Authorization": f"Bearer {REWARD_TOKEN}", "Content-Type": "application/json"}
+    sent.update(headers)
+    response = httpx.post(f"{server.url}/score", content=content, headers={k: v for k, v in sent.items() if v}, timeout=10)
+    assert response.status_code == status
+    assert message in response.json()["detail"]
+
+
+def test_server_binds_loopback_by_default(server):
+    port_hex = f"{server.port:04X}"
+    listening = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            if local.endswith(f":{port_hex}") and state == "0A":  # 0A = LISTEN
+                listening.append(local.split(":")[0])
+    assert listening == ["0100007F"]  # 127.0.0.1 only, not 0.0.0.0 (00000000) nor any IPv6 address
+
+
+def test_server_cli_with_missing_model_exits_with_one_clear_line(tmp_path):
+    missing = tmp_path / "no-model-here"
+    done = subprocess.run([sys.executable, "-m", "rewards.server", "--reward.model_name_or_path", str(missing),
+                           "--reward_server.port", str(free_port())],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rewards.server: error:")
+    assert str(missing) in lines[0] and "does not exist" in lines[0]
+
+
+def run_server_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rewards.server", *args], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=60, env=env)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        # Checked before any model loads: the missing model directory is never reached.
+        (["--reward_server.max_queue", "0"], "reward_server.max_queue must be a positive integer, got 0"),
+        (["--reward.batch_size", "-4"], "reward.batch_size must be a positive integer, got -4"),
+        (["--reward_server.port", "70000"], "reward_server.port must be between 1 and 65535"),
+        (["--reward_server.max_wait_ms", "soon"], "'reward_server.max_wait_ms' must be a number"),
+        (["--reward_server.max_queu", "5"], "did you mean '--reward_server.max_queue'"),
+        (["--ppo.steps", "5"], "unknown option --ppo"),
+        # The former flags name the keys that replaced them.
+        (["--model", "x"], "--model was replaced: use --reward.model_name_or_path"),
+        (["--max-batch-size", "8"], "--max-batch-size was replaced: use --reward.batch_size"),
+        (["--trust-remote-code"], "--trust-remote-code was replaced: use --reward.trust_remote_code true"),
+        (["--reward_server.require_token", "true", "--reward.token_env", "DETOX_TEST_NO_SUCH_VARIABLE"],
+         "DETOX_TEST_NO_SUCH_VARIABLE (reward.token_env) is not set"),
+    ],
+)
+def test_server_refuses_bad_settings_in_one_line_before_loading_the_model(tmp_path, args, message):
+    done = run_server_cli("--reward.model_name_or_path", str(tmp_path / "no-model-here"), *args)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rewards.server: error:") and message in lines[0], done.stderr
+    assert "does not exist" not in lines[0]
+
+
+def test_server_settings_from_a_recipe_and_overrides(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("seed: 1\nsft:\n  max_steps: 3\nreward:\n  model_name_or_path: some/dir\n  batch_size: 8\n"
+                      "reward_server:\n  port: 9001\n  max_chars: 100\n")
+    cfg = parse_args(["--config", str(recipe), "--reward_server.port=9002", "--reward.device", "cuda:7"])
+    assert (cfg.reward.model_name_or_path, cfg.reward.batch_size, cfg.reward.device) == ("some/dir", 8, "cuda:7")
+    assert (cfg.reward_server.port, cfg.reward_server.max_chars, cfg.reward_server.host) == (9002, 100, "127.0.0.1")
+    defaults = parse_args([])
+    assert defaults.reward == RewardConfig() and defaults.reward_server == RewardServerConfig()
+    recipe.write_text("reward_server:\n  prot: 9001\n")  # unknown keys inside the two sections are errors
+    with pytest.raises(ConfigError, match="unknown key 'reward_server.prot'; did you mean 'reward_server.port'"):
+        parse_args(["--config", str(recipe)])
+    help_text = run_server_cli("--help").stdout
+    assert "--section.key VALUE" in help_text and "--reward_server.max_texts_per_request (default 256)" in help_text
+
+
+class FakeScorer:
+    """Scores a text as its length; records the batches it was given."""
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+
+    def score(self, texts: list[str]) -> RewardScores:
+        self.batches.append(len(texts))
+        lengths = torch.tensor([float(len(t)) for t in texts])
+        return RewardScores(lengths, torch.zeros(len(texts)), torch.stack([lengths, -lengths], dim=1))
+
+    def describe(self) -> dict:
+        return {"model": "fake", "labels": {0: "nothate", 1: "hate"}, "device": "cpu"}
+
+
+def test_batcher_slices_results_per_request_and_respects_max_batch_size():
+    scorer = FakeScorer()
+
+    async def scenario() -> list[RewardScores]:
+        batcher = DynamicBatcher(scorer.score, max_batch_size=8, max_wait_ms=50, max_queue=100)
+        worker = asyncio.create_task(batcher.run())
+        jobs = [["a" * (10 * j + i + 1) for i in range(1 + j % 3)] for j in range(10)]
+        try:
+            results = await asyncio.gather(*(batcher.submit(texts) for texts in jobs))
+        finally:
+            worker.cancel()
+        return jobs, results
+
+    jobs, results = asyncio.run(scenario())
+    for texts, scores in zip(jobs, results):
+        assert scores.rewards.tolist() == [float(len(t)) for t in texts]
+    assert sum(scorer.batches) == sum(len(j) for j in jobs)
+    assert max(scorer.batches) <= 8 and len(scorer.batches) < len(jobs)
+
+
+def test_full_queue_answers_503():
+    settings = RewardServerConfig(max_queue=1)
+    app = build_app(FakeScorer(), settings, token=None)  # lifespan not run: no worker drains the queue
+
+    async def scenario() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            waiting = asyncio.create_task(client.post("/score", json={"texts": ["first"]}))
+            while app.state.batcher.queue.qsize() < 1:
+                await asyncio.sleep(0.01)
+            rejected = await client.post("/score", json={"texts": ["second"]})
+            waiting.cancel()
+            return rejected
+
+    response = asyncio.run(scenario())
+    assert response.status_code == 503
+    assert "queue is full (1 requests waiting)" in response.json()["detail"]
+    with pytest.raises(QueueFullError):
+        asyncio.run(_submit_twice(DynamicBatcher(FakeScorer().score, 4, 1, max_queue=1)))
+
+
+async def _submit_twice(batcher: DynamicBatcher) -> None:
+    first = asyncio.create_task(batcher.submit(["a"]))
+    await asyncio.sleep(0)
+    try:
+        await batcher.submit(["b"])
+    finally:
+        first.cancel()
