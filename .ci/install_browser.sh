@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what tests/eval/human/test_app_in_browser.py needs: Debian's Chromium and its matching chromedriver.
-# Both come from the Debian archive (no browser downloads from elsewhere); Selenium itself is a pip dev dependency.
+# Both come from the Debian archive (no browser downloads from elsewhere); Playwright, which drives it, is a pip dev dependency.
 set -euo pipefail
 
 if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then
