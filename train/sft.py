@@ -18,7 +18,7 @@ examples (up to float rounding; tests/train/test_sft_distributed.py).
 Export a merged model afterwards with `python -m train.merge_adapter`.
 
 Why a short accelerate loop rather than transformers' Seq2SeqTrainer: both get DDP and DeepSpeed ZeRO-2/3 from
-`accelerate launch`, but the project's contracts (atomic checkpoints holding only trainable weights, shared with
+`accelerate launch`, but the project's guarantees (atomic checkpoints holding only trainable weights, shared with
 PPO; a preemption check every optimisation step; the same loop shape as `train.ppo`) would each need a Trainer
 callback or override, while here they are a few visible lines. The loop reads top to bottom:
 data -> model -> optimizer/scheduler -> train with periodic evaluation and checkpoints -> save.

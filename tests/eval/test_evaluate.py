@@ -116,7 +116,7 @@ def test_two_processes_give_exactly_the_single_process_results(runs):
     assert len({r["systems"][s]["summary"] for r in single for s in ("base", "sft", "ppo")}) > EVAL_EXAMPLES
 
 
-def test_examples_jsonl_follows_the_contract_and_rouge_matches_rouge_score(runs):
+def test_examples_jsonl_has_the_documented_layout_and_rouge_matches_rouge_score(runs):
     _, one, _, summary = runs
     records = read_eval_examples(one)
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"], use_stemmer=True)
