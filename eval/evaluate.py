@@ -126,6 +126,11 @@ def check_eval_settings(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"eval.qualitative_rows must be >= 1, got {ev.qualitative_rows}")
 
 
+def eval_out_dir(cfg: ExperimentConfig) -> Path:
+    """eval.out_dir with "{output_dir}" expanded."""
+    return Path(cfg.eval.out_dir.replace("{output_dir}", cfg.output_dir))
+
+
 def resolve_ppo_log(setting: Optional[str], output_dir: str) -> Optional[Path]:
     """'auto' -> <output_dir>/ppo/log.jsonl if present; an explicit path must exist; None -> no curves."""
     if setting is None:
@@ -394,7 +399,7 @@ def evaluate(cfg: ExperimentConfig) -> dict[str, Any]:
     if is_main:
         from eval.report import metrics_table, write_report
 
-        out_dir = Path(cfg.output_dir) / "eval"
+        out_dir = eval_out_dir(cfg)
         out_dir.mkdir(parents=True, exist_ok=True)
         summary = {
             "split": cfg.eval.split,

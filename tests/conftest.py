@@ -2,7 +2,8 @@
 one torch thread, and the SFT run that the SFT, merge and evaluation tests share.
 
 tests/ mirrors the packages: the tests of `<package>/<module>.py` are in `tests/<package>/test_<module>.py`
-(tests/eval/human/test_main.py for eval/human/__main__.py); the scripts of slurm/ and bench/ have theirs in
+(tests/eval/human/test_main.py for eval/human/__main__.py; a module without such a file has no tests of its own and
+is exercised through the modules that use it); the scripts of slurm/ and bench/ have theirs in
 tests/slurm and tests/bench, and tests/test_*.py hold the repository-wide rules.
 """
 

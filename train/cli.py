@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 import textwrap
-from typing import Callable, Mapping, Optional
+from typing import Callable, Mapping, Optional, Sequence
 
 from rewards.errors import RewardError
 from train.config import ExperimentConfig, load_config
@@ -44,6 +44,12 @@ def config_from_cli(
         add_arguments(parser)
     args, rest = parser.parse_known_args(argv)
     return args, load_config(args.config, rest, renamed=renamed)
+
+
+def overridden(argv: Optional[list[str]], keys: Sequence[str]) -> list[str]:
+    """The `keys` among `argv`'s --section.key overrides (for modes that set those keys themselves)."""
+    tokens = sys.argv[1:] if argv is None else argv
+    return [k for k in keys if any(t == f"--{k}" or t.startswith(f"--{k}=") for t in tokens)]
 
 
 def run_cli(main: Callable[[Optional[list[str]]], object], argv: Optional[list[str]] = None) -> None:

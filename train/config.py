@@ -127,9 +127,9 @@ class PPOConfig:
     # TRL 0.11.4 masks out the first generated token of encoder-decoder responses (an off-by-one); true
     # reproduces that exactly (differential test), false (default) trains on every response token.
     trl_first_token_mask: bool = False
-    # The KL reference. "base": the base model with the adapter switched off (the reference workflow).
+    # The KL reference. "base": the base model with the adapter switched off (as the original notebook).
     # "initial_adapter": a frozen second copy of the adapter PPO starts from (model.adapter, e.g. the SFT
-    # adapter), as the notebook's create_reference_model did, so the KL measures drift from the SFT policy.
+    # adapter), so the KL measures drift from the SFT policy.
     # Either way one base model is in memory; without model.adapter both are the same model.
     reference: Literal["base", "initial_adapter"] = "base"
     # Rows per no-grad forward pass for the old and reference log-probs, per process; null = this process's
@@ -161,6 +161,9 @@ class EvalConfig:
     # PPO log.jsonl for reward/KL curves: "auto" = <output_dir>/ppo/log.jsonl when it exists; null = no curves.
     ppo_log: Optional[str] = "auto"
     qualitative_rows: int = 10  # rows at each end of the before/after table sorted by reward improvement
+    # Where examples.jsonl, summary.json, report.md and the plots go; "{output_dir}" expands to the run's output_dir.
+    # Give each evaluation of a run its own (e.g. {output_dir}/eval-baseline) to keep them all.
+    out_dir: str = "{output_dir}/eval"
     # torch CPU threads per process; None = torch's default. 1 is much faster for tiny models on a busy CPU.
     torch_threads: Optional[int] = None
 

@@ -20,8 +20,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from train.cli import config_from_cli, run_cli
+from train.cli import config_from_cli, overridden, run_cli
 from train.config import LoraSettings
+from train.errors import ConfigError
 from train.models import ARCHITECTURES, ValueHead, apply_lora, build_from_architecture
 
 
@@ -103,8 +104,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     args, cfg = config_from_cli(__doc__.split("\n\n")[0], argv, add_modes, config_required=False,
                                 renamed=FORMER_FLAGS, prog="python -m train.param_report",
                                 epilog="Keys read: --model.name_or_path (a shipped architecture or a local model directory),\n"
-                                       "--lora.r, --lora.alpha, --lora.target_modules.")
+                                       "--lora.r, --lora.alpha, --lora.target_modules. Counts do not depend on model.dtype or\n"
+                                       "model.quantization (a 4-bit weight is still one parameter).")
     lora = None if args.no_lora else cfg.lora
+    if args.all and overridden(argv, ("model.name_or_path",)):
+        raise ConfigError("--all reports every shipped FLAN-T5 size: drop --model.name_or_path, or drop --all")
     if args.all:
         rows = [
             (name, report_for(name, None, False).total, report_for(name, lora, args.value_head))

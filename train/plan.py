@@ -87,7 +87,7 @@ from typing import Literal, Optional
 import torch
 from torch import nn
 
-from train.cli import config_from_cli, run_cli
+from train.cli import config_from_cli, overridden, run_cli
 from train.config import ExperimentConfig, LoraSettings
 from train.errors import ConfigError, ModelError
 
@@ -601,6 +601,10 @@ def main(argv: Optional[list[str]] = None) -> Plan | str:
                                 renamed=FORMER_FLAGS, prog="python -m train.plan", epilog=EPILOG)
     inputs = PlanInputs.from_config(cfg)
     inputs.check()
+    swept = overridden(argv, ("model.name_or_path", "plan.gpus", "plan.zero"))
+    if args.table and swept:
+        raise ConfigError(f"--table sweeps the model, plan.gpus and plan.zero itself: drop --{' --'.join(swept)}, "
+                          "or drop --table for one plan")
     if args.table:
         table = markdown_table(inputs)
         print(table)

@@ -52,7 +52,7 @@ from train.ppo_core import (
 from train.preemption import PREEMPTED_EXIT_CODE, StopSignal
 from train.rollout import PromptStream, gather_trajectory, log_samples, make_experience, policy_forward, rollout_stats
 from train.run_log import JsonlLog
-from train.trackers import make_trackers, start_trackers
+from train.trackers import check_tracker_packages, make_trackers, start_trackers
 
 log = logging.getLogger("train.ppo")
 POLICY_DIR = "policy"  # adapter + value head inside a checkpoint
@@ -79,6 +79,7 @@ class PPORun:
 
     def setup(self, resume: bool) -> None:
         cfg, p = self.cfg, self.cfg.ppo
+        check_tracker_packages(cfg)
         resume_from = find_resume_checkpoint(self.out / "checkpoints", resume)
         # Loaded before the Accelerator: under ZeRO-3 every later from_pretrained is partitioned across processes,
         # which is right for the policy but not for a scorer that each process runs whole.

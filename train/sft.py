@@ -63,7 +63,7 @@ from train.param_report import parameter_report
 from train.preemption import PREEMPTED_EXIT_CODE, StopSignal
 from train.rouge import compute_rouge
 from train.run_log import JsonlLog
-from train.trackers import make_trackers, start_trackers
+from train.trackers import check_tracker_packages, make_trackers, start_trackers
 
 log = logging.getLogger("train.sft")
 
@@ -93,6 +93,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args, cfg = config_from_cli(__doc__.splitlines()[0], argv, add_arguments)
     s = cfg.sft
     check_settings(s)
+    check_tracker_packages(cfg)
     sft_dir = Path(cfg.output_dir) / "sft"
     checkpoints = sft_dir / "checkpoints"
     resume_from = find_resume_checkpoint(checkpoints, args.resume)

@@ -1,7 +1,7 @@
 """Experiment trackers of SFT and PPO, through accelerate: TensorBoard (the default), Weights & Biases, or none.
 
-The `trackers` config key picks them; `check_trackers` validates it when the config loads (before any model), so an
-unknown name or a missing wandb package is one clear error. Both training loops build their Accelerator with
+The `trackers` config key picks them; `check_trackers` validates the names when the config loads, and
+`check_tracker_packages` checks wandb is installed first thing in SFT and PPO (before any model): each a clear error. Both training loops build their Accelerator with
 `log_with=make_trackers(...)`, call `start_trackers` once, and give the accelerator to their `JsonlLog`
 (train/run_log.py), which logs the numbers of every log.jsonl record to the trackers at the record's step;
 `accelerator.end_training()` finishes them.
@@ -42,10 +42,15 @@ def check_trackers(names: list[str]) -> list[str]:
         if name not in TRACKERS:
             raise ConfigError(f"trackers: unknown tracker {name!r}; use tensorboard, wandb, both "
                               "(--trackers tensorboard,wandb) or none (--trackers none)")
-    if "wandb" in names and importlib.util.find_spec("wandb") is None:
+    return list(dict.fromkeys(names))
+
+
+def check_tracker_packages(cfg: Any) -> None:
+    """The packages of the chosen trackers are installed; called first by the training loops (the commands that
+    track), so that evaluation or the planner can read a recipe that names wandb without having it."""
+    if "wandb" in cfg.trackers and importlib.util.find_spec("wandb") is None:
         raise ConfigError("trackers: wandb is not installed: pip install wandb (or pip install -e '.[wandb]'), "
                           "or choose --trackers tensorboard")
-    return list(dict.fromkeys(names))
 
 
 def make_trackers(cfg: Any, stage: str, resume_from: Optional[Path] = None) -> Optional[list[Any]]:
@@ -61,8 +66,9 @@ def make_trackers(cfg: Any, stage: str, resume_from: Optional[Path] = None) -> O
     trackers: list[Any] = []
     for name in cfg.trackers:
         if name == "tensorboard":
-            purge = {} if resume_from is None else {"purge_step": checkpoint_step(resume_from) + 1}
-            trackers.append(TensorBoardTracker("tensorboard", stage_dir, **purge))  # -> <stage dir>/tensorboard/
+            # Hide earlier events from the resumed checkpoint's step on (a fresh run: all of them), as log.jsonl is cut.
+            purge_step = 0 if resume_from is None else checkpoint_step(resume_from) + 1
+            trackers.append(TensorBoardTracker("tensorboard", stage_dir, purge_step=purge_step))  # -> <stage dir>/tensorboard/
         elif name == "wandb":
             run = Path(cfg.output_dir).resolve().name
             init = {"dir": str(stage_dir), "name": f"{run}-{stage}", "group": run, "job_type": stage}

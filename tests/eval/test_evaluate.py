@@ -53,9 +53,12 @@ def test_zero_shot_baseline_on_the_real_dialogsum_test_split(tiny_artifacts, rep
                                                              monkeypatch):
     monkeypatch.chdir(repo_root)
     summary = ev.main([*EVAL_RUN_ARGS, "--data.path", str(shared_dialogsum), "--eval.max_examples", "3",
-                       "--eval.generation.max_new_tokens", "8", "--eval.systems", "base", "--output_dir", str(tmp_path)])
+                       "--eval.generation.max_new_tokens", "8", "--eval.systems", "base", "--output_dir", str(tmp_path),
+                       "--eval.out_dir", "{output_dir}/eval-baseline"])
     assert summary["num_examples"] == 3 and summary["split"] == "test"
-    first = read_eval_examples(tmp_path)[0]
+    # eval.out_dir keeps this evaluation apart from the run's default <output_dir>/eval.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval-baseline"]
+    first = json.loads((tmp_path / "eval-baseline" / "examples.jsonl").read_text().splitlines()[0])
     assert first["id"] == "test_0" and len(first["human_summaries"]) == 3
 
 

@@ -114,12 +114,20 @@ def test_wandb_tracker_without_wandb_installed_says_how_to_install_it_before_any
     from train.cli import run_cli
 
     monkeypatch.setitem(sys.modules, "wandb", None)  # importlib.util.find_spec("wandb") is None: not installed
-    with pytest.raises(ConfigError, match=r"wandb is not installed: pip install wandb"):
-        load_config(repo_root / "configs/tiny.yaml", ["--trackers", "tensorboard,wandb"])
-    assert load_config(repo_root / "configs/tiny.yaml", ["--trackers", "tensorboard"]).trackers == ["tensorboard"]
+    # Commands that do not track (evaluation, the planner) read such a recipe; the training loops refuse it.
+    assert load_config(repo_root / "configs/tiny.yaml", ["--trackers", "tensorboard,wandb"]).trackers == [
+        "tensorboard", "wandb"]
     with pytest.raises(SystemExit) as exit_info:  # the entry point: one line, and nothing written or loaded yet
         run_cli(sft.main, ["--config", str(repo_root / "configs/tiny.yaml"), "--output_dir", str(tmp_path / "run"),
                            "--model.name_or_path", str(tmp_path / "no-model-here"), "--trackers", "wandb"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith("error: trackers: wandb is not installed: pip install wandb")
+    assert not (tmp_path / "run").exists()
+    from train import ppo
+
+    with pytest.raises(SystemExit) as exit_info:  # PPO refuses before its reward model (which is missing) loads
+        run_cli(ppo.main, ["--config", str(repo_root / "configs/tiny.yaml"), "--output_dir", str(tmp_path / "run"),
+                           "--reward.model_name_or_path", str(tmp_path / "no-classifier"), "--trackers", "wandb"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.startswith("error: trackers: wandb is not installed: pip install wandb")
     assert not (tmp_path / "run").exists()

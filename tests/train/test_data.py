@@ -81,7 +81,7 @@ def csv_dir(tmp_path: Path) -> Path:
     ])
     write_csv(d / "validation.csv", [{"id": "dev_0", "dialogue": dialogue_of(400), "summary": "v", "topic": "vt"}])
     d0, d1, d2 = dialogue_of(300, "p"), dialogue_of(320, "q"), dialogue_of(340, "r")
-    # The HF copy's layout: one row per reference. Rows of test_1 are interleaved with test_0's on purpose,
+    # The HF copy's layout: one row per human summary. Rows of test_1 are interleaved with test_0's on purpose,
     # test_2 appears once (its id must keep its suffix: nothing was grouped).
     write_csv(d / "test.csv", [
         {"id": "test_0_1", "dialogue": d0, "summary": "a1", "topic": "ta"},
@@ -211,13 +211,13 @@ def test_shared_length_filter_matches_independent_count(shared, raw_shared):
 def test_ppo_datasets_on_shared_data(raw_shared, tokenizer):
     cfg = DataConfig(path=str(SHARED_DIALOGSUM), max_prompt_tokens=64)
     kept = [r for r in raw_shared["train"] if 200 < len(r["dialogue"]) <= 1000]
-    # The reference's own call decides where the boundary is.
-    reference = Dataset.from_dict({"i": list(range(len(kept)))}).train_test_split(test_size=0.2, shuffle=False)
-    n_train = len(reference["train"])
+    # The original notebook's own call decides where the boundary is.
+    notebook = Dataset.from_dict({"i": list(range(len(kept)))}).train_test_split(test_size=0.2, shuffle=False)
+    n_train = len(notebook["train"])
 
     dd = build_ppo_datasets(cfg, tokenizer)
     assert list(dd) == ["train", "test"]
-    assert (len(dd["train"]), len(dd["test"])) == (n_train, len(reference["test"]))
+    assert (len(dd["train"]), len(dd["test"])) == (n_train, len(notebook["test"]))
     assert dd["train"]["id"] == [r["fname"] for r in kept[:n_train]]
     assert dd["test"]["id"] == [r["fname"] for r in kept[n_train:]]
     assert set(dd["train"].column_names) == {"id", "dialogue", "human_summaries", "input_ids", "query"}
@@ -232,7 +232,7 @@ def test_ppo_datasets_on_shared_data(raw_shared, tokenizer):
     assert first["human_summaries"] == [kept[0]["summary"]]
 
 
-def test_ppo_datasets_untruncated_prompt_is_the_reference_encoding(tmp_path, tokenizer):
+def test_ppo_datasets_untruncated_prompt_is_the_original_notebook_encoding(tmp_path, tokenizer):
     cfg = DataConfig(path=str(jsonl_dir(tmp_path)), max_prompt_tokens=10_000)
     dd = build_ppo_datasets(cfg, tokenizer)
     # Lengths 250..650 pass the filter (150 does not): 5 rows -> ceil(0.2 * 5) = 1 test row.

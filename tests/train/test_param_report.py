@@ -72,6 +72,8 @@ def test_unknown_architecture_is_a_model_error(capsys):
     (["--model", "google/flan-t5-xl"], "error: --model was replaced: use --model.name_or_path"),
     (["--targets", "q,k"], "error: --targets was replaced: use --lora.target_modules"),
     (["--lora.rank", "8"], "error: unknown option --lora.rank; valid keys in lora: r, alpha, target_modules, dropout, bias"),
+    (["--all", "--model.name_or_path", "google/flan-t5-xl"],
+     "error: --all reports every shipped FLAN-T5 size: drop --model.name_or_path, or drop --all"),
 ])
 def test_param_report_former_flags_fail_naming_the_key(capsys, argv, message):
     from train import param_report

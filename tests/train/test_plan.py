@@ -230,6 +230,9 @@ def test_cli_plan_config_and_table(capsys, tiny_artifacts, repo_root, tmp_path):
         (["--mini-batch", "8"], "--mini-batch was replaced: use --ppo.mini_batch_size"),
         (["--gradient-checkpointing"], "--gradient-checkpointing was replaced: use --plan.gradient_checkpointing true"),
         (["--gpu-mem", "40"], "--gpu-mem was replaced: use --plan.gpu_mem_gib"),
+        # --table sweeps these itself: setting one is refused, not ignored.
+        (["--table", "--plan.gpus", "4"], "--table sweeps the model, plan.gpus and plan.zero itself: drop --plan.gpus"),
+        (["--table", "--model.name_or_path=google/flan-t5-xxl"], "drop --model.name_or_path"),
     ],
 )
 def test_bad_input_gives_one_clear_error(argv, message):

@@ -232,7 +232,7 @@ def test_score_shaper_scale_standardize_and_clip():
     torch.testing.assert_close(ScoreShaper("standardize")(scores), (scores - 3.0) / std)
     torch.testing.assert_close(ScoreShaper(clip=2.0)(scores), torch.tensor([1.0, 2.0, 2.0]))
     torch.testing.assert_close(ScoreShaper("standardize", clip=0.5)(scores), torch.tensor([-0.5, 0.0, 0.5]))
-    plain = ScoreShaper()  # the reference workflow: raw scores pass through, no statistics kept
+    plain = ScoreShaper()  # the original notebook: raw scores pass through, no statistics kept
     torch.testing.assert_close(plain(scores), scores)
     assert plain.count == 0
     with pytest.raises(ValueError, match="positive"):

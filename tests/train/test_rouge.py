@@ -1,4 +1,4 @@
-"""ROUGE: our wrapper against rouge_score computed directly, and multi-reference behaviour."""
+"""ROUGE: our wrapper against rouge_score computed directly, and several human summaries per example."""
 
 import pytest
 from rouge_score import rouge_scorer
@@ -12,7 +12,7 @@ REFERENCES = [
 ]
 
 
-def test_single_reference_equals_rouge_score_directly():
+def test_one_target_summary_equals_rouge_score_directly():
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
     res = compute_rouge(PREDICTIONS[1:], [REFERENCES[1][0]])
     direct = scorer.score(REFERENCES[1][0], PREDICTIONS[1])
@@ -21,7 +21,7 @@ def test_single_reference_equals_rouge_score_directly():
     assert res.mean["rouge1"] > 0.3  # the stemmer matches "smoking"/"smoking", "doctor"/"doctor"
 
 
-def test_multi_reference_takes_the_best_reference_per_metric():
+def test_several_target_summaries_take_the_best_one_per_metric():
     res = compute_rouge(PREDICTIONS[:1], [REFERENCES[0]])
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
     singles = [scorer.score(split_sentences(r), split_sentences(PREDICTIONS[0])) for r in REFERENCES[0]]
