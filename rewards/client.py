@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import httpx
 import torch
 
+from rewards.config import RewardConfig
 from rewards.errors import RewardError
 from rewards.scorer import RewardScores, check_texts, scored_texts
 
@@ -25,8 +26,8 @@ class RewardClient:
         self,
         url: str,
         token: str | None = None,
-        timeout_s: float = 30.0,
-        max_retries: int = 3,
+        timeout_s: float = RewardConfig.timeout_s,
+        max_retries: int = RewardConfig.max_retries,
         backoff_s: float = 0.5,
         max_texts_per_request: int | None = None,  # a cap below the server's limit; None = the server's limit
         transport: httpx.BaseTransport | None = None,  # tests inject an httpx.MockTransport

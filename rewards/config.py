@@ -4,7 +4,7 @@ The grammar (`--config FILE` plus `--section.key VALUE` overrides onto a tree of
 clear `ConfigError` per mistake) lives here, at the bottom of the import order (eval -> train -> rewards), because
 the reward server needs it and must not import `train`. `train.config.load_config` applies it to the whole
 `ExperimentConfig`; `load_server_config` applies it to the two sections the server reads (`reward`,
-`reward_server`), ignoring the other sections of a training recipe.
+`reward_server`), ignoring the other sections of a training recipe (`RECIPE_KEYS`) and rejecting any other key.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ class RewardConfig:
 # Keys of the reward section the server uses; the others (url, text, timeout_s, max_retries) belong to its clients.
 SERVED_REWARD_KEYS = ("model_name_or_path", "reward_label", "toxic_label", "device", "dtype", "batch_size", "max_length",
                       "trust_remote_code", "token_env")
+CLIENT_REWARD_KEYS = tuple(f.name for f in dataclasses.fields(RewardConfig) if f.name not in SERVED_REWARD_KEYS)
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
@@ -66,8 +67,9 @@ class RewardServerConfig:
     max_chars: int = 20000
     torch_threads: Optional[int] = None  # CPU threads for the model; null = torch's choice (1 helps on busy CPUs)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
-    # The bearer token is read from the environment variable reward.token_env when it is set. true = refuse to
-    # start without it (always advisable when host is not a loopback address).
+    # The bearer token is read from the environment variable reward.token_env: the default one may be unset (no
+    # token), any other must be set. true = refuse to start without a token (always advisable when host is not a
+    # loopback address).
     require_token: bool = False
 
 
@@ -77,6 +79,12 @@ class ServerRecipe:
 
     reward: RewardConfig = field(default_factory=RewardConfig)
     reward_server: RewardServerConfig = field(default_factory=RewardServerConfig)
+
+
+# The top-level keys of a training recipe: the fields of train.config.ExperimentConfig, in order (rewards must not
+# import train; tests/rewards/test_config.py keeps the two equal). The server reads two of them and rejects any other.
+RECIPE_KEYS = ("seed", "output_dir", "debug_dir", "trackers", "tracker_project", "data", "model", "lora", "rollout",
+               "sft", "ppo", "reward", "reward_server", "eval", "plan", "human")
 
 
 def check_reward(r: RewardConfig, where: str = "reward") -> None:
@@ -111,8 +119,17 @@ def check_reward_server(s: RewardServerConfig, where: str = "reward_server") -> 
 def load_server_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
                        renamed: Mapping[str, str] | None = None) -> ServerRecipe:
     """The server's settings: defaults, then the reward and reward_server sections of the YAML at `path` (its other
-    sections belong to training and are ignored), then `overrides` (only reward.* and reward_server.*)."""
+    sections belong to training and are ignored; a top-level key no training recipe has is an error), then
+    `overrides` (only the reward.* keys the server uses, and reward_server.*)."""
     raw = read_yaml(path) if path is not None else {}
+    for key in raw:
+        if key not in RECIPE_KEYS:
+            raise ConfigError(f"{path}: unknown key '{key}'{_suggest(str(key), list(RECIPE_KEYS), '')}")
+    for key, _value in parse_overrides(overrides or [], renamed):
+        section, _, name = key.partition(".")
+        if section == "reward" and name in CLIENT_REWARD_KEYS:
+            raise ConfigError(f"--reward.{name} is a client setting (training and evaluation read it, the server does "
+                              "not): leave it off the server's command line")
     sections = {f.name for f in dataclasses.fields(ServerRecipe)}
     cfg = load_dataclass(ServerRecipe, {k: v for k, v in raw.items() if k in sections}, overrides,
                          where=str(path) if path else "defaults", renamed=renamed)

@@ -7,16 +7,19 @@ Settings follow the grammar of every other command: `--config FILE` (optional) a
 overrides. The server reads two sections: `reward` (the classifier: model_name_or_path, labels, device, dtype,
 batch_size = texts per model call, max_length, trust_remote_code, token_env) and `reward_server` (host, port,
 batching, limits); the other sections of a training recipe belong to training and are ignored, so the recipe a
-trainer runs with also starts its server.
+trainer runs with also starts its server. A top-level key no training recipe has is an error, and so is a client
+setting of the reward section (text, url, timeout_s, max_retries) on the command line.
 
 `POST /score {"texts": [...]}` -> `{"rewards": [...], "toxicity": [...], "logits": [[...], ...]}`;
 `GET /health` -> model, labels, device, the request limits (max_texts_per_request, max_chars: clients split their
-batches to fit) and batching statistics. Concurrent requests are batched dynamically: they wait in a bounded queue
-(full -> 503) and one worker runs up to reward.batch_size texts at a time, after waiting at most
-reward_server.max_wait_ms for company, in its own thread so the event loop keeps accepting requests meanwhile.
+batches to fit), batch_size (texts per model call) and batching statistics. Concurrent requests are batched
+dynamically: they wait in a bounded queue (full -> 503) and one worker runs up to reward.batch_size texts at a time,
+after waiting at most reward_server.max_wait_ms for company, in its own thread so the event loop keeps accepting
+requests meanwhile.
 
-The bearer token is read from the environment variable named by reward.token_env (DETOX_REWARD_TOKEN) when it is
-set; reward_server.require_token true refuses to start without it.
+The bearer token is read from the environment variable named by reward.token_env (DETOX_REWARD_TOKEN). The default
+variable may be left unset (no token); any other variable named there must be set, and reward_server.require_token
+true refuses to start without a token.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 
 from rewards.config import (
-    LOOPBACK_HOSTS, SERVED_REWARD_KEYS, RewardConfig, RewardServerConfig, ServerRecipe, load_server_config, section_help,
+    CLIENT_REWARD_KEYS, LOOPBACK_HOSTS, SERVED_REWARD_KEYS, RewardConfig, RewardServerConfig, ServerRecipe,
+    load_server_config, section_help,
 )
 from rewards.errors import ConfigError, RewardError
 from rewards.scorer import RewardScorer, RewardScores
@@ -204,7 +208,7 @@ def build_app(scorer: Any, settings: RewardServerConfig, token: str | None = Non
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", **scorer.describe(), "max_texts_per_request": settings.max_texts_per_request,
-                "max_chars": settings.max_chars, "max_batch_size": batch_size, "stats": dict(batcher.stats),
+                "max_chars": settings.max_chars, "batch_size": batch_size, "stats": dict(batcher.stats),
                 "queued": batcher.queue.qsize()}
 
     @app.get("/stats")
@@ -239,7 +243,8 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerRecipe:
         "Overrides: --section.key VALUE or --section.key=VALUE, e.g.\n"
         "  --reward.model_name_or_path artifacts/tiny/roberta-hate --reward.device cpu --reward_server.port 8500\n"
         "Only the reward and reward_server sections are read: the other sections of a recipe belong to\n"
-        "training and are ignored. The keys (see rewards/config.py):\n"
+        f"training and are ignored. The reward section's client settings ({', '.join(CLIENT_REWARD_KEYS)})\n"
+        "may stay in a recipe but not on this command line. The keys (see rewards/config.py):\n"
         f"{section_help('reward', RewardConfig(), SERVED_REWARD_KEYS)}\n{section_help('reward_server', RewardServerConfig())}"
     )
     parser = argparse.ArgumentParser(prog="python -m rewards.server", description=__doc__.split("\n\n")[0],
@@ -251,11 +256,16 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerRecipe:
 
 
 def read_token(reward: RewardConfig, server: RewardServerConfig) -> str | None:
-    """The bearer token from the environment variable reward.token_env; None when it is unset and not required."""
+    """The bearer token from the environment variable reward.token_env. None only when that is the default variable
+    (DETOX_REWARD_TOKEN), unset or empty, and reward_server.require_token is false: a variable named on purpose
+    (any other reward.token_env) must hold the token, so a missing one refuses to start instead of serving openly."""
     token = os.environ.get(reward.token_env) or None
     if token is None and server.require_token:
         raise ConfigError(f"reward_server.require_token is true but the environment variable {reward.token_env} "
                           "(reward.token_env) is not set or empty: set it to the bearer token")
+    if token is None and reward.token_env != RewardConfig.token_env:
+        raise ConfigError(f"reward.token_env names {reward.token_env}, which is not set or empty: set it to the bearer "
+                          f"token (only the default {RewardConfig.token_env} may be left unset, for no token)")
     return token
 
 

@@ -27,6 +27,7 @@ from eval.human.items import (
     slot_names,
 )
 from train.atomic import write_text
+from train.config import HumanConfig
 from train.errors import ConfigError, DataError
 from train.jsonl import read_jsonl
 
@@ -76,8 +77,8 @@ def choose_systems(examples: Sequence[dict[str, Any]], requested: Optional[Seque
 def export_study(
     eval_path: str | Path,
     out_dir: str | Path,
-    n: int = 50,
-    seed: int = 0,
+    n: int = HumanConfig.n,
+    seed: int = HumanConfig.seed,
     systems: Optional[Sequence[str]] = None,
     force: bool = False,
 ) -> Path:

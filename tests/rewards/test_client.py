@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from rewards.client import RewardClient, total_backoff_s
+from rewards.config import RewardConfig
 from rewards.errors import RewardError
 from helpers import RewardServerProcess, assert_same_scores, texts_for
 
@@ -35,6 +36,12 @@ def scoring_transport(handler_log: list, statuses: list[int], payload=None, serv
         return httpx.Response(200, content=json.dumps(body).encode(), headers={"content-type": "application/json"})
 
     return httpx.MockTransport(handler)
+
+
+def test_client_defaults_are_the_reward_sections():
+    # One default per setting: the client's timeout and retries default to reward.timeout_s and reward.max_retries.
+    client = RewardClient("http://reward")
+    assert (client._http.timeout.read, client.max_retries) == (RewardConfig().timeout_s, RewardConfig().max_retries)
 
 
 def test_client_retries_5xx_and_503_then_succeeds():

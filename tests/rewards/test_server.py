@@ -18,7 +18,7 @@ from rewards.client import RewardClient
 from rewards.config import RewardConfig, RewardServerConfig
 from rewards.errors import ConfigError
 from rewards.scorer import RewardScores
-from rewards.server import DynamicBatcher, QueueFullError, build_app, parse_args
+from rewards.server import DynamicBatcher, QueueFullError, build_app, parse_args, read_token
 from helpers import (
     REPO_ROOT, REWARD_MAX_CHARS, REWARD_MAX_TEXTS, REWARD_TOKEN, assert_same_scores, free_port, texts_for,
 )
@@ -30,7 +30,7 @@ def test_health_reports_model_labels_and_device(server, tiny_artifacts):
     assert health["model"] == str(tiny_artifacts.roberta)
     assert health["labels"] == {"0": "nothate", "1": "hate"}
     # The limits clients read to split their batches (rewards.client), and the texts per model call.
-    assert (health["max_texts_per_request"], health["max_chars"], health["max_batch_size"]) == (
+    assert (health["max_texts_per_request"], health["max_chars"], health["batch_size"]) == (
         REWARD_MAX_TEXTS, REWARD_MAX_CHARS, 32)
 
 
@@ -142,6 +142,12 @@ def run_server_cli(*args: str, env: dict | None = None) -> subprocess.CompletedP
         (["--trust-remote-code"], "--trust-remote-code was replaced: use --reward.trust_remote_code true"),
         (["--reward_server.require_token", "true", "--reward.token_env", "DETOX_TEST_NO_SUCH_VARIABLE"],
          "DETOX_TEST_NO_SUCH_VARIABLE (reward.token_env) is not set"),
+        # A token variable named on purpose must be set: no silent start without authentication.
+        (["--reward.token_env", "DETOX_TEST_NO_SUCH_VARIABLE"],
+         "reward.token_env names DETOX_TEST_NO_SUCH_VARIABLE, which is not set or empty"),
+        # The reward section's client settings mean nothing to the server.
+        (["--reward.url", "http://127.0.0.1:8500"], "--reward.url is a client setting"),
+        (["--reward.text=summary"], "--reward.text is a client setting"),
     ],
 )
 def test_server_refuses_bad_settings_in_one_line_before_loading_the_model(tmp_path, args, message):
@@ -166,6 +172,34 @@ def test_server_settings_from_a_recipe_and_overrides(tmp_path):
         parse_args(["--config", str(recipe)])
     help_text = run_server_cli("--help").stdout
     assert "--section.key VALUE" in help_text and "--reward_server.max_texts_per_request (default 256)" in help_text
+
+
+def test_token_from_the_default_variable_is_optional_and_from_a_named_one_required(monkeypatch):
+    default, named = RewardConfig(), RewardConfig(token_env="DETOX_TEST_TOKEN")
+    monkeypatch.delenv(default.token_env, raising=False)
+    monkeypatch.delenv(named.token_env, raising=False)
+    assert read_token(default, RewardServerConfig()) is None  # the default variable unset: no token, allowed
+    with pytest.raises(ConfigError, match="require_token is true but the environment variable DETOX_REWARD_TOKEN"):
+        read_token(default, RewardServerConfig(require_token=True))
+    # A variable named on purpose (recipe or command line) that is unset or empty refuses, as it always did.
+    for value in (None, ""):
+        if value is not None:
+            monkeypatch.setenv(named.token_env, value)
+        with pytest.raises(ConfigError, match="reward.token_env names DETOX_TEST_TOKEN, which is not set or empty"):
+            read_token(named, RewardServerConfig())
+    monkeypatch.setenv(named.token_env, "s3cret")
+    assert read_token(named, RewardServerConfig(require_token=True)) == "s3cret"
+    monkeypatch.setenv(default.token_env, "other")
+    assert read_token(default, RewardServerConfig()) == "other"
+
+
+def test_client_settings_may_stay_in_a_recipe_but_not_on_the_command_line(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("reward:\n  url: http://127.0.0.1:8500\n  text: summary\n  timeout_s: 5\n  max_retries: 1\n")
+    assert parse_args(["--config", str(recipe)]).reward.url == "http://127.0.0.1:8500"  # the recipe feeds training too
+    for key, value in (("text", "summary"), ("url", "http://x"), ("timeout_s", "5"), ("max_retries", "1")):
+        with pytest.raises(ConfigError, match=f"^--reward.{key} is a client setting"):
+            parse_args(["--config", str(recipe), f"--reward.{key}", value])
 
 
 class FakeScorer:

@@ -4,8 +4,8 @@ Annotator "ann" answers two items, the server is restarted, "bo" answers three, 
 items she has not answered; then `python -m eval.human report` runs and its numbers must equal those computed
 here from the choices the test clicked, un-blinded with key.json.
 
-Needs /usr/bin/chromium: the fixture runs `.ci/install_browser.sh` (Debian chromium + chromium-driver) when it is
-missing, as the SLURM tests start their cluster.
+Needs /usr/bin/chromium: the fixture runs `.ci/install_browser.sh` (Debian chromium; Playwright needs no chromedriver)
+when it is missing, as the SLURM tests start their cluster.
 """
 
 from __future__ import annotations
@@ -106,6 +106,15 @@ def browser_type() -> Iterator:
                     "the test uses Debian's /usr/bin/chromium)")
     with sync_playwright() as playwright:
         yield playwright.chromium
+
+
+def test_install_browser_installs_only_what_playwright_uses() -> None:
+    # Playwright drives Chromium over a pipe of its own: chromedriver (Selenium's) is neither installed nor required.
+    script = (REPO_ROOT / ".ci/install_browser.sh").read_text().splitlines()
+    installs = [line.split("--no-install-recommends", 1)[1].split() for line in script if "apt-get install" in line]
+    assert installs == [["chromium", "fonts-dejavu-core"]]
+    checks = [line for line in script if line.lstrip().startswith("if [")]
+    assert [word for line in checks for word in line.split() if word.startswith("/")] == [str(CHROMIUM)]
 
 
 def open_browser(browser_type, profile: Path):

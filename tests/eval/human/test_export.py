@@ -4,6 +4,7 @@ is refused."""
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 
 from eval.human.export import export_study
 from eval.human.items import load_study
+from train.config import HumanConfig
 from train.errors import ConfigError, DataError
 from helpers import write_eval_examples
 
@@ -50,6 +52,12 @@ def test_export_is_blinded_seeded_and_keyed(tmp_path: Path, two_system_study: Pa
     assert all(r["summary_A"] == i.summaries[0][1] and r["summary_B"] == i.summaries[1][1] and r["dialogue"] == i.dialogue
                for r, i in zip(rows, study.items))
     assert "base_model" not in (two_system_study / "items.csv").read_text()
+
+
+def test_export_defaults_are_the_human_sections() -> None:
+    # One default per setting: export_study's n and seed default to human.n and human.seed.
+    parameters = inspect.signature(export_study).parameters
+    assert (parameters["n"].default, parameters["seed"].default) == (HumanConfig().n, HumanConfig().seed)
 
 
 def test_export_rejects_bad_input(tmp_path: Path) -> None:
