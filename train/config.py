@@ -13,7 +13,9 @@ says what is wrong and how to fix it. The grammar itself (YAML -> dataclasses, o
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Optional
@@ -251,37 +253,78 @@ RENAMED_KEYS = {
 }
 
 
+# The range of every numeric setting of data, model, LoRA, sampling, SFT, PPO and evaluation, checked when a config
+# loads (before any model): one line naming the key; nan and infinities are refused everywhere. A null (where the type allows it) is always accepted. The
+# reward, reward_server, plan and human sections are checked by their own functions.
+_GENERATION_BOUNDS = {"batch_size": "> 0", "top_k": ">= 0", "top_p": "(0, 1]", "temperature": "> 0",
+                      "min_length": ">= 0", "max_new_tokens": "> 0", "max_new_tokens_min": "> 0", "num_beams": "> 0"}
+BOUNDS = {
+    "seed": ">= 0",
+    "data.min_dialogue_chars": ">= 0", "data.max_dialogue_chars": "> 0", "data.max_prompt_tokens": "> 0", "data.max_summary_tokens": "> 0",
+    "data.train_fraction": "(0, 1)", "data.max_examples": "> 0",
+    "model.value_head_dropout": "[0, 1)",
+    "lora.r": "> 0", "lora.alpha": "> 0", "lora.dropout": "[0, 1)",
+    **{f"rollout.{k}": v for k, v in _GENERATION_BOUNDS.items()},
+    **{f"eval.generation.{k}": v for k, v in _GENERATION_BOUNDS.items()},
+    **{f"sft.{k}": "> 0" for k in ("learning_rate", "batch_size", "gradient_accumulation_steps", "num_epochs",
+                                   "max_steps", "max_grad_norm", "eval_every_steps", "early_stopping_patience",
+                                   "save_every_steps", "keep_checkpoints", "log_every_steps")},
+    "sft.warmup_ratio": "[0, 1)", "sft.weight_decay": ">= 0", "sft.eval_rouge_examples": ">= 0",
+    **{f"ppo.{k}": "> 0" for k in ("learning_rate", "batch_size", "mini_batch_size", "gradient_accumulation_steps",
+                                   "ppo_epochs", "steps", "kl_target", "kl_horizon", "cliprange", "cliprange_value",
+                                   "score_clip", "ratio_threshold", "max_grad_norm", "forward_batch_size",
+                                   "save_every_steps", "keep_checkpoints", "log_every_steps")},
+    "ppo.init_kl_coef": ">= 0", "ppo.gamma": "[0, 1]", "ppo.lam": "[0, 1]", "ppo.vf_coef": ">= 0",
+    "eval.max_examples": "> 0", "eval.bootstrap_samples": "> 0", "eval.confidence": "(0, 1)",
+    "eval.qualitative_rows": "> 0", "eval.torch_threads": "> 0",
+}
+_RULE_WORDS = {"> 0": "positive", ">= 0": "0 or more"}
+
+
+def _within(value: float, rule: str) -> bool:
+    if rule == "> 0":
+        return value > 0
+    if rule == ">= 0":
+        return value >= 0
+    low, high = (float(x) for x in rule[1:-1].split(","))
+    above = value >= low if rule[0] == "[" else value > low
+    below = value <= high if rule[-1] == "]" else value < high
+    return above and below
+
+
+def check_bounds(cfg: ExperimentConfig) -> None:
+    """Every setting of BOUNDS within its range; ConfigError naming the first one that is not."""
+    for key, rule in BOUNDS.items():
+        owner, name = cfg, key
+        while "." in name:
+            section, name = name.split(".", 1)
+            owner = getattr(owner, section)
+        value = getattr(owner, name)
+        if value is None or (math.isfinite(value) and _within(value, rule)):
+            continue
+        nullable = type(None) in typing.get_args(typing.get_type_hints(type(owner))[name])
+        words = _RULE_WORDS.get(rule, f"in {rule}") + ("" if math.isfinite(value) else " and finite")
+        raise ConfigError(f"{key} must be {words}{' or null' if nullable else ''}, got {value}")
+
+
 def validate(cfg: ExperimentConfig) -> None:
-    """Cross-field checks that types alone cannot express."""
+    """Ranges (BOUNDS), then cross-field checks that types alone cannot express."""
+    check_bounds(cfg)
     d, p = cfg.data, cfg.ppo
-    if not 0 <= d.min_dialogue_chars < d.max_dialogue_chars:
+    if not d.min_dialogue_chars < d.max_dialogue_chars:
         raise ConfigError(
-            f"data.min_dialogue_chars ({d.min_dialogue_chars}) must be >= 0 and below "
-            f"data.max_dialogue_chars ({d.max_dialogue_chars})"
+            f"data.min_dialogue_chars ({d.min_dialogue_chars}) must be below data.max_dialogue_chars "
+            f"({d.max_dialogue_chars})"
         )
-    if not 0.0 < d.train_fraction < 1.0:
-        raise ConfigError(f"data.train_fraction must be between 0 and 1, got {d.train_fraction}")
     if "{dialogue}" not in d.prompt_template:
         raise ConfigError("data.prompt_template must contain the placeholder {dialogue}")
-    positive = ("learning_rate", "batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs", "steps",
-                "save_every_steps", "keep_checkpoints", "log_every_steps")
-    for name in positive:
-        if not getattr(p, name) > 0:
-            raise ConfigError(f"ppo.{name} must be positive, got {getattr(p, name)}")
-    if p.score_clip is not None and not p.score_clip > 0:
-        raise ConfigError(f"ppo.score_clip must be positive or null, got {p.score_clip}")
     if p.batch_size % p.mini_batch_size != 0:
         raise ConfigError(
             f"ppo.batch_size ({p.batch_size}) must be a multiple of ppo.mini_batch_size ({p.mini_batch_size})"
         )
-    if p.forward_batch_size is not None and p.forward_batch_size < 1:
-        raise ConfigError(f"ppo.forward_batch_size must be positive or null, got {p.forward_batch_size}")
     for name, g in (("rollout", cfg.rollout), ("eval.generation", cfg.eval.generation)):
-        if g.max_new_tokens_min is not None and not 0 < g.max_new_tokens_min < g.max_new_tokens:
-            raise ConfigError(f"{name}.max_new_tokens_min must be between 0 and {name}.max_new_tokens")
-    for name, value in (("data.max_examples", d.max_examples), ("eval.max_examples", cfg.eval.max_examples)):
-        if value is not None and value <= 0:
-            raise ConfigError(f"{name} must be positive or null, got {value}")
+        if g.max_new_tokens_min is not None and not g.max_new_tokens_min < g.max_new_tokens:
+            raise ConfigError(f"{name}.max_new_tokens_min must be below {name}.max_new_tokens")
     cfg.trackers = check_trackers(cfg.trackers)
     check_reward(cfg.reward)
     check_reward_server(cfg.reward_server)

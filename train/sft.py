@@ -52,7 +52,7 @@ from transformers import DataCollatorForSeq2Seq, get_scheduler
 from train.atomic import save_directory, write_text
 from train.checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
 from train.cli import config_from_cli, run_cli
-from train.config import ExperimentConfig, SFTConfig, save_config
+from train.config import ExperimentConfig, save_config
 from train.data import build_eval_dataset, build_sft_datasets
 from train.debug import write_debug_record
 from train.distributed import Collectives, configure_deepspeed, fix_deepspeed_cpu_ranks, gathered_trainable, use_cpu
@@ -92,7 +92,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args, cfg = config_from_cli(__doc__.splitlines()[0], argv, add_arguments)
     s = cfg.sft
-    check_settings(s)
     check_tracker_packages(cfg)
     sft_dir = Path(cfg.output_dir) / "sft"
     checkpoints = sft_dir / "checkpoints"
@@ -285,24 +284,6 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------------------
 # Settings and resume
-
-
-def check_settings(s: SFTConfig) -> None:
-    """Reject SFT settings that would fail later or silently do nothing."""
-    positive = {
-        "learning_rate": s.learning_rate, "batch_size": s.batch_size, "num_epochs": s.num_epochs,
-        "gradient_accumulation_steps": s.gradient_accumulation_steps, "eval_every_steps": s.eval_every_steps,
-        "save_every_steps": s.save_every_steps, "log_every_steps": s.log_every_steps,
-        "keep_checkpoints": s.keep_checkpoints, "max_steps": 1 if s.max_steps is None else s.max_steps,
-        "early_stopping_patience": 1 if s.early_stopping_patience is None else s.early_stopping_patience,
-    }
-    for name, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"sft.{name} must be positive, got {value}")
-    if not 0 <= s.warmup_ratio < 1:
-        raise ConfigError(f"sft.warmup_ratio must be in [0, 1), got {s.warmup_ratio}")
-    if s.eval_rouge_examples < 0:
-        raise ConfigError(f"sft.eval_rouge_examples must be >= 0 (0 = no ROUGE during SFT), got {s.eval_rouge_examples}")
 
 
 def update_early_stopping(state: TrainerState, eval_loss: float, patience: Optional[int]) -> bool:

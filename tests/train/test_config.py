@@ -1,6 +1,7 @@
 """Config loading: YAML recipes, command-line overrides, and one clear error for each kind of bad input."""
 
 import dataclasses
+import re
 import sys
 
 import pytest
@@ -70,7 +71,7 @@ def test_yaml_float_without_dot_is_accepted(tmp_path):
         ("ppo: [unclosed\n", "not valid YAML"),
         ("ppo:\n  batch_size: 10\n  mini_batch_size: 4\n", "multiple of ppo.mini_batch_size"),
         ("data:\n  prompt_template: 'Summarize: {text}'\n", "placeholder {dialogue}"),
-        ("data:\n  train_fraction: 1.5\n", "train_fraction must be between 0 and 1"),
+        ("data:\n  train_fraction: 1.5\n", "data.train_fraction must be in"),
     ],
 )
 def test_bad_yaml_gives_one_clear_error(tmp_path, yaml_text, message):
@@ -169,3 +170,77 @@ def test_one_grammar_and_one_config_error_for_every_command(repo_root):
              "print(sorted(m for m in sys.modules if m == 'train' or m.startswith('train.')))")
     out = subprocess.run([sys.executable, "-c", probe], cwd=repo_root, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
+
+
+# ----------------------------------------------------------------------------------------------------
+# Ranges of the numeric settings (BOUNDS)
+
+RANGED_SECTIONS = ("data", "model", "lora", "rollout", "sft", "ppo", "eval", "eval.generation")
+
+
+def _numeric_keys(cfg, prefix: str) -> list[str]:
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(type(cfg))
+    keys = []
+    for f in dataclasses.fields(cfg):
+        types = {t for t in (typing.get_args(hints[f.name]) or (hints[f.name],)) if t is not type(None)}
+        if types <= {int, float} and types:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def test_every_numeric_setting_of_the_training_and_evaluation_sections_has_a_range():
+    from train.config import BOUNDS
+
+    cfg = ExperimentConfig()
+    keys = ["seed"]
+    for section in RANGED_SECTIONS:
+        owner = cfg
+        for part in section.split("."):
+            owner = getattr(owner, part)
+        keys += _numeric_keys(owner, section + ".")
+    assert sorted(set(keys) - set(BOUNDS)) == []
+    assert sorted(set(BOUNDS) - set(keys)) == []  # no stale entries
+
+
+def _outside(rule: str) -> list[str]:
+    """Values just outside a BOUNDS rule."""
+    if rule == "> 0":
+        return ["0", "-1"]
+    if rule == ">= 0":
+        return ["-1"]
+    low, high = rule[1:-1].split(",")
+    values = [str(float(low) - 1), str(float(high) + 1)]
+    values += [low.strip()] if rule[0] == "(" else []
+    values += [high.strip()] if rule[-1] == ")" else []
+    return values
+
+
+def _bound_cases():
+    from train.config import BOUNDS
+
+    return [(key, value) for key, rule in BOUNDS.items() for value in _outside(rule)]
+
+
+@pytest.mark.parametrize("key, value", _bound_cases())
+def test_a_value_outside_its_range_is_one_error_naming_the_key(repo_root, key, value):
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)} must be .*, got "):
+        load_config(None, [f"--{key}", value])
+
+
+@pytest.mark.parametrize("module", ["train.sft", "train.ppo", "eval.evaluate"])
+def test_entry_points_refuse_a_bad_range_before_loading_any_model(repo_root, tmp_path, module):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", module, "--config", "configs/tiny.yaml", "--output_dir", str(tmp_path / "run"),
+         "--model.name_or_path", str(tmp_path / "no-model"), "--rollout.top_p", "0", "--eval.systems", "base"],
+        cwd=repo_root, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
+        "error: rollout.top_p must be in (0, 1], got 0.0"]
+    assert not (tmp_path / "run").exists()
