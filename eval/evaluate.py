@@ -46,7 +46,7 @@ from train.rouge import ROUGE_TYPES, rouge_per_example
 from eval.stats import bootstrap_mean, describe, paired_difference, paired_relative_change
 from train.atomic import write_text
 from train.cli import config_from_cli, run_cli
-from train.config import ExperimentConfig, config_to_dict
+from train.config import ExperimentConfig, config_to_dict, expand_output_dir
 from train.data import build_eval_dataset
 from train.errors import ConfigError, ModelError
 from train.generation import generate_texts
@@ -89,7 +89,7 @@ def parse_systems(entries: list[str], output_dir: str) -> list[System]:
         if name in {s.name for s in systems}:
             raise ConfigError(f"eval.systems names {name!r} twice: give every system its own name")
         is_base = adapter.lower() in BASE_ALIASES
-        systems.append(System(name, None if is_base else adapter.replace("{output_dir}", output_dir)))
+        systems.append(System(name, None if is_base else expand_output_dir(adapter, output_dir)))
     return systems
 
 
@@ -114,7 +114,7 @@ def check_adapters(systems: list[System]) -> None:
 
 def eval_out_dir(cfg: ExperimentConfig) -> Path:
     """eval.out_dir with "{output_dir}" expanded."""
-    return Path(cfg.eval.out_dir.replace("{output_dir}", cfg.output_dir))
+    return Path(expand_output_dir(cfg.eval.out_dir, cfg.output_dir))
 
 
 def resolve_ppo_log(setting: Optional[str], output_dir: str) -> Optional[Path]:
@@ -124,7 +124,7 @@ def resolve_ppo_log(setting: Optional[str], output_dir: str) -> Optional[Path]:
     if setting == "auto":
         path = Path(output_dir) / "ppo" / "log.jsonl"
         return path if path.is_file() else None
-    path = Path(setting.replace("{output_dir}", output_dir))
+    path = Path(expand_output_dir(setting, output_dir))
     if not path.is_file():
         raise ConfigError(f"eval.ppo_log {setting} not found: pass the log.jsonl written by train.ppo, or null")
     return path

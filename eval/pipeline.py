@@ -21,8 +21,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from eval.evaluate import eval_out_dir
-from train.config import load_config
+from train.config import expand_output_dir, load_config
 from train.errors import DetoxSumError
 
 STAGES = ("sft", "ppo", "eval")
@@ -85,7 +84,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     print("\nStage times: " + ", ".join(f"{s} {t:.0f} s" for s, t in timings)
           + f"; total {time.perf_counter() - started:.0f} s")
-    report = eval_out_dir(cfg) / "report.md"
+    report = Path(expand_output_dir(cfg.eval.out_dir, cfg.output_dir)) / "report.md"  # no torch import here
     if "eval" in stages and report.is_file():
         print(f"Report: {report}")
     return 0

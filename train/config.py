@@ -189,7 +189,7 @@ class PlanConfig:
 class HumanConfig:
     # Blinded human evaluation (python -m eval.human {export,serve,report}); training ignores this section.
     # "{output_dir}" expands to the run's output_dir.
-    eval_dir: str = "{output_dir}/eval"  # export: evaluation output read (directory with examples.jsonl, or the file)
+    eval_dir: Optional[str] = None  # export: evaluation output read (directory with examples.jsonl, or the file); null = eval.out_dir
     study_dir: str = "{output_dir}/human"  # export writes the blinded items here; serve and report read them
     n: int = 50  # export: dialogues sampled
     seed: int = 0  # export: sampling, slot-order and annotator-order seed
@@ -305,6 +305,11 @@ def check_bounds(cfg: ExperimentConfig) -> None:
         nullable = type(None) in typing.get_args(typing.get_type_hints(type(owner))[name])
         words = _RULE_WORDS.get(rule, f"in {rule}") + ("" if math.isfinite(value) else " and finite")
         raise ConfigError(f"{key} must be {words}{' or null' if nullable else ''}, got {value}")
+
+
+def expand_output_dir(path: str, output_dir: str) -> str:
+    """A path setting with "{output_dir}" replaced by the run's output_dir (eval.systems, eval.out_dir, human.*)."""
+    return path.replace("{output_dir}", output_dir)
 
 
 def validate(cfg: ExperimentConfig) -> None:

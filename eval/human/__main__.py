@@ -5,8 +5,8 @@
     python -m eval.human report --config configs/tiny.yaml [--human.db FILE] [--human.key FILE] [--human.report_dir DIR]
 
 Settings are the `human` section of the config (train/config.py HumanConfig), set in a recipe or with
-`--human.NAME VALUE`: eval_dir and study_dir default to <output_dir>/eval and <output_dir>/human, so the recipe of a
-run finds its evaluation. Without --config, the defaults (or e.g. --human.eval_dir runs/tiny/eval
+`--human.NAME VALUE`: eval_dir and study_dir default to the run's eval.out_dir (<output_dir>/eval) and
+<output_dir>/human, so the recipe of a run finds its evaluation. Without --config, the defaults (or e.g. --human.eval_dir runs/tiny/eval
 --human.study_dir runs/tiny/human) apply. `export --force` replaces an existing export.
 
 The server binds to 127.0.0.1 unless human.host says otherwise; set DETOX_HUMAN_TOKEN to require an access token at
@@ -28,7 +28,7 @@ from eval.human.report import DB_FILE, write_report
 from eval.human.store import AnswerStore
 from rewards.config import LOOPBACK_HOSTS, section_help
 from train.cli import OVERRIDE_HELP, run_cli
-from train.config import ExperimentConfig, HumanConfig, load_config
+from train.config import ExperimentConfig, HumanConfig, expand_output_dir, load_config
 
 TOKEN_ENV = "DETOX_HUMAN_TOKEN"
 log = logging.getLogger("eval.human")
@@ -64,13 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_paths(cfg: ExperimentConfig) -> HumanConfig:
-    """The human section with "{output_dir}" expanded in its paths."""
+    """The human section with "{output_dir}" expanded in its paths and eval_dir defaulting to eval.out_dir."""
     h = cfg.human
 
     def expand(path: Optional[str]) -> Optional[str]:
-        return None if path is None else path.replace("{output_dir}", cfg.output_dir)
+        return None if path is None else expand_output_dir(path, cfg.output_dir)
 
-    return dataclasses.replace(h, eval_dir=expand(h.eval_dir), study_dir=expand(h.study_dir), db=expand(h.db),
+    eval_dir = h.eval_dir if h.eval_dir is not None else cfg.eval.out_dir
+    return dataclasses.replace(h, eval_dir=expand(eval_dir), study_dir=expand(h.study_dir), db=expand(h.db),
                                key=expand(h.key), report_dir=expand(h.report_dir))
 
 

@@ -29,7 +29,7 @@ def test_cli_errors_are_one_line(tmp_path: Path, repo_root: Path) -> None:
 
 
 def test_cli_reads_the_human_section_from_a_recipe_and_overrides(tmp_path: Path) -> None:
-    """The recipe of a run finds its evaluation: human.eval_dir/study_dir default to <output_dir>/eval and /human."""
+    """The recipe of a run finds its evaluation: human.eval_dir/study_dir default to eval.out_dir and <output_dir>/human."""
     from eval.human.__main__ import main
 
     run = tmp_path / "run"
@@ -42,6 +42,10 @@ def test_cli_reads_the_human_section_from_a_recipe_and_overrides(tmp_path: Path)
     assert json.loads((run / "human/key.json").read_text())["seed"] == 2
     main(["export", "--force", "--config", str(recipe), "--human.n=5", "--human.study_dir", str(tmp_path / "other")])
     assert len(load_study(tmp_path / "other").items) == 5  # the command line wins over the recipe
+    write_eval_examples(run / "eval-sft", 4, ["base_model", "sft_model"])  # an evaluation kept apart by eval.out_dir
+    main(["export", "--config", str(recipe), "--eval.out_dir", "{output_dir}/eval-sft", "--human.study_dir",
+          str(tmp_path / "third")])
+    assert [len(item.summaries) for item in load_study(tmp_path / "third").items] == [2, 2, 2]  # human.eval_dir follows it
 
 
 @pytest.mark.parametrize(("argv", "message"), [
