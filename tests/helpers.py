@@ -115,6 +115,44 @@ def sft_args(repo_root: Path, tiny, out: Path, *extra: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------------
+# PPO runs as subprocesses on the tiny default (tests/train/test_ppo.py, test_resume.py)
+
+PPO_TIMEOUT_S = 300
+# Fast tiny settings shared by the PPO subprocess runs: short prompts, small batches, no periodic checkpoints.
+# The tests were sized for LoRA r=8 on q,v (a test may widen the targets); the recipe's own LoRA can change.
+FAST_LORA = ["--lora.target_modules", "q,v", "--lora.r", "8", "--lora.alpha", "8"]
+FAST = ["--data.max_prompt_tokens", "64", "--ppo.save_every_steps", "100", *FAST_LORA]
+
+
+def ppo_args(tiny, out: Path, *extra: str) -> list[str]:
+    return [
+        "--config", str(REPO_ROOT / "configs" / "tiny.yaml"),
+        "--output_dir", str(out),
+        "--data.path", str(tiny.dialogsum),
+        "--model.name_or_path", str(tiny.t5),
+        "--reward.model_name_or_path", str(tiny.roberta),
+        *FAST, *extra,
+    ]
+
+
+def ppo_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **extra)
+    return env
+
+
+def run_ppo(args: list[str], launcher: list[str] | None = None, env: dict | None = None, timeout: int = PPO_TIMEOUT_S):
+    command = (launcher or [sys.executable]) + ["-m", "train.ppo", *args]
+    proc = subprocess.run(command, cwd=REPO_ROOT, env=env or ppo_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(command)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
+    return proc
+
+
+def read_ppo_log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "ppo" / "log.jsonl").read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------------------------------
 # FLAN-T5 checkpoints (tests/train/test_models.py, test_param_report.py)
 
 

@@ -31,11 +31,24 @@ def save_directory(directory: str | os.PathLike, write: Callable[[Path], object]
     tmp = directory.with_name(f".tmp-{directory.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     write(tmp)
-    fsync_dir(tmp)
+    fsync_tree(tmp)
     shutil.rmtree(directory, ignore_errors=True)
     os.replace(tmp, directory)
     fsync_dir(directory.parent)
     return directory
+
+
+def fsync_tree(root: Path) -> None:
+    """Make every file under `root` durable, then the directories: a rename after this publishes whole files even
+    if the node crashes right after (a directory fsync alone does not flush the files' data)."""
+    for directory, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(directory, name)
+            if os.path.islink(path):
+                continue
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(Path(directory))
 
 
 def fsync_dir(path: Path) -> None:

@@ -1,18 +1,24 @@
-"""Atomic, resumable checkpoints shared by SFT and PPO.
+"""Atomic, verified, resumable checkpoints shared by SFT and PPO.
 
-A checkpoint is a directory `<root>/checkpoint-<step>/`. It is written under a temporary name and renamed into
-place only when complete, with a `COMPLETE` marker written last, so a run killed mid-save never leaves a
-checkpoint that looks usable. `latest_checkpoint` returns the newest complete one; older ones are pruned.
+A checkpoint is a directory `<root>/checkpoint-<step>/`. It is written under a temporary name, every file is
+fsynced, and it is renamed into place only when complete, with a `COMPLETE` manifest written last (size and sha256
+of every other file), so a run killed mid-save never leaves a checkpoint that looks usable. On `--resume` the newest
+checkpoint whose files still match their manifest is used; a damaged newer one (a node crash before the disk had
+the data, a truncated copy) is skipped with a warning. Older ones are pruned.
 
 Only trainable weights go into a checkpoint (LoRA adapter + value head, safetensors): the frozen base is
-reloaded from its source, so a flan-t5-xxl checkpoint is megabytes, not 44 GB.
+reloaded from its source, so a flan-t5-xxl checkpoint is megabytes, not 44 GB. Nothing in a checkpoint is
+unpickled as code: torch files are read with `weights_only=True` (DeepSpeed's own files too), so a file planted in
+a shared scratch directory cannot run anything.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -23,15 +29,16 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 import torch
 
-from train.atomic import fsync_dir
-from train.distributed import is_deepspeed, zero_stage
-from train.errors import ConfigError
+from train.atomic import fsync_dir, fsync_tree, write_text
+from train.distributed import Collectives, is_deepspeed, zero_stage
+from train.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
-COMPLETE_MARKER = "COMPLETE"
+COMPLETE_MARKER = "COMPLETE"  # written last: the manifest {"files": {relative path: {"bytes", "sha256"}}}
 OPTIMIZER_FILE = "optimizer.pt"
 TRAINER_STATE_FILE = "trainer_state.json"
+SETTINGS_KEY = "settings"  # trainer-state entry: the resolved config the checkpoint was trained under (train/resume.py)
 DEEPSPEED_DIR = "deepspeed"  # the engine's own checkpoint: partitioned optimizer state and fp32 master weights
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 
@@ -50,17 +57,11 @@ def checkpoint_step(path: str | os.PathLike) -> int:
 
 @contextmanager
 def atomic_checkpoint_dir(final: str | os.PathLike, is_main_process: bool = True) -> Iterator[Path]:
-    """Yield a temporary directory to write a checkpoint into; on success it becomes `final`.
-
-    In multi-process runs every process may write into the yielded directory (it is the same path on a shared
-    filesystem); call `accelerator.wait_for_everyone()` before leaving the block so that the main process
-    renames only after all writes are done. On an exception the temporary directory is removed.
-    """
+    """Yield a temporary directory to write a checkpoint into; on success it becomes `final` (one process; several
+    processes use `save_checkpoint`, which agrees on success first). On an exception the temporary directory is
+    removed."""
     final = Path(final)
-    tmp = final.with_name(f".tmp-{final.name}")
-    if is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+    tmp = _fresh_tmp(final) if is_main_process else final.with_name(f".tmp-{final.name}")
     try:
         yield tmp
     except BaseException:
@@ -68,12 +69,68 @@ def atomic_checkpoint_dir(final: str | os.PathLike, is_main_process: bool = True
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     if is_main_process:
-        (tmp / COMPLETE_MARKER).write_text("ok\n")
-        fsync_dir(tmp)
-        if final.exists():  # re-saving the same step (e.g. a preemption save right after a periodic one)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_dir(final.parent)
+        fsync_tree(tmp)
+        _publish(tmp, final)
+
+
+def _fresh_tmp(final: Path) -> Path:
+    tmp = final.with_name(f".tmp-{final.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """The manifest last, then the rename: `final` appears whole or not at all."""
+    write_manifest(tmp)
+    if final.exists():  # re-saving the same step (e.g. a preemption save right after a periodic one)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    """`COMPLETE`: the size and sha256 of every file under `directory` (fsynced, like the files before it)."""
+    files = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != COMPLETE_MARKER):
+        files[path.relative_to(directory).as_posix()] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    write_text(directory / COMPLETE_MARKER, json.dumps({"files": files}, indent=1) + "\n")
+
+
+def checkpoint_damage(directory: str | os.PathLike) -> Optional[str]:
+    """What is wrong with a checkpoint that has its `COMPLETE` marker (a file missing, truncated or changed since it
+    was written), or None when every file matches the manifest."""
+    directory = Path(directory)
+    try:
+        text = (directory / COMPLETE_MARKER).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        return f"its {COMPLETE_MARKER} manifest cannot be read ({e})"
+    if text.strip() == "ok":  # written before checkpoints carried a manifest: nothing to verify against
+        return None
+    try:
+        files = json.loads(text)["files"]
+        entries = [(str(name), int(entry["bytes"]), str(entry["sha256"])) for name, entry in files.items()]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return f"its {COMPLETE_MARKER} manifest is not valid"
+    for name, size, digest in entries:
+        path = directory / name
+        if ".." in Path(name).parts or Path(name).is_absolute():
+            return f"its manifest names a file outside the checkpoint: {name}"
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} were written"
+        if _sha256(path) != digest:
+            return f"{name} differs from what was written (sha256 mismatch)"
+    return None
 
 
 def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -95,15 +152,34 @@ def latest_checkpoint(root: str | os.PathLike) -> Optional[Path]:
 
 
 def find_resume_checkpoint(root: str | os.PathLike, resume: bool) -> Optional[Path]:
-    """The checkpoint a run continues from (None = start fresh). Without --resume, existing checkpoints are an
-    error rather than something to overwrite silently."""
-    latest = latest_checkpoint(root)
-    if latest is not None and not resume:
+    """The checkpoint a run continues from (None = start fresh): the newest one whose files match their manifest;
+    damaged newer ones are skipped with a warning. Without --resume, existing checkpoints are an error rather than
+    something to overwrite silently."""
+    found = list_checkpoints(root)
+    if found and not resume:
         raise ConfigError(f"{root} has checkpoints from an earlier run: pass --resume to continue it "
                           "or choose another --output_dir")
-    if resume and latest is None:
-        log.info("--resume: no checkpoint under %s, starting fresh", root)
-    return latest
+    if resume and not found:
+        _log_once(logging.INFO, "--resume: no checkpoint under %s, starting fresh", root)
+    damaged = []
+    for _, path in reversed(found):
+        damage = checkpoint_damage(path)
+        if damage is None:
+            if damaged:
+                _log_once(logging.WARNING, "resuming from %s, the newest intact checkpoint", path.name)
+            return path
+        _log_once(logging.WARNING, "%s is damaged (%s): skipped", path, damage)
+        damaged.append(f"{path.name}: {damage}")
+    if damaged:
+        raise CheckpointError(f"every checkpoint under {root} is damaged ({'; '.join(damaged)}): nothing intact to "
+                              f"resume from; move {root} aside to start afresh")
+    return None
+
+
+def _log_once(level: int, message: str, *args: Any) -> None:
+    """Log from the first process only: resuming is decided on every process, before the process group exists."""
+    if os.environ.get("RANK", "0") == "0":
+        log.log(level, message, *args)
 
 
 def prune_checkpoints(root: str | os.PathLike, keep_last: int) -> None:
@@ -170,16 +246,64 @@ def load_training_state(directory: Path, accelerator: Any, model: Any, optimizer
     if is_deepspeed(accelerator):
         # load_from_fp32_weights (DeepSpeed's default): the fp32 master weights come from the checkpoint, not
         # from the bf16 model weights, so a bf16 run resumes exactly.
-        loaded, _ = model.load_checkpoint(str(directory / DEEPSPEED_DIR), load_module_strict=False,
-                                          load_lr_scheduler_states=False)
+        with deepspeed_weights_only_loads(directory):
+            loaded, _ = model.load_checkpoint(str(directory / DEEPSPEED_DIR), load_module_strict=False,
+                                              load_lr_scheduler_states=False)
         if loaded is None:  # DeepSpeed only logs a warning and carries on without the optimizer state
-            raise ConfigError(f"{directory} holds no DeepSpeed optimizer state: it was not written under DeepSpeed")
+            raise CheckpointError(f"{directory} holds no DeepSpeed optimizer state: it was not written under DeepSpeed")
     else:
-        optimizer.load_state_dict(torch.load(directory / OPTIMIZER_FILE, map_location="cpu", weights_only=True))
-    rng = torch.load(rng_file(directory, accelerator.process_index), weights_only=True)
+        optimizer.load_state_dict(load_tensors(directory / OPTIMIZER_FILE))
+    rng = load_tensors(rng_file(directory, accelerator.process_index))
     restore_rng_state(rng["global"])
     for name, generator in generators.items():
         generator.set_state(rng[name])
+
+
+def load_tensors(path: Path) -> Any:
+    """A torch file of tensors and plain containers, unpickling no code; one clear error for anything else."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(_foreign_pickle(path, e)) from None
+    except (OSError, RuntimeError, EOFError) as e:
+        raise CheckpointError(f"{path} cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__}): "
+                              "the checkpoint is damaged; move it aside to resume from an older one") from None
+
+
+def _foreign_pickle(path: Path, error: Exception) -> str:
+    found = re.findall(r"GLOBAL ([\w.]+)", str(error))
+    what = f" ({', '.join(sorted(set(found)))})" if found else ""
+    return (f"{path} holds Python objects other than tensors{what}: refused without running it. This checkpoint "
+            "was not written by detox-sum or was changed since; delete it (or move it aside) and resume from an "
+            "older one")
+
+
+def deepspeed_pickle_classes() -> list[type]:
+    """The DeepSpeed classes its optimizer files hold (seen in ZeRO-1/2/3, fp32 and bf16), allowed as plain data."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextmanager
+def deepspeed_weights_only_loads(directory: Path) -> Iterator[None]:
+    """DeepSpeed reads its files with `torch.load(weights_only=False)`; inside this block torch refuses anything
+    but tensors, containers and the allow-listed DeepSpeed classes (TORCH_FORCE_WEIGHTS_ONLY_LOAD is read at every
+    load), so a planted file fails instead of running."""
+    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(deepspeed_pickle_classes()):
+            yield
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(_foreign_pickle(directory / DEEPSPEED_DIR, e)) from None
+    finally:
+        if previous is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
 
 
 def save_checkpoint(
@@ -191,26 +315,61 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     write_weights: Callable[[Path], None],
     keep: int,
+    settings: Optional[dict[str, Any]] = None,
     **generators: torch.Generator,
 ) -> Path:
     """`checkpoint-<step>` under `root`, atomically: `write_weights(dir)` (called on every process: a ZeRO-3
     gather is collective), the optimizer and RNG states (`save_training_state`), and `trainer_state` (JSON, with
-    the process count added) from the main process; then all but the newest `keep` checkpoints are pruned.
-    Every process must call it."""
+    the process count, the backend and the run's `settings` added) from the main process; then all but the newest `keep` checkpoints are pruned.
+    Every process must call it. A write that fails (a full disk) on any process fails it on all of them with one
+    CheckpointError, leaving the earlier checkpoints as they were."""
     final = checkpoint_path(root, step)
     is_main = accelerator.is_main_process
-    with atomic_checkpoint_dir(final, is_main) as tmp:
-        accelerator.wait_for_everyone()  # the main process has created `tmp`
-        write_weights(tmp)
-        save_training_state(tmp, accelerator, model, optimizer, **generators)
+    collectives = Collectives.of(accelerator)
+    tmp = final.with_name(f".tmp-{final.name}")
+    try:
+        error = _attempt(lambda: _fresh_tmp(final)) if is_main else None
+        _raise_if_any_failed(collectives, error, final)  # the main process has created `tmp`
+
+        def write() -> None:
+            write_weights(tmp)
+            save_training_state(tmp, accelerator, model, optimizer, **generators)
+            if is_main:
+                state = {**trainer_state, "num_processes": accelerator.num_processes,
+                         "backend": backend_name(accelerator), SETTINGS_KEY: settings}
+                (tmp / TRAINER_STATE_FILE).write_text(json.dumps(state, indent=2))
+            fsync_tree(tmp)  # each process makes its own files durable before the manifest covers them
+
+        _raise_if_any_failed(collectives, _attempt(write), final)  # every process has written
+        _raise_if_any_failed(collectives, _attempt(lambda: _publish(tmp, final)) if is_main else None, final)
+    except BaseException:
         if is_main:
-            state = {**trainer_state, "num_processes": accelerator.num_processes, "backend": backend_name(accelerator)}
-            (tmp / TRAINER_STATE_FILE).write_text(json.dumps(state, indent=2))
-        accelerator.wait_for_everyone()  # every process has written before the main process renames
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if is_main:
         prune_checkpoints(root, keep)
     accelerator.wait_for_everyone()
     return final
+
+
+def _attempt(action: Callable[[], object]) -> Optional[OSError]:
+    try:
+        action()
+    except OSError as e:
+        return e
+    return None
+
+
+def _raise_if_any_failed(collectives: Collectives, error: Optional[OSError], final: Path) -> None:
+    """A barrier that also agrees whether a process failed, so none waits forever for one that gave up."""
+    failed = collectives.all_reduce_sum(torch.tensor([float(error is not None)]))
+    if error is not None:
+        reason = f"{error.strerror or error}" + (f" ({error.filename})" if error.filename else "")
+        raise CheckpointError(f"could not write checkpoint {final}: {reason}. The earlier checkpoints are intact: "
+                              "free space (or fix the directory) and rerun with --resume")
+    if failed.item():
+        raise CheckpointError(f"could not write checkpoint {final}: another process failed to write its part "
+                              "(see its error). The earlier checkpoints are intact; rerun with --resume")
 
 
 def load_checkpoint(
@@ -218,7 +377,7 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Restore the optimizer and RNG states from `directory` and return its trainer state (the trainable weights
     were loaded with the model)."""
-    state = json.loads((Path(directory) / TRAINER_STATE_FILE).read_text())
+    state = read_trainer_state(directory)
     if state["num_processes"] != accelerator.num_processes:
         raise ConfigError(
             f"{directory} was written by {state['num_processes']} process(es) but this run has "
@@ -228,5 +387,19 @@ def load_checkpoint(
         raise ConfigError(f"{directory} was written under {state['backend']} but this run uses "
                           f"{backend_name(accelerator)}: the optimizer state is stored differently; resume with the same")
     state.pop("backend", None)
+    state.pop(SETTINGS_KEY, None)
     load_training_state(directory, accelerator, model, optimizer, **generators)
+    return state
+
+
+def read_trainer_state(directory: str | os.PathLike) -> dict[str, Any]:
+    """The trainer state (JSON) of a checkpoint; CheckpointError if it is not an object."""
+    path = Path(directory) / TRAINER_STATE_FILE
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} cannot be read ({e}): the checkpoint is damaged; move it aside to resume "
+                              "from an older one") from None
+    if not isinstance(state, dict) or "num_processes" not in state:
+        raise CheckpointError(f"{path} is not a detox-sum trainer state; move the checkpoint aside")
     return state

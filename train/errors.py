@@ -9,7 +9,7 @@ traceback; anything else is a bug and keeps its traceback.
 
 from rewards.errors import ConfigError, DetoxSumError
 
-__all__ = ["ConfigError", "DataError", "DetoxSumError", "ModelError"]
+__all__ = ["CheckpointError", "ConfigError", "DataError", "DetoxSumError", "ModelError"]
 
 
 class DataError(DetoxSumError):
@@ -18,3 +18,7 @@ class DataError(DetoxSumError):
 
 class ModelError(DetoxSumError):
     """A model, tokenizer or adapter cannot be found or does not fit the request."""
+
+
+class CheckpointError(DetoxSumError):
+    """A checkpoint cannot be written (disk full) or read back (damaged, foreign, tampered with)."""

@@ -51,6 +51,7 @@ from train.ppo_core import (
 )
 from train.preemption import PREEMPTED_EXIT_CODE, StopSignal
 from train.rollout import PromptStream, gather_trajectory, log_samples, make_experience, policy_forward, rollout_stats
+from train.resume import add_resume_arguments, apply_optimizer_settings, check_resume_settings, record_resume, settings_of
 from train.run_log import JsonlLog
 from train.trackers import check_tracker_packages, make_trackers, start_trackers
 
@@ -59,11 +60,10 @@ POLICY_DIR = "policy"  # adapter + value head inside a checkpoint
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, float]:
-    args, cfg = config_from_cli(__doc__.splitlines()[0], argv, lambda p: p.add_argument(
-        "--resume", action="store_true", help="continue from the newest checkpoint"))
+    args, cfg = config_from_cli(__doc__.splitlines()[0], argv, add_resume_arguments)
     run = PPORun(cfg)
     try:
-        run.setup(args.resume)
+        run.setup(args.resume or args.resume_with_changes, args.resume_with_changes)
         return run.train()
     finally:
         run.cleanup()
@@ -77,10 +77,11 @@ class PPORun:
         self.reward_fn = self.accelerator = None
         self.stop = StopSignal()
 
-    def setup(self, resume: bool) -> None:
+    def setup(self, resume: bool, accept_changes: bool = False) -> None:
         cfg, p = self.cfg, self.cfg.ppo
         check_tracker_packages(cfg)
         resume_from = find_resume_checkpoint(self.out / "checkpoints", resume)
+        changes = check_resume_settings(resume_from, cfg, "ppo", accept_changes)  # before config.yaml is rewritten
         # Loaded before the Accelerator: under ZeRO-3 every later from_pretrained is partitioned across processes,
         # which is right for the policy but not for a scorer that each process runs whole.
         self.reward_fn = make_reward_fn(cfg.reward)
@@ -122,12 +123,14 @@ class PPORun:
         self.start_step = 0
         if resume_from is not None:
             state = load_checkpoint(resume_from, accelerator, self.policy, self.optimizer, shuffle=self.shuffle)
+            apply_optimizer_settings(self.optimizer, p.learning_rate)  # the restored state holds the checkpoint's
             self.kl_ctl.load_state_dict(state["kl_controller"])
             self.shaper.load_state_dict(state["scores"])
             self.stream.load_state_dict(state["data"])
             self.start_step = int(state["step"])
             if accelerator.is_main_process:
                 log.info("resumed from %s at step %d", resume_from, self.start_step)
+                record_resume(self.out, self.start_step, resume_from, changes)
         self.log = JsonlLog(self.out / "log.jsonl", accelerator.is_main_process,
                             resumed_step=self.start_step if resume_from else None, accelerator=accelerator)
 
@@ -192,7 +195,7 @@ class PPORun:
                  "scores": self.shaper.state_dict()}
         save_checkpoint(self.out / "checkpoints", step, self.accelerator, self.policy, self.optimizer, state,
                         lambda directory: self.save_policy(directory / POLICY_DIR), self.cfg.ppo.keep_checkpoints,
-                        shuffle=self.shuffle)
+                        settings=settings_of(self.cfg), shuffle=self.shuffle)
 
     def cleanup(self) -> None:
         """Also after an error, so no barrier here: a process that failed alone must exit, not wait for the others."""

@@ -28,17 +28,24 @@ class JsonlLog:
         write_text(self.path, "".join(line + "\n" for line in kept))
 
     def _lines_up_to(self, step: int) -> list[str]:
+        """The log's records of steps up to `step`. A line that is not a whole record (a write cut short by a kill
+        or a crash: torn JSON, half a UTF-8 character) is dropped with a warning: it must not block the resume."""
         if not self.path.is_file():
             return []
         kept = []
-        for number, line in enumerate(self.path.read_text().splitlines(), 1):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                log.warning("%s line %d is not JSON (a write cut short?): dropped", self.path, number)
+        for number, raw in enumerate(self.path.read_bytes().splitlines(), 1):
+            if not raw.strip():
                 continue
-            if record.get("step", 0) <= step:
-                kept.append(line)
+            try:
+                record = json.loads(raw.decode("utf-8"))
+                record_step = record["step"]
+                if isinstance(record_step, bool) or not isinstance(record_step, (int, float)):
+                    raise TypeError(record_step)
+            except (ValueError, TypeError, KeyError, IndexError):  # UnicodeDecodeError and JSONDecodeError included
+                log.warning("%s line %d is not a whole log record (a write cut short?): dropped", self.path, number)
+                continue
+            if record_step <= step:
+                kept.append(raw.decode("utf-8"))
         return kept
 
     def write(self, record: dict[str, Any]) -> None:

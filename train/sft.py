@@ -30,7 +30,6 @@ or with a float32 model, there is no autocast.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -50,7 +49,7 @@ from tqdm.auto import tqdm
 from transformers import DataCollatorForSeq2Seq, get_scheduler
 
 from train.atomic import save_directory, write_text
-from train.checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
+from train.checkpoint import find_resume_checkpoint, load_checkpoint, load_tensors, save_checkpoint
 from train.cli import config_from_cli, run_cli
 from train.config import ExperimentConfig, save_config
 from train.data import build_eval_dataset, build_sft_datasets
@@ -62,6 +61,7 @@ from train.models import apply_lora, load_base_model, load_tokenizer
 from train.param_report import parameter_report
 from train.preemption import PREEMPTED_EXIT_CODE, StopSignal
 from train.rouge import compute_rouge
+from train.resume import add_resume_arguments, apply_optimizer_settings, check_resume_settings, record_resume, settings_of
 from train.run_log import JsonlLog
 from train.trackers import check_tracker_packages, make_trackers, start_trackers
 
@@ -85,17 +85,14 @@ class TrainerState:
     history: list[dict[str, Any]] = field(default_factory=list)  # every evaluation so far
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of this output_dir")
-
-
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
-    args, cfg = config_from_cli(__doc__.splitlines()[0], argv, add_arguments)
+    args, cfg = config_from_cli(__doc__.splitlines()[0], argv, add_resume_arguments)
     s = cfg.sft
     check_tracker_packages(cfg)
     sft_dir = Path(cfg.output_dir) / "sft"
     checkpoints = sft_dir / "checkpoints"
-    resume_from = find_resume_checkpoint(checkpoints, args.resume)
+    resume_from = find_resume_checkpoint(checkpoints, args.resume or args.resume_with_changes)
+    changes = check_resume_settings(resume_from, cfg, "sft", args.resume_with_changes)  # before config.yaml is rewritten
 
     use_bf16 = torch.cuda.is_available() and cfg.model.dtype == "bfloat16"
     accelerator = Accelerator(
@@ -163,9 +160,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     state = TrainerState(num_processes=accelerator.num_processes)
     if resume_from is not None:
         state = TrainerState(**load_checkpoint(resume_from, accelerator, model, optimizer))
-        scheduler.load_state_dict(torch.load(resume_from / SCHEDULER_FILE, weights_only=True))
+        scheduler.load_state_dict(load_tensors(resume_from / SCHEDULER_FILE))
+        # The restored optimizer holds the checkpoint's rate and decay; the run's own apply (the same unless changed).
+        apply_optimizer_settings(optimizer, s.learning_rate, s.weight_decay, scheduler)
         if main_process:
             log.info("resumed from %s at step %d of %d", resume_from, state.step, total_steps)
+            record_resume(sft_dir, state.step, resume_from, changes)
     logger = JsonlLog(sft_dir / "log.jsonl", main_process, resumed_step=state.step if resume_from else None,
                       accelerator=accelerator)  # log.jsonl and the trackers
 
@@ -185,7 +185,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                 torch.save(scheduler.state_dict(), directory / SCHEDULER_FILE)
 
         save_checkpoint(checkpoints, state.step, accelerator, model, optimizer, asdict(state), write_weights,
-                        s.keep_checkpoints)
+                        s.keep_checkpoints, settings=settings_of(cfg))
 
     # 4. Train: evaluate first (the zero-step baseline), then every eval_every_steps; checkpoint every save_every_steps.
     if state.step == 0 and not state.history:

@@ -70,3 +70,135 @@ def test_resuming_under_another_backend_is_one_clear_error(tmp_path):
     zero2 = SimpleNamespace(num_processes=1, state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=2)))
     with pytest.raises(ConfigError, match="written under torch but this run uses deepspeed-zero2"):
         load_checkpoint(tmp_path, zero2, None, None)
+
+
+# Fault injection: damaged checkpoints, planted pickles, a full disk.
+
+class _OneProcess:
+    """The accelerator attributes the checkpoint functions read, for one plain process."""
+
+    is_main_process, num_processes, process_index = True, 1, 0
+
+    def wait_for_everyone(self):
+        pass
+
+
+def _save(root, step, write_weights=None):
+    from train.checkpoint import save_checkpoint
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.ones(1, 2)).sum().backward()
+    optimizer.step()
+    write = write_weights or (lambda d: (d / "policy").mkdir() or (d / "policy" / "weights.bin").write_bytes(b"w" * 64))
+    return save_checkpoint(root, step, _OneProcess(), model, optimizer, {"step": step}, write, keep=5)
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_with_a_warning_for_the_newest_intact_one(tmp_path, caplog):
+    from train.checkpoint import find_resume_checkpoint
+
+    for step in (2, 4, 6):
+        _save(tmp_path, step)
+    # A node crash after the rename, before the disk had the data: a file of the right size with other bytes...
+    weights = tmp_path / "checkpoint-6/policy/weights.bin"
+    weights.write_bytes(b"x" + weights.read_bytes()[1:])
+    # ...and a truncated optimizer file in the one before it.
+    optimizer = tmp_path / "checkpoint-4/optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:10])
+    with caplog.at_level("WARNING"):
+        assert find_resume_checkpoint(tmp_path, resume=True) == tmp_path / "checkpoint-2"
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("checkpoint-6 is damaged (policy/weights.bin differs" in w for w in warnings), warnings
+    assert any("checkpoint-4 is damaged (optimizer.pt has 10 bytes" in w for w in warnings), warnings
+    assert warnings[-1] == "resuming from checkpoint-2, the newest intact checkpoint"
+
+
+def test_when_every_checkpoint_is_damaged_resume_is_one_clear_error(tmp_path):
+    from train.checkpoint import find_resume_checkpoint
+    from train.errors import CheckpointError
+
+    _save(tmp_path, 3)
+    (tmp_path / "checkpoint-3/trainer_state.json").unlink()
+    with pytest.raises(CheckpointError, match=r"every checkpoint under .* is damaged \(checkpoint-3: "
+                                              r"trainer_state.json is missing\).*move .* aside"):
+        find_resume_checkpoint(tmp_path, resume=True)
+
+
+def test_every_file_of_a_checkpoint_is_fsynced_before_its_manifest(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))
+    final = _save(tmp_path, 1)
+    files = {p.name for p in final.rglob("*") if p.is_file()}
+    assert files == {"weights.bin", "optimizer.pt", "rng-rank0.pt", "trainer_state.json", "COMPLETE"}
+    synced_names = [os.path.basename(p) for p in synced]
+    for name in files - {"COMPLETE"}:
+        assert name in synced_names, f"{name} was never fsynced"
+        assert synced_names.index(name) < synced_names.index(".tmp-COMPLETE"), f"{name} fsynced after the manifest"
+
+
+class _RunsCode:
+    """A pickle that would create a directory when loaded (what a planted file could do instead)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def test_a_planted_pickle_in_a_checkpoint_is_refused_and_never_run(tmp_path):
+    from train.checkpoint import load_checkpoint, write_manifest
+    from train.errors import CheckpointError
+
+    final = _save(tmp_path, 2)
+    marker = tmp_path / "pwned"
+    torch.save({"global": _RunsCode(marker)}, final / "rng-rank0.pt")
+    write_manifest(final)  # the planter rewrote the manifest too: only the weights-only load stands in the way
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(CheckpointError, match=r"rng-rank0.pt holds Python objects other than tensors \(posix.mkdir\): "
+                                              r"refused without running it"):
+        load_checkpoint(final, _OneProcess(), model, torch.optim.Adam(model.parameters()))
+    assert not marker.exists()
+
+
+def test_deepspeed_loads_run_weights_only_with_its_own_classes_allowed(tmp_path):
+    # DeepSpeed reads its files with torch.load(weights_only=False); inside the block that call is weights-only.
+    pytest.importorskip("deepspeed", reason="deepspeed is in the dev extra")  # installed in CI: never skipped there
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+
+    from train.checkpoint import deepspeed_weights_only_loads
+    from train.errors import CheckpointError
+
+    marker = tmp_path / "pwned"
+    torch.save({"optimizer_state_dict": _RunsCode(marker)}, tmp_path / "optim_states.pt")
+    torch.save({"loss_scaler": LossScaler(1.0), "step": torch.tensor(3)}, tmp_path / "good.pt")
+    with pytest.raises(CheckpointError, match="holds Python objects other than tensors .*refused without running it"):
+        with deepspeed_weights_only_loads(tmp_path):
+            torch.load(tmp_path / "optim_states.pt", weights_only=False)
+    assert not marker.exists()
+    with deepspeed_weights_only_loads(tmp_path):
+        loaded = torch.load(tmp_path / "good.pt", weights_only=False)
+    assert isinstance(loaded["loss_scaler"], LossScaler) and loaded["step"].item() == 3
+    assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ  # restored after the block
+
+
+def test_a_full_disk_while_checkpointing_is_one_clear_error_and_keeps_the_earlier_checkpoint(tmp_path):
+    import errno
+
+    from train.checkpoint import find_resume_checkpoint
+    from train.errors import CheckpointError
+
+    _save(tmp_path, 5)
+
+    def disk_full(directory):
+        (directory / "policy").mkdir()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory / "policy" / "weights.bin"))
+
+    with pytest.raises(CheckpointError) as error:
+        _save(tmp_path, 10, disk_full)
+    message = str(error.value)
+    assert "\n" not in message and "could not write checkpoint" in message and "checkpoint-10" in message
+    assert "No space left on device" in message and "rerun with --resume" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-5"]  # no half-written directory left
+    assert find_resume_checkpoint(tmp_path, resume=True) == tmp_path / "checkpoint-5"

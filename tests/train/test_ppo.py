@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -30,44 +29,10 @@ from train.ppo import ppo_step
 from train.ppo_core import ScoreShaper, make_kl_controller
 from train.rollout import generate_responses, score_responses
 from helpers import (
-    BACKENDS, REPO_ROOT, copy_checkpoint, expected_scalars, free_port, generated_rollout, launcher, logged_numbers,
-    rollout_trajectory, tensorboard_scalars, tiny_ppo_policy, wandb_history,
+    BACKENDS, FAST_LORA, PPO_TIMEOUT_S, REPO_ROOT, copy_checkpoint, expected_scalars, free_port, generated_rollout,
+    launcher, logged_numbers, ppo_args, ppo_env, read_ppo_log, rollout_trajectory, run_ppo, tensorboard_scalars,
+    tiny_ppo_policy, wandb_history,
 )
-
-TIMEOUT_S = 300
-# Fast tiny settings shared by the subprocess runs: short prompts, small batches, no periodic checkpoints.
-# The tests were sized for LoRA r=8 on q,v (a test may widen the targets); the recipe's own LoRA can change.
-FAST_LORA = ["--lora.target_modules", "q,v", "--lora.r", "8", "--lora.alpha", "8"]
-FAST = ["--data.max_prompt_tokens", "64", "--ppo.save_every_steps", "100", *FAST_LORA]
-
-
-def tiny_args(tiny, out: Path, *extra: str) -> list[str]:
-    return [
-        "--config", str(REPO_ROOT / "configs" / "tiny.yaml"),
-        "--output_dir", str(out),
-        "--data.path", str(tiny.dialogsum),
-        "--model.name_or_path", str(tiny.t5),
-        "--reward.model_name_or_path", str(tiny.roberta),
-        *FAST, *extra,
-    ]
-
-
-def run_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
-    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **extra)
-    return env
-
-
-def run_ppo(args: list[str], launcher: list[str] | None = None, env: dict | None = None, timeout: int = TIMEOUT_S):
-    command = (launcher or [sys.executable]) + ["-m", "train.ppo", *args]
-    proc = subprocess.run(command, cwd=REPO_ROOT, env=env or run_env(), capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(command)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
-    return proc
-
-
-def read_log(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "ppo" / "log.jsonl").read_text().splitlines()]
-
 
 def adapter_tensors(directory: Path) -> dict[str, torch.Tensor]:
     return {**load_file(str(directory / "adapter_model.safetensors")), **load_file(str(directory / "value_head.safetensors"))}
@@ -238,8 +203,8 @@ def test_ppo_step_with_accelerator_and_accumulation_matches_plain_loop(tiny_arti
 def test_existing_checkpoints_without_resume_is_one_clear_error(tmp_path, tiny_artifacts):
     (tmp_path / "ppo" / "checkpoints" / "checkpoint-2").mkdir(parents=True)
     (tmp_path / "ppo" / "checkpoints" / "checkpoint-2" / "COMPLETE").write_text("ok\n")
-    proc = subprocess.run([sys.executable, "-m", "train.ppo", *tiny_args(tiny_artifacts, tmp_path)], cwd=REPO_ROOT,
-                          env=run_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+    proc = subprocess.run([sys.executable, "-m", "train.ppo", *ppo_args(tiny_artifacts, tmp_path)], cwd=REPO_ROOT,
+                          env=ppo_env(), capture_output=True, text=True, timeout=PPO_TIMEOUT_S)
     assert proc.returncode == 2
     assert "has checkpoints from an earlier run: pass --resume" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -278,8 +243,8 @@ LEARN = ["--ppo.steps", "30", "--ppo.learning_rate", "3e-3", "--ppo.ppo_epochs",
 # The tiny T5's lm_head is untied (train.models.untie_lm_head) although its config keeps tie_word_embeddings.
 @pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`:UserWarning")
 def test_ppo_raises_the_reward_on_the_tiny_default(tmp_path, tiny_artifacts):
-    run_ppo(tiny_args(tiny_artifacts, tmp_path, *LEARN))
-    log = read_log(tmp_path)
+    run_ppo(ppo_args(tiny_artifacts, tmp_path, *LEARN))
+    log = read_ppo_log(tmp_path)
     assert [r["step"] for r in log] == list(range(1, 31))
     for key in ("objective/kl", "objective/kl_coef", "ppo/returns/mean", "ppo/policy/advantages_mean",
                 "ppo/loss/policy", "ppo/loss/value", "ppo/policy/clipfrac", "ppo/val/clipfrac", "ppo/policy/entropy",
@@ -300,10 +265,10 @@ def test_tensorboard_and_wandb_offline_get_the_log_and_none_logs_nowhere(tmp_pat
     # wandb offline (no network), with its own WANDB_DIR: wandb's environment variables win over our defaults.
     wandb_env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wandb-dir"),
                  **{f"WANDB_{name}_DIR": str(tmp_path / name.lower()) for name in ("CACHE", "CONFIG", "DATA")}}
-    env = {**{k: v for k, v in run_env().items() if not k.startswith("WANDB_")}, **wandb_env}
-    run_ppo(tiny_args(tiny_artifacts, tmp_path, "--ppo.steps", "2", "--ppo.batch_size", "8", "--trackers", trackers),
+    env = {**{k: v for k, v in ppo_env().items() if not k.startswith("WANDB_")}, **wandb_env}
+    run_ppo(ppo_args(tiny_artifacts, tmp_path, "--ppo.steps", "2", "--ppo.batch_size", "8", "--trackers", trackers),
             env=env)
-    log = read_log(tmp_path)
+    log = read_ppo_log(tmp_path)
     assert [r["step"] for r in log] == [1, 2]
     assert not (tmp_path / "ppo" / "wandb").exists()  # with WANDB_DIR set, wandb writes there
     if trackers == "none":
@@ -330,8 +295,8 @@ def test_two_processes_shard_train_in_step_and_resume_exactly(tmp_path, tiny_art
         # and runs the KL reference as a frozen second adapter, partitioned like the rest.
         sft = _sft_like_adapter(tiny_artifacts, tmp_path / "sft", "q,v,lm_head")
         start = ["--lora.target_modules", "q,v,lm_head", "--model.adapter", str(sft), "--ppo.reference", "initial_adapter"]
-    env = run_env(DS_ACCELERATOR="cpu")
-    run_ppo(tiny_args(tiny_artifacts, straight, *common, *start, "--debug_dir", str(debug)), launcher=launcher(backend),
+    env = ppo_env(DS_ACCELERATOR="cpu")
+    run_ppo(ppo_args(tiny_artifacts, straight, *common, *start, "--debug_dir", str(debug)), launcher=launcher(backend),
             env=env)
 
     # Two processes with their own prompts, kept in step: the same weights on both after every step.
@@ -346,7 +311,7 @@ def test_two_processes_shard_train_in_step_and_resume_exactly(tmp_path, tiny_art
         seen |= set(a["example_ids"] + b["example_ids"])
         assert a["params_sha256"] == b["params_sha256"], f"weights differ between ranks after step {step}"
     assert len({r["params_sha256"] for r in ranks[0]}) == steps  # the weights changed every step
-    log = read_log(straight)
+    log = read_ppo_log(straight)
     assert [r["step"] for r in log] == list(range(1, steps + 1))  # the main process alone writes the log
     if backend == "zero3":
         assert abs(log[0]["objective/kl"]) < 1e-4 < abs(log[1]["objective/kl"])  # anchored to the starting adapter
@@ -367,12 +332,12 @@ def test_two_processes_shard_train_in_step_and_resume_exactly(tmp_path, tiny_art
     # Killed right after the step-2 checkpoint, resumed: the same adapter, bit for bit (bf16 included: the fp32
     # master weights come from the checkpoint), and the same logged steps.
     copy_checkpoint(straight, "ppo", 2, resumed)
-    run_ppo(tiny_args(tiny_artifacts, resumed, *common, *start, "--resume"), launcher=launcher(backend), env=env)
+    run_ppo(ppo_args(tiny_artifacts, resumed, *common, *start, "--resume"), launcher=launcher(backend), env=env)
     got = adapter_tensors(resumed / "ppo" / "adapter")
     assert got.keys() == trained.keys()
     for name in trained:
         assert torch.equal(got[name], trained[name]), name
-    for a, b in zip(read_log(straight)[2:], read_log(resumed), strict=True):
+    for a, b in zip(read_ppo_log(straight)[2:], read_ppo_log(resumed), strict=True):
         assert a["step"] == b["step"] and a["env/reward_mean"] == b["env/reward_mean"]
         assert a["objective/kl"] == b["objective/kl"]
 
@@ -381,12 +346,12 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_artifac
     common = ["--ppo.steps", "5", "--ppo.save_every_steps", "2", "--ppo.batch_size", "8", "--ppo.mini_batch_size", "4",
               "--ppo.learning_rate", "1e-3", "--rollout.max_new_tokens_min", "8", "--rollout.max_new_tokens", "24"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    run_ppo(tiny_args(tiny_artifacts, straight, *common))
+    run_ppo(ppo_args(tiny_artifacts, straight, *common))
 
-    command = [sys.executable, "-m", "train.ppo", *tiny_args(tiny_artifacts, killed, *common)]
-    proc = subprocess.Popen(command, cwd=REPO_ROOT, env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command = [sys.executable, "-m", "train.ppo", *ppo_args(tiny_artifacts, killed, *common)]
+    proc = subprocess.Popen(command, cwd=REPO_ROOT, env=ppo_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     marker = killed / "ppo" / "checkpoints" / "checkpoint-2" / "COMPLETE"
-    deadline = time.monotonic() + TIMEOUT_S
+    deadline = time.monotonic() + PPO_TIMEOUT_S
     while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
@@ -394,15 +359,15 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_artifac
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert marker.exists() and not (killed / "ppo" / "adapter").exists()
 
-    resumed = run_ppo(tiny_args(tiny_artifacts, killed, *common, "--resume"))
+    resumed = run_ppo(ppo_args(tiny_artifacts, killed, *common, "--resume"))
     assert "resumed from" in resumed.stderr
     expected, got = adapter_tensors(straight / "ppo" / "adapter"), adapter_tensors(killed / "ppo" / "adapter")
     assert expected.keys() == got.keys()
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
-    assert [r["step"] for r in read_log(killed)] == [1, 2, 3, 4, 5]  # steps after the checkpoint logged once
+    assert [r["step"] for r in read_ppo_log(killed)] == [1, 2, 3, 4, 5]  # steps after the checkpoint logged once
     # Same rollouts after the resume point, too: the logged rewards agree.
-    for a, b in zip(read_log(straight), read_log(killed)):
+    for a, b in zip(read_ppo_log(straight), read_ppo_log(killed)):
         assert a["env/reward_mean"] == pytest.approx(b["env/reward_mean"], abs=1e-6)
 
 
@@ -411,20 +376,20 @@ def test_initial_adapter_reference_anchors_the_kl_to_the_starting_policy_and_res
     common = ["--model.adapter", str(adapter), "--ppo.batch_size", "8", "--ppo.learning_rate", "3e-3",
               "--ppo.forward_batch_size", "8"]
     # Anchored to the base, the starting policy is already far from its reference; anchored to itself it is not.
-    run_ppo(tiny_args(tiny_artifacts, tmp_path / "base", *common, "--ppo.steps", "1", "--ppo.reference", "base"))
-    base_kl = read_log(tmp_path / "base")[0]["objective/kl"]
+    run_ppo(ppo_args(tiny_artifacts, tmp_path / "base", *common, "--ppo.steps", "1", "--ppo.reference", "base"))
+    base_kl = read_ppo_log(tmp_path / "base")[0]["objective/kl"]
     straight = tmp_path / "straight"
-    run_ppo(tiny_args(tiny_artifacts, straight, *common, "--ppo.steps", "3", "--ppo.reference", "initial_adapter"))
-    log = read_log(straight)
+    run_ppo(ppo_args(tiny_artifacts, straight, *common, "--ppo.steps", "3", "--ppo.reference", "initial_adapter"))
+    log = read_ppo_log(straight)
     assert abs(log[0]["objective/kl"]) < 1e-4 < 0.1 < base_kl, (log[0]["objective/kl"], base_kl)
     assert abs(log[-1]["objective/kl"]) > 1e-4  # the policy moved away from its frozen reference
 
     # Resume: the reference is again the configured starting adapter, not the checkpoint's adapter.
     resumed = tmp_path / "resumed"
     args = [*common, "--ppo.reference", "initial_adapter", "--ppo.save_every_steps", "1"]
-    run_ppo(tiny_args(tiny_artifacts, resumed, *args, "--ppo.steps", "1"))
-    run_ppo(tiny_args(tiny_artifacts, resumed, *args, "--ppo.steps", "3", "--resume"))
-    for a, b in zip(log, read_log(resumed), strict=True):
+    run_ppo(ppo_args(tiny_artifacts, resumed, *args, "--ppo.steps", "1"))
+    run_ppo(ppo_args(tiny_artifacts, resumed, *args, "--ppo.steps", "3", "--resume"))
+    for a, b in zip(log, read_ppo_log(resumed), strict=True):
         assert b["objective/kl"] == pytest.approx(a["objective/kl"], abs=1e-6)
     expected, got = adapter_tensors(straight / "ppo" / "adapter"), adapter_tensors(resumed / "ppo" / "adapter")
     assert expected.keys() == got.keys() and not any(".reference." in k for k in got)
@@ -436,18 +401,18 @@ def test_sigterm_checkpoints_the_current_step_and_exits_with_status_3(tmp_path, 
     from train.preemption import PREEMPTED_EXIT_CODE
 
     command = [sys.executable, "-m", "train.ppo",
-               *tiny_args(tiny_artifacts, tmp_path, "--ppo.steps", "50", "--ppo.batch_size", "8")]
-    proc = subprocess.Popen(command, cwd=REPO_ROOT, env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+               *ppo_args(tiny_artifacts, tmp_path, "--ppo.steps", "50", "--ppo.batch_size", "8")]
+    proc = subprocess.Popen(command, cwd=REPO_ROOT, env=ppo_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
     log_file = tmp_path / "ppo" / "log.jsonl"
-    deadline = time.monotonic() + TIMEOUT_S
+    deadline = time.monotonic() + PPO_TIMEOUT_S
     while not (log_file.exists() and log_file.read_text().strip()) and proc.poll() is None:
         assert time.monotonic() < deadline, "no PPO step was logged"
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=TIMEOUT_S)
+    _, stderr = proc.communicate(timeout=PPO_TIMEOUT_S)
     assert proc.returncode == PREEMPTED_EXIT_CODE, stderr[-3000:]
-    steps = [r["step"] for r in read_log(tmp_path)]
+    steps = [r["step"] for r in read_ppo_log(tmp_path)]
     assert 1 <= len(steps) < 50
     state = json.loads((tmp_path / "ppo" / "checkpoints" / f"checkpoint-{steps[-1]}" / "trainer_state.json").read_text())
     assert state["step"] == steps[-1] and state["data"]["position"] == 8 * steps[-1]
@@ -459,7 +424,7 @@ def test_two_steps_with_the_reward_server(tmp_path, tiny_artifacts):
     server = subprocess.Popen(
         [sys.executable, "-m", "rewards.server", "--reward.model_name_or_path", str(tiny_artifacts.roberta),
          "--reward.device", "cpu", "--reward_server.port", str(port), "--reward_server.log_level", "warning"],
-        cwd=REPO_ROOT, env=run_env(DETOX_REWARD_TOKEN="ppo-test"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        cwd=REPO_ROOT, env=ppo_env(DETOX_REWARD_TOKEN="ppo-test"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         text=True,
     )
     try:
@@ -473,14 +438,14 @@ def test_two_steps_with_the_reward_server(tmp_path, tiny_artifacts):
                 pass
             assert time.monotonic() < deadline, "reward server did not start"
             time.sleep(0.2)
-        run_ppo(tiny_args(tiny_artifacts, tmp_path, "--ppo.steps", "2", "--ppo.batch_size", "8",
+        run_ppo(ppo_args(tiny_artifacts, tmp_path, "--ppo.steps", "2", "--ppo.batch_size", "8",
                           "--reward.url", f"http://127.0.0.1:{port}"),
-                env=run_env(DETOX_REWARD_TOKEN="ppo-test"))
+                env=ppo_env(DETOX_REWARD_TOKEN="ppo-test"))
         served = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5.0).json()["stats"]
     finally:
         server.terminate()
         server.wait(timeout=30)
     assert served["texts"] == 2 * 8  # every summary of both steps was scored by the server
-    log = read_log(tmp_path)
+    log = read_ppo_log(tmp_path)
     assert len(log) == 2 and all(torch.isfinite(torch.tensor(r["env/reward_mean"])) for r in log)
     assert (tmp_path / "ppo" / "adapter" / "adapter_model.safetensors").is_file()
