@@ -255,24 +255,6 @@ def write_eval_examples(path: Path, n: int, systems: list[str]) -> Path:
     return path
 
 
-def client_for(study_dir: Path, db: Path, token: str | None = None):
-    """A Starlette TestClient of the app on `study_dir`, answers stored in `db`."""
-    from fastapi.testclient import TestClient
-
-    from eval.human.app import create_app
-    from eval.human.items import load_study
-    from eval.human.store import AnswerStore
-
-    study = load_study(study_dir)
-    return TestClient(create_app(study, AnswerStore(db, study.items_sha256), token), follow_redirects=False)
-
-
-def sign_in(client, name: str, token: str | None = None) -> None:
-    data = {"name": name} | ({"token": token} if token else {})
-    response = client.post("/signin", data=data)
-    assert response.status_code == 303 and response.headers["location"] == "/next"
-
-
 def next_item_id(client) -> str | None:
     response = client.get("/next")
     if response.status_code == 200:

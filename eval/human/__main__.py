@@ -10,7 +10,8 @@ Settings are the `human` section of the config (train/config.py HumanConfig), se
 --human.study_dir runs/tiny/human) apply. `export --force` replaces an existing export.
 
 The server binds to 127.0.0.1 unless human.host says otherwise; set DETOX_HUMAN_TOKEN to require an access token at
-sign-in (do so whenever the server is reachable by others).
+sign-in (do so whenever the server is reachable by others). Forms are accepted only from the origin a request's Host
+header names, so a reverse proxy in front must pass the original Host (and X-Forwarded-Proto for https) through.
 """
 
 from __future__ import annotations

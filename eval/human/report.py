@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 from eval.human.items import CRITERIA, FLAGS, KEY_FILE, Study, load_key, load_study
 from eval.human.stats import head_to_head, krippendorff_alpha, mean_ranks, win_rates
-from eval.human.store import Answer, AnswerStore
+from eval.human.store import Answer, AnswerStore, one_spelling
 from train.atomic import write_text
 from train.errors import DataError
 
@@ -47,7 +47,7 @@ def unblind(answers: list[Answer], key: dict[str, dict[str, str]]) -> list[dict[
 def compute_report(study: Study, key: dict[str, dict[str, str]], answers: list[Answer]) -> dict[str, Any]:
     """Every number of the report, as plain JSON-able data."""
     systems = sorted({system for slots in key.values() for system in slots.values()})
-    judged = unblind(answers, key)
+    judged = unblind(one_spelling(answers), key)  # "Carol" and "carol" are one annotator
     by_item = Counter(a["item_id"] for a in judged)
     result: dict[str, Any] = {
         "items": len(study.items),

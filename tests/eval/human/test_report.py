@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from eval.human.items import load_study
-from eval.human.report import write_report
+from eval.human.items import CRITERIA, load_key, load_study
+from eval.human.report import compute_report, write_report
 from eval.human.stats import wilson_interval
-from helpers import client_for, sign_in
+from eval.human.store import Answer
 
 
-def test_report_unblinds_and_matches_hand_computation(three_system_study: Path, tmp_path: Path) -> None:
+def test_report_unblinds_and_matches_hand_computation(three_system_study: Path, tmp_path: Path, human_client) -> None:
     db = tmp_path / "answers.sqlite"
     study = load_study(three_system_study)
     slots_of = json.loads((three_system_study / "key.json").read_text())["items"]
@@ -22,8 +22,8 @@ def test_report_unblinds_and_matches_hand_computation(three_system_study: Path, 
     preference = {"ppo_model": 1, "sft_model": 2, "base_model": 3}
     items = study.item_ids[:2]
     for name in ("ann", "bo"):
-        client = client_for(three_system_study, db)
-        sign_in(client, name)
+        client = human_client(three_system_study, db)
+        client.sign_in(name)
         for item_id in items:
             system_of = slots_of[item_id]["slots"]
             form = {f"rank_readability_{s}": str(preference[system_of[s]]) for s in "ABC"}
@@ -33,7 +33,7 @@ def test_report_unblinds_and_matches_hand_computation(three_system_study: Path, 
             form |= {f"rank_coherence_{s}": str(coherence[system_of[s]]) for s in "ABC"}
             if name == "bo" and item_id == items[0]:
                 form["flag_" + next(s for s in "ABC" if system_of[s] == "base_model")] = "toxic"
-            assert client.post(f"/item/{item_id}", data=form).status_code == 303
+            assert client.submit(f"/item/{item_id}", form).status_code == 303
 
     report = write_report(three_system_study, db=db, out=tmp_path / "report")
     # Readability: 4 judgements, each system compared twice per judgement → 8 comparisons;
@@ -58,3 +58,15 @@ def test_report_unblinds_and_matches_hand_computation(three_system_study: Path, 
     assert "| ppo_model | 1.000 |" in markdown and "| sft_model | 0.500 |" in markdown
     assert (tmp_path / "report/report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "report/report.json").read_text()) == report
+
+
+def test_the_report_counts_every_spelling_of_a_name_as_one_annotator(two_system_study: Path) -> None:
+    study = load_study(two_system_study)
+    key = load_key(two_system_study / "key.json", study)
+    first, second = study.item_ids[:2]
+    ranks = {criterion: {"A": 1.0, "B": 2.0} for criterion in CRITERIA}
+    answers = [Answer("Carol", first, ranks), Answer("carol", second, ranks), Answer("ＣＡＲＯＬ", first, ranks),
+               Answer("bo", first, ranks)]
+    report = compute_report(study, key, answers)
+    assert report["annotators"] == {"Carol": 2, "bo": 1} and report["answers"] == 3
+    assert report["items_with_2plus_annotators"] == 1  # Carol's second answer to the first item does not count
