@@ -48,9 +48,11 @@ from train.atomic import write_text
 from train.cli import config_from_cli, run_cli
 from train.config import ExperimentConfig, config_to_dict, expand_output_dir
 from train.data import build_eval_dataset
-from train.errors import ConfigError, ModelError
+from train.errors import ConfigError
 from train.generation import generate_texts
-from train.models import check_adapter_directory, load_base_model, load_tokenizer, quiet_peft_deprecation
+from train.models import (
+    adapter_load_errors, check_adapter_directory, load_base_model, load_tokenizer, quiet_peft_deprecation,
+)
 
 log = logging.getLogger("eval.evaluate")
 
@@ -177,27 +179,17 @@ def load_models(cfg: ExperimentConfig, systems: list[System], device: torch.devi
     model = load_base_model(cfg.model)
     adapters = [s for s in systems if s.adapter is not None]
     for i, system in enumerate(adapters):
-        try:
+        # One line per failure: missing, damaged, unreachable hub id, or trained on another base (both named).
+        with adapter_load_errors(system.adapter, cfg.model.name_or_path, f"system '{system.name}': adapter"):
             with quiet_peft_deprecation():
                 if i == 0:
                     from peft import PeftModel
 
-                    model = PeftModel.from_pretrained(model, system.adapter, adapter_name=system.name, is_trainable=False)
+                    model = PeftModel.from_pretrained(model, system.adapter, adapter_name=system.name,
+                                                      is_trainable=False)
                 else:
                     model.load_adapter(system.adapter, adapter_name=system.name, is_trainable=False)
-        except (OSError, ValueError, KeyError) as e:
-            raise ModelError(f"system '{system.name}': could not load adapter {system.adapter}: {_first_line(e)}") from None
-        except RuntimeError as e:  # shape mismatch: an adapter trained on another base model
-            raise ModelError(
-                f"system '{system.name}': adapter {system.adapter} does not fit the base model "
-                f"{cfg.model.name_or_path}: {_first_line(e)}"
-            ) from None
     return model.to(device).eval(), tokenizer
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 @contextmanager

@@ -10,7 +10,8 @@
 * a hub id such as `knkarthick/dialogsum` (the CSV layout, loaded with `datasets.load_dataset`).
 
 Rows whose dialogue is empty or not a string, or that have no human summary, are dropped, counted
-and logged; `read_dialogsum` returns those counts in a `LoadReport`.
+and logged; `read_dialogsum` returns those counts in a `LoadReport`. A split with no examples at all (an
+empty file, a header without rows, every row dropped) is a DataError naming the file.
 
 The builders reproduce the original notebook: keep dialogues with 200 < len <= 1000 characters, wrap
 them in the "Summarize the following conversation." prompt, tokenize, and split 80/20 without
@@ -23,6 +24,7 @@ import csv
 import logging
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -30,10 +32,11 @@ from typing import Any, Iterable, Iterator, Sequence
 import datasets
 from datasets import Dataset, DatasetDict, Features, List, Value
 
+from rewards.hub import hub_access
 from rewards.sources import is_hub_id
 from train.config import DataConfig
 from train.errors import DataError
-from train.jsonl import read_jsonl
+from train.jsonl import not_utf8_error, read_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +44,9 @@ SPLITS = ("train", "validation", "test")
 JSONL_FILES = {"train": "dialogsum.train.jsonl", "validation": "dialogsum.dev.jsonl", "test": "dialogsum.test.jsonl"}
 CSV_FILES = {"train": "train.csv", "validation": "validation.csv", "test": "test.csv"}
 LOCAL_HINT = "pass a local directory, e.g. --data.path ../shared/data/dialogsum"
+# csv's default field limit (131072 characters) would reject a long but legitimate dialogue; the length filter
+# of the prompt builders, not the parser, decides what is too long. 2**31 - 1 fits a C long everywhere.
+CSV_FIELD_LIMIT = min(sys.maxsize, 2**31 - 1)
 
 FEATURES = Features(
     id=Value("string"),
@@ -99,6 +105,8 @@ def read_dialogsum(
     for split in splits:
         where, records = tables[split]
         examples, split_report = _normalise(records, where, group_repeats=(source != "jsonl" and split == "test"))
+        if not examples:  # checked here, before the length filter, so the message names the file, not the filter
+            raise DataError(_no_examples_message(path, split, where, split_report))
         if max_examples is not None:
             examples = examples[:max_examples]
         split_report.examples = len(examples)
@@ -132,18 +140,53 @@ def _read_local_dir(directory: Path, splits: Sequence[str]) -> tuple[str, dict[s
 
 
 def _read_csv(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    with open(path, encoding="utf-8", newline="") as f:
+    # Raised, never lowered: the limit is process-wide and another reader may have set it higher.
+    csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
+    # utf-8-sig: spreadsheet programs write a byte-order mark that would otherwise become part of the first column name.
+    with open(path, encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f)
         try:
             for record in reader:
                 yield reader.line_num, record
         except csv.Error as e:
             raise DataError(f"{path}, line {reader.line_num}: not valid CSV ({e})") from None
+        except UnicodeDecodeError:
+            raise not_utf8_error(path) from None
+
+
+def _no_examples_message(path: str, split: str, where: str, report: SplitReport) -> str:
+    head = f"the {split} split of {path} has no examples: "
+    if report.rows_read:
+        return head + (
+            f"all {report.rows_read} rows of {where} were dropped ({report.dropped_dialogue} with an empty or "
+            f"non-string dialogue, {report.dropped_summary} without a human summary); check that its dialogue and "
+            "summary columns hold text"
+        )
+    file = Path(where)
+    if not file.is_file():
+        why = f"{where} has no rows"
+    elif file.stat().st_size == 0:
+        why = f"{where} is empty (0 bytes)"
+    elif file.suffix == ".csv":
+        why = f"{where} has a header line but no rows"
+    else:
+        why = f"{where} has only blank lines"
+    return head + why + "; copy the DialogSum files again, or point --data.path at a complete copy"
+
+
+def _datasets_cache_dir(repo_id: str) -> Path:
+    """Where `datasets` keeps a hub dataset it has prepared once (it can load it from there offline)."""
+    from datasets.naming import camelcase_to_snakecase
+
+    *owner, name = repo_id.split("/")
+    return Path(datasets.config.HF_DATASETS_CACHE) / "___".join([*owner, camelcase_to_snakecase(name)])
 
 
 def _read_hub(repo_id: str, splits: Sequence[str]) -> dict[str, Table]:
+    fix = "pass it with --data.path DIR (the CSV layout)"
     try:
-        loaded = datasets.load_dataset(repo_id)
+        with hub_access(repo_id, "dataset", fix, DataError, "dataset", [_datasets_cache_dir(repo_id)]):
+            loaded = datasets.load_dataset(repo_id)
     except (OSError, ValueError) as e:  # ConnectionError, DatasetNotFoundError, missing cache, ...
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DataError(

@@ -14,7 +14,9 @@ no second copy of the base is held. `build_from_architecture` builds the shipped
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
+import re
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +25,7 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
+from rewards.hub import hub_access
 from rewards.sources import DTYPES, is_hub_id
 from train.config import LoraSettings, ModelConfig
 from train.errors import ModelError
@@ -34,6 +37,9 @@ ARCHITECTURES: dict[str, Path] = {f"google/flan-t5-{s}": ARCHITECTURES_DIR / f"f
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+MODEL_FIX = "pass it with --model.name_or_path DIR"
+ADAPTER_FIX = "set model.adapter to DIR"
 
 
 
@@ -109,9 +115,10 @@ def load_tokenizer(model_cfg: ModelConfig):
 
     _check_source(model_cfg.name_or_path, "tokenizer")
     try:
-        return AutoTokenizer.from_pretrained(
-            model_cfg.name_or_path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
-        )
+        with hub_access(model_cfg.name_or_path, "tokenizer", MODEL_FIX, ModelError):
+            return AutoTokenizer.from_pretrained(
+                model_cfg.name_or_path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
+            )
     except (OSError, ValueError) as e:
         raise _load_error(model_cfg.name_or_path, "tokenizer", e) from None
 
@@ -142,15 +149,16 @@ def load_base_model(model_cfg: ModelConfig, device_map: Any = None) -> nn.Module
         device_map = {"": torch.cuda.current_device()}  # bitsandbytes weights must live on the GPU
     _filter_untied_head_warning()
     try:
-        model = AutoModelForSeq2SeqLM.from_pretrained(
-            model_cfg.name_or_path,
-            revision=model_cfg.revision,
-            dtype=dtype,
-            use_safetensors=True,
-            trust_remote_code=model_cfg.trust_remote_code,
-            quantization_config=quantization,
-            device_map=device_map,
-        )
+        with hub_access(model_cfg.name_or_path, "model", MODEL_FIX, ModelError):
+            model = AutoModelForSeq2SeqLM.from_pretrained(
+                model_cfg.name_or_path,
+                revision=model_cfg.revision,
+                dtype=dtype,
+                use_safetensors=True,
+                trust_remote_code=model_cfg.trust_remote_code,
+                quantization_config=quantization,
+                device_map=device_map,
+            )
     except (OSError, ValueError) as e:
         raise _load_error(model_cfg.name_or_path, "model", e) from None
     if quantization is not None:
@@ -204,17 +212,80 @@ def _check_adapter_source(adapter: str) -> None:
         raise ModelError(f"adapter {adapter!r} not found: no such directory, and it is not a hub id. Check model.adapter.")
 
 
+def _model_name(model: nn.Module) -> str:
+    return getattr(getattr(model, "config", None), "_name_or_path", "") or "the base model"
+
+
+def _adapter_base(adapter: str) -> str:
+    """The base model named in the adapter's adapter_config.json (local, or already in the hub cache)."""
+    config = Path(adapter) / ADAPTER_CONFIG_FILE
+    if not config.is_file() and is_hub_id(adapter):
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(adapter, ADAPTER_CONFIG_FILE)
+        config = Path(cached) if isinstance(cached, str) else config
+    try:
+        return str(json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path") or "unrecorded")
+    except (OSError, ValueError, AttributeError):
+        return "unknown"
+
+
+_SIZE_MISMATCH = re.compile(
+    r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[[^\]]*\])\) from checkpoint, "
+    r"the shape in current model is torch\.Size\((\[[^\]]*\])\)"
+)
+
+
+def _mismatch_error(adapter: str, model_name: str, what: str, err: RuntimeError) -> Optional[ModelError]:
+    """torch's multi-line size-mismatch report as one line: both bases and the first mismatched shape in full."""
+    text = str(err)
+    mismatches = _SIZE_MISMATCH.findall(text)
+    if not mismatches:
+        return None
+    name, in_adapter, in_model = mismatches[0]
+    return ModelError(
+        f"{what} {adapter!r} was trained on another base model ({_adapter_base(adapter)!r} in its "
+        f"{ADAPTER_CONFIG_FILE}) and does not fit {model_name!r}: {name} is {in_adapter} in the adapter but "
+        f"{in_model} in the model ({len(mismatches)} mismatched tensor(s)). Load it onto its own base "
+        "(--model.name_or_path), or train an adapter for this one"
+    )
+
+
+def _corrupt_file_error(file: str, err: Exception, fix: str) -> ModelError:
+    return ModelError(f"{file} is not a valid safetensors file (truncated or damaged?): {err}; {fix}")
+
+
+@contextmanager
+def adapter_load_errors(adapter: str, model_name: str, what: str = "adapter") -> Iterator[None]:
+    """Around loading the LoRA `adapter` onto the model `model_name`: each way it can fail as one ModelError line.
+
+    A hub id that is not cached while the hub is unreachable fails at once (no retries); a damaged weights file
+    is named; an adapter trained on another base names both bases and the first mismatched shape.
+    """
+    from safetensors import SafetensorError
+
+    try:
+        with hub_access(adapter, what, ADAPTER_FIX, ModelError):
+            yield
+    except SafetensorError as e:
+        local = Path(adapter) / ADAPTER_WEIGHTS_FILE
+        file = str(local) if local.is_file() else f"{ADAPTER_WEIGHTS_FILE} of {what} {adapter!r}"
+        raise _corrupt_file_error(file, e, "copy the adapter again, or re-save it from its checkpoint") from None
+    except RuntimeError as e:  # torch's load_state_dict: an adapter trained on another model size
+        mismatch = _mismatch_error(adapter, model_name, what, e)
+        if mismatch is None:
+            raise
+        raise mismatch from None
+    except (OSError, ValueError) as e:
+        raise _load_error(adapter, what, e) from None
+
+
 def _load_adapter(base: nn.Module, adapter: str, trainable: bool):
     from peft import PeftModel
 
     _check_adapter_source(adapter)
-    try:
-        with quiet_peft_deprecation():
-            return PeftModel.from_pretrained(base, adapter, is_trainable=trainable)
-    except (OSError, ValueError) as e:
-        raise _load_error(adapter, "adapter", e) from None
-    except RuntimeError as e:  # shape mismatch: an adapter trained on another model size
-        raise ModelError(f"adapter {adapter!r} does not fit this base model: {str(e).splitlines()[0]}") from None
+    with adapter_load_errors(adapter, _model_name(base)), quiet_peft_deprecation():
+        return PeftModel.from_pretrained(base, adapter, is_trainable=trainable)
 
 
 def apply_lora(base: nn.Module, lora: LoraSettings, adapter: Optional[str] = None, trainable: bool = True):
@@ -354,12 +425,16 @@ def save_policy(policy: Seq2SeqPolicy, directory: str | Path, tokenizer=None) ->
 
 def load_value_head(value_head: ValueHead, directory: str | Path) -> ValueHead:
     """Load `value_head.safetensors` from `directory` into `value_head` (in place)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(directory) / VALUE_HEAD_FILE
     if not path.is_file():
         raise ModelError(f"no value head in {directory}: {VALUE_HEAD_FILE} is missing (was it saved with save_policy?)")
-    state = load_file(str(path), device=str(value_head.summary.weight.device))
+    try:
+        state = load_file(str(path), device=str(value_head.summary.weight.device))
+    except SafetensorError as e:
+        raise _corrupt_file_error(str(path), e, "copy the adapter directory again, or re-save it") from None
     try:
         value_head.load_state_dict(state)
     except RuntimeError as e:
@@ -397,11 +472,9 @@ def add_reference_adapter(policy: Seq2SeqPolicy, adapter: str) -> Seq2SeqPolicy:
     peft_model = policy.peft_model
     active = peft_model.active_adapter
     trainable = [id(p) for p in policy.parameters() if p.requires_grad]
-    try:
+    with adapter_load_errors(adapter, _model_name(policy.peft_model.get_base_model()), "reference adapter"):
         with quiet_peft_deprecation():
             peft_model.load_adapter(adapter, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
-    except (OSError, ValueError) as e:
-        raise _load_error(adapter, "reference adapter", e) from None
     if peft_model.active_adapter != active or [id(p) for p in policy.parameters() if p.requires_grad] != trainable:
         raise ModelError(f"loading the reference adapter {adapter!r} changed the trainable adapter (peft version?)")
     policy.reference_adapter = REFERENCE_ADAPTER

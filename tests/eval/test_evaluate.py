@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 
@@ -266,6 +267,19 @@ def test_adapter_directory_without_config_and_empty_split_are_clear_errors(tiny_
     (empty / "test.csv").write_text("id,dialogue,summary,topic\n")
     with pytest.raises(DataError, match=f"the test split of {empty} has no examples"):
         ev.main(["--config", "configs/tiny.yaml", "--eval.systems", "base", "--data.path", str(empty)])
+
+
+def test_damaged_adapter_of_a_system_is_one_line_naming_system_and_file(runs, repo_root, tmp_path, monkeypatch):
+    adapters, _, _, _ = runs
+    monkeypatch.chdir(repo_root)
+    damaged = tmp_path / "ppo"
+    shutil.copytree(adapters["ppo"], damaged)
+    weights = damaged / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a copy cut short
+    with pytest.raises(ModelError) as error:
+        ev.main(["--config", "configs/tiny.yaml", "--eval.systems", f"base,ppo={damaged}"])
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"{weights} is not a valid safetensors file (truncated or damaged?)")
 
 
 def test_bad_ppo_log_is_a_clear_error(tmp_path):

@@ -350,7 +350,8 @@ def test_hub_id_offline_fails_fast_with_hint(monkeypatch):
         load_dialogsum("knkarthick/dialogsum")
     assert time.monotonic() - start < 10
     message = str(err.value)
-    assert "could not load dataset 'knkarthick/dialogsum' from the Hugging Face hub" in message
+    assert message.startswith("dataset 'knkarthick/dialogsum' is neither a local directory nor in the Hugging Face "
+                              "cache") and "(HF_HUB_OFFLINE is set)" in message
     assert "--data.path" in message and "\n" not in message
 
 
@@ -368,7 +369,130 @@ def test_hub_dataset_is_normalised_like_the_csv_layout(monkeypatch):
     )
     requested = []
     monkeypatch.setattr(datasets, "load_dataset", lambda path: requested.append(path) or fake)
+    monkeypatch.setattr("rewards.hub.hub_unavailable_reason", lambda: None)  # as if the hub answered
     dd, report = read_dialogsum("knkarthick/dialogsum")
     assert requested == ["knkarthick/dialogsum"] and report.source == "hub"
     assert dd["test"]["id"] == ["test_0"] and dd["test"]["human_summaries"] == [["r1", "r2", "r3"]]
     assert dd["train"]["id"] == ["train_0"] and report.splits["train"].dropped_dialogue == 1
+
+
+@pytest.fixture
+def unreachable_hub(tmp_path, monkeypatch) -> Path:
+    """A hub endpoint that refuses connections at once (port 9 of this machine) and empty hub and datasets caches;
+    returns the datasets cache. Offline and fast whatever the machine's network."""
+    from rewards import hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")
+    hub._probe.cache_clear()
+    yield tmp_path / "datasets-cache"
+    hub._probe.cache_clear()
+
+
+def test_uncached_hub_dataset_without_a_hub_fails_at_once_in_one_line(unreachable_hub, tmp_path):
+    start = time.monotonic()
+    with pytest.raises(DataError) as err:
+        load_dialogsum("knkarthick/dialogsum")
+    assert time.monotonic() - start < 10  # the libraries' own retries take about half a minute
+    assert str(err.value) == (
+        f"dataset 'knkarthick/dialogsum' is neither a local directory nor in the Hugging Face cache "
+        f"({tmp_path / 'hub-cache'}), and the hub cannot be reached (http://127.0.0.1:9: [Errno 111] Connection "
+        "refused). On a machine with internet run `hf download knkarthick/dialogsum --repo-type dataset --local-dir "
+        "DIR`, copy DIR here and pass it with --data.path DIR (the CSV layout)"
+    )
+
+
+def test_cached_hub_dataset_without_a_hub_is_read_in_offline_mode(unreachable_hub, monkeypatch):
+    (unreachable_hub / "knkarthick___dialogsum" / "default").mkdir(parents=True)  # prepared once by `datasets`
+    split = Dataset.from_dict({"id": ["x_0"], "dialogue": [dialogue_of(300)], "summary": ["s"], "topic": ["t"]})
+    offline_during_load = []
+
+    def cached_load(path):
+        offline_during_load.append((datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE))
+        return datasets.DatasetDict(train=split, validation=split, test=split)
+
+    monkeypatch.setattr(datasets, "load_dataset", cached_load)
+    assert len(load_dialogsum("knkarthick/dialogsum")["train"]) == 1
+    assert offline_during_load == [(True, True)]  # so no request is made, and none retried
+    assert (datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE) == (False, False)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Encodings, long fields and empty files
+
+
+@pytest.mark.parametrize("layout", ["csv", "jsonl"])
+def test_non_utf8_file_names_file_line_and_byte_offset(tmp_path, layout):
+    d = csv_dir(tmp_path) if layout == "csv" else jsonl_dir(tmp_path)
+    path = d / ("validation.csv" if layout == "csv" else "dialogsum.dev.jsonl")
+    good = path.read_bytes()
+    csv_row, jsonl_row = b'dev_1,"#Person1#: caf\xe9?",s,t\n', b'{"fname": "dev_1", "dialogue": "caf\xe9"}\n'
+    row = csv_row if layout == "csv" else jsonl_row
+    path.write_bytes(good + row)
+    with pytest.raises(DataError) as err:
+        load_dialogsum(str(d))
+    line = good.count(b"\n") + 1
+    offset = len(good) + row.index(b"\xe9")
+    assert str(err.value) == (
+        f"{path}, line {line}: not UTF-8 text (byte 0xe9 at byte offset {offset}); re-encode it as UTF-8, "
+        "e.g. `iconv -f LATIN1 -t UTF-8 FILE > NEW` for a Latin-1 file"
+    )
+
+
+@pytest.mark.parametrize("layout", ["csv", "jsonl"])
+def test_byte_order_mark_is_not_part_of_the_first_column(tmp_path, layout):
+    d = csv_dir(tmp_path) if layout == "csv" else jsonl_dir(tmp_path)
+    for path in d.iterdir():
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())  # as spreadsheet programs save "UTF-8"
+    assert load_dialogsum(str(d))["validation"]["id"] == ["dev_0"]
+
+
+def test_csv_field_beyond_the_csv_module_limit_loads_and_the_length_filter_drops_it(tmp_path, tokenizer):
+    d = csv_dir(tmp_path)
+    huge = dialogue_of(1_000_000, "huge")  # csv's default limit is 131072 characters per field
+    with open(d / "train.csv", "a", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerow(["train_huge", huge, "sum huge", "t"])
+    train = load_dialogsum(str(d))["train"]
+    assert train["id"][-1] == "train_huge" and len(train["dialogue"][-1]) == 1_000_000
+    sft = build_sft_datasets(DataConfig(path=str(d), max_prompt_tokens=32), tokenizer)
+    assert len(sft["train"]) == 5  # 250..650 chars; the 150-char and the 1 MB dialogues are filtered out
+
+
+@pytest.mark.parametrize("layout", ["csv", "jsonl"])
+def test_empty_file_says_it_is_empty_not_filtered_out(tmp_path, tokenizer, layout):
+    d = csv_dir(tmp_path) if layout == "csv" else jsonl_dir(tmp_path)
+    path = d / ("train.csv" if layout == "csv" else "dialogsum.train.jsonl")
+    path.write_bytes(b"")
+    with pytest.raises(DataError) as err:
+        build_ppo_datasets(DataConfig(path=str(d)), tokenizer)
+    assert str(err.value) == (
+        f"the train split of {d} has no examples: {path} is empty (0 bytes); copy the DialogSum files again, "
+        "or point --data.path at a complete copy"
+    )
+
+
+def test_header_only_csv_and_blank_jsonl_say_they_have_no_rows(tmp_path, tokenizer):
+    d = csv_dir(tmp_path)
+    write_csv(d / "validation.csv", [])
+    with pytest.raises(DataError, match=rf"the validation split of {d} has no examples: {d / 'validation.csv'} has a "
+                                        "header line but no rows; "):
+        build_sft_datasets(DataConfig(path=str(d)), tokenizer)
+    j = jsonl_dir(tmp_path)
+    (j / "dialogsum.test.jsonl").write_text("\n  \n")
+    with pytest.raises(DataError, match=rf"{j / 'dialogsum.test.jsonl'} has only blank lines; "):
+        build_eval_dataset(DataConfig(path=str(j)), "test")
+
+
+def test_split_whose_rows_are_all_dropped_says_why(tmp_path, tokenizer):
+    rows = [{"fname": "a", "dialogue": "", "summary": "s"}, {"fname": "b", "dialogue": "x" * 300, "summary": None}]
+    d = jsonl_dir(tmp_path, train=rows)
+    with pytest.raises(DataError) as err:
+        build_ppo_datasets(DataConfig(path=str(d)), tokenizer)
+    assert str(err.value) == (
+        f"the train split of {d} has no examples: all 2 rows of {d / 'dialogsum.train.jsonl'} were dropped (1 with "
+        "an empty or non-string dialogue, 1 without a human summary); check that its dialogue and summary columns "
+        "hold text"
+    )

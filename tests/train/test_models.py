@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import time
 from pathlib import Path
 
 import pytest
@@ -362,3 +363,155 @@ def test_missing_model_path_and_offline_hub_id(tmp_path, monkeypatch):
 def test_unknown_dtype_is_a_model_error():
     with pytest.raises(ModelError, match="bfloat16"):
         torch_dtype("float64")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Damaged adapters, adapters of another base, and hub ids on a machine without the hub
+
+
+@pytest.fixture(scope="module")
+def saved_policy(t5_dir, tmp_path_factory) -> Path:
+    policy, _ = load_policy(_cfg(t5_dir))
+    return save_policy(policy, tmp_path_factory.mktemp("policy") / "adapter")
+
+
+def _copy_damaged(src: Path, dst: Path, file: str, content: bytes | None) -> Path:
+    """A copy of the adapter `src` with `file` truncated to 200 bytes (content None) or replaced by `content`."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    data = (dst / file).read_bytes()
+    (dst / file).write_bytes(data[:200] if content is None else content)
+    return dst
+
+
+@pytest.mark.parametrize("content", [None, b"", b"not a safetensors file"], ids=["truncated", "empty", "garbage"])
+def test_damaged_adapter_weights_are_one_line_naming_the_file(t5_dir, saved_policy, tmp_path, content):
+    damaged = _copy_damaged(saved_policy, tmp_path / "adapter", "adapter_model.safetensors", content)
+    weights = str(damaged / "adapter_model.safetensors")
+    for load in (lambda: load_policy(_cfg(t5_dir, adapter=str(damaged))),
+                 lambda: add_reference_adapter(load_policy(_cfg(t5_dir))[0], str(damaged))):
+        with pytest.raises(ModelError) as err:
+            load()
+        message = str(err.value)
+        assert message.startswith(f"{weights} is not a valid safetensors file (truncated or damaged?)")
+        assert "\n" not in message
+
+
+def test_damaged_value_head_is_one_line_naming_the_file(t5_dir, saved_policy, tmp_path):
+    damaged = _copy_damaged(saved_policy, tmp_path / "adapter", "value_head.safetensors", None)
+    with pytest.raises(ModelError) as err:
+        load_policy(_cfg(t5_dir, adapter=str(damaged)))
+    message = str(err.value)
+    assert message.startswith(f"{damaged / 'value_head.safetensors'} is not a valid safetensors file")
+    assert "\n" not in message
+
+
+@pytest.fixture(scope="module")
+def foreign_adapter(t5_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """(a base like the tiny T5 but with d_model 32 instead of 64, a LoRA adapter saved from it)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    root = tmp_path_factory.mktemp("foreign")
+    config = T5Config.from_pretrained(t5_dir)
+    assert config.d_model == 64
+    config.d_model = 32
+    T5ForConditionalGeneration(config).save_pretrained(root / "base-d32")
+    base = load_base_model(ModelConfig(name_or_path=str(root / "base-d32"), dtype="float32"))
+    lora = LoraSettings(r=4, alpha=8, target_modules=["q", "v"], dropout=0.0)
+    apply_lora(base, lora).save_pretrained(root / "adapter")
+    return root / "base-d32", root / "adapter"
+
+
+def test_adapter_of_another_base_names_both_bases_and_the_first_shape(t5_dir, foreign_adapter):
+    foreign_base, adapter = foreign_adapter
+    expected = (
+        f"adapter {str(adapter)!r} was trained on another base model ({str(foreign_base)!r} in its "
+        f"adapter_config.json) and does not fit {str(t5_dir)!r}: "
+        "base_model.model.encoder.block.0.layer.0.SelfAttention.q.lora_A.default.weight is [4, 32] in the adapter "
+        "but [4, 64] in the model (12 mismatched tensor(s))."
+    )
+    with pytest.raises(ModelError) as err:
+        load_policy(_cfg(t5_dir, adapter=str(adapter)))
+    assert str(err.value).startswith(expected) and "\n" not in str(err.value)
+    with pytest.raises(ModelError) as err:
+        add_reference_adapter(load_policy(_cfg(t5_dir))[0], str(adapter))
+    assert str(err.value).startswith("reference " + expected.replace(".lora_A.default.", ".lora_A.reference."))
+
+
+@pytest.fixture
+def unreachable_hub(tmp_path, monkeypatch) -> Path:
+    """A hub endpoint that refuses connections at once (port 9 of this machine) and an empty hub cache, returned:
+    the test stays offline and fast whatever the machine's network."""
+    import huggingface_hub.constants
+    from rewards import hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    hub._probe.cache_clear()
+    yield tmp_path / "hub-cache"
+    hub._probe.cache_clear()
+
+
+def test_uncached_hub_id_without_a_hub_fails_at_once_in_one_line(t5_dir, unreachable_hub, caplog):
+    expected = (
+        "{} 'someone/not-cached' is neither a local directory nor in the Hugging Face cache ({}), and the hub "
+        "cannot be reached (http://127.0.0.1:9: [Errno 111] Connection refused). On a machine with internet run "
+        "`hf download someone/not-cached --local-dir DIR`, copy DIR here and {}"
+    )
+    model_cfg = ModelConfig(name_or_path="someone/not-cached", dtype="float32")
+    start = time.monotonic()
+    for what, load in (("tokenizer", lambda: load_tokenizer(model_cfg)), ("model", lambda: load_base_model(model_cfg))):
+        with pytest.raises(ModelError) as err:
+            load()
+        assert str(err.value) == expected.format(what, unreachable_hub, "pass it with --model.name_or_path DIR")
+    base = load_base_model(_cfg(t5_dir).model)
+    with pytest.raises(ModelError) as err:
+        apply_lora(base, LoraSettings(), adapter="someone/not-cached")
+    assert str(err.value) == expected.format("adapter", unreachable_hub, "set model.adapter to DIR")
+    assert time.monotonic() - start < 10  # the libraries' own retries take about a minute
+    assert not [r for r in caplog.records if r.name.startswith("huggingface_hub")]
+
+
+def test_cached_hub_id_without_a_hub_loads_from_the_cache_without_requests(t5_dir, unreachable_hub, caplog):
+    import shutil
+
+    repo = unreachable_hub / "models--someone--tiny-t5"
+    shutil.copytree(t5_dir, repo / "snapshots" / "abc123")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    model_cfg = ModelConfig(name_or_path="someone/tiny-t5", dtype="float32")
+    start = time.monotonic()
+    tokenizer, model = load_tokenizer(model_cfg), load_base_model(model_cfg)
+    assert time.monotonic() - start < 10
+    assert 100 < len(tokenizer) <= model.config.vocab_size and model.config.d_model == 64
+    assert not [r for r in caplog.records if r.name.startswith("huggingface_hub")]
+    import huggingface_hub.constants
+
+    assert huggingface_hub.constants.HF_HUB_OFFLINE is False  # offline only while loading
+
+
+def test_hub_id_without_a_hub_is_one_line_from_the_command_line(repo_root, tmp_path):
+    """The whole command, as a user runs it without network: one error line, not a minute of retry warnings."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "http://127.0.0.1:9"}
+    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE"):
+        env.pop(key, None)
+    start = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "train.merge_adapter", "--config", "configs/tiny.yaml", "--model.name_or_path",
+         "google/flan-t5-base", "--model.adapter", "someone/adapter", "--out", str(tmp_path / "merged")],
+        cwd=repo_root, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [
+        f"error: tokenizer 'google/flan-t5-base' is neither a local directory nor in the Hugging Face cache "
+        f"({tmp_path / 'hf' / 'hub'}), and the hub cannot be reached (http://127.0.0.1:9: [Errno 111] Connection "
+        "refused). On a machine with internet run `hf download google/flan-t5-base --local-dir DIR`, copy DIR here "
+        "and pass it with --model.name_or_path DIR"
+    ]
+    assert time.monotonic() - start < 60
