@@ -7,6 +7,7 @@ come from `RewardConfig`, and every failure (missing directory, unreachable hub,
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import torch
 
 from rewards.config import RewardConfig
 from rewards.errors import RewardError
+from rewards.hub import hub_access
 from rewards.sources import DTYPES, is_hub_id
 
 # Model types whose position ids start after the padding index (fairseq heritage), so the usable length is
@@ -88,6 +90,28 @@ def classifier_max_length(model_config: Any, tokenizer: Any, requested: int | No
     return requested
 
 
+def check_classifier_head(model: Any, missing_keys: Any, source: str) -> None:
+    """Refuse a checkpoint whose weights transformers had to initialise at random (its `missing_keys`): without a
+    trained classification head the rewards are noise, and training on them would still run to the end."""
+    missing = sorted(str(key) for key in missing_keys or ())
+    if not missing:
+        return
+    prefix = f"{getattr(model, 'base_model_prefix', '') or '?'}."
+    head = [key for key in missing if not key.startswith(prefix)]
+    architectures = getattr(model.config, "architectures", None) or ["unknown"]
+    if head:
+        raise RewardError(
+            f"reward model {source!r} has no trained classification head (missing {', '.join(head[:4])}; its "
+            f"architecture is {', '.join(map(str, architectures))}): it is a base encoder or another task's model, "
+            "not a fine-tuned text classifier. Point reward.model_name_or_path at a sequence-classification "
+            "checkpoint such as facebook/roberta-hate-speech-dynabench-r4-target"
+        )
+    raise RewardError(
+        f"reward model {source!r} lacks {len(missing)} weight(s) of its encoder ({', '.join(missing[:4])}): the "
+        "checkpoint is incomplete; download it again"
+    )
+
+
 def _check_source(name_or_path: str) -> None:
     if Path(name_or_path).expanduser().exists():
         return
@@ -107,23 +131,36 @@ def load_reward_classifier(cfg: RewardConfig) -> tuple[Any, Any]:
     dtype = resolve_dtype(cfg.dtype)
     device = resolve_device(cfg.device)
     local = Path(source).expanduser().exists()
+    # transformers logs a table of missing keys (check_classifier_head below says it in one line) and, on one
+    # device, a list of "layers not sharded": neither helps, so its warnings are off while the weights load.
+    load_logger = logging.getLogger("transformers")
+    level = load_logger.level
+    load_logger.setLevel(logging.ERROR)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            str(Path(source).expanduser()) if local else source, trust_remote_code=cfg.trust_remote_code
-        )
-        model = AutoModelForSequenceClassification.from_pretrained(
-            str(Path(source).expanduser()) if local else source,
-            use_safetensors=True,
-            trust_remote_code=cfg.trust_remote_code,
-            dtype=dtype,
-        )
-    except (OSError, ValueError) as exc:
+        # A hub id on an offline machine: the cached copy, or one line at once instead of a minute of retries.
+        with hub_access(source, "reward model", "set reward.model_name_or_path to DIR", RewardError):
+            tokenizer = AutoTokenizer.from_pretrained(
+                str(Path(source).expanduser()) if local else source, trust_remote_code=cfg.trust_remote_code
+            )
+            model, loading_info = AutoModelForSequenceClassification.from_pretrained(
+                str(Path(source).expanduser()) if local else source,
+                use_safetensors=True,
+                trust_remote_code=cfg.trust_remote_code,
+                dtype=dtype,
+                output_loading_info=True,
+            )
+    except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: weights of the wrong shape
         where = "local directory" if local else "hub id (no local copy in the cache, and the hub is unreachable?)"
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RewardError(
             f"cannot load the reward classifier from {where} {source!r}: {first_line}. "
             "Download it once and point reward.model_name_or_path at the local directory"
         ) from exc
+    finally:
+        load_logger.setLevel(level)
+    # Before the labels: a base encoder's config may carry LABEL_0/LABEL_1, and matching them would score with a
+    # random head.
+    check_classifier_head(model, loading_info.get("missing_keys", ()), source)
     label_index(model.config, cfg.reward_label, "reward_label")
     label_index(model.config, cfg.toxic_label, "toxic_label")
     if tokenizer.pad_token is None:

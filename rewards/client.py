@@ -1,8 +1,10 @@
 """HTTP client of the reward server (`python -m rewards.server`), interchangeable with the in-process scorer.
 
-Connection errors, timeouts and 5xx answers (503 = server queue full) are retried with exponential backoff up to
-`max_retries` times; 4xx answers are the caller's fault and raise at once with the server's message. Every answer
-is checked to hold exactly one finite reward per text, so a run never continues on missing or stale rewards.
+Connection errors, timeouts and 5xx answers (503 = server busy) are retried with exponential backoff up to
+`max_retries` times, waiting at least what a 503's Retry-After asks (up to MAX_RETRY_AFTER_S); 4xx answers are the
+caller's fault and raise at once with the server's message. A malformed URL is refused when the client is built,
+never retried. Every answer is checked to hold exactly one reward per text, every number finite and every toxicity
+a probability, so a run never continues on missing, stale or broken scores.
 Batches larger than the server accepts in one request are split: the client asks `GET /health` for the server's
 `max_texts_per_request` before its first request (once; an explicit `max_texts_per_request` can only lower it).
 """
@@ -20,6 +22,31 @@ from rewards.config import RewardConfig
 from rewards.errors import RewardError
 from rewards.scorer import RewardScores, check_texts, scored_texts
 
+MAX_RETRY_AFTER_S = 30.0  # a server asking for longer is not waited on beyond this per attempt
+URL_EXAMPLE = "http://127.0.0.1:8500"
+
+
+def check_url(url: str) -> str:
+    """`url` without a trailing slash, or one RewardError naming what is wrong with it: a malformed URL would
+    otherwise fail every attempt and read like a server that is down."""
+    if not isinstance(url, str) or not url.strip():
+        raise RewardError(f"reward server URL {url!r} is empty: use e.g. {URL_EXAMPLE}")
+    try:
+        parsed = httpx.URL(url)
+        port = parsed.port
+    except (httpx.InvalidURL, ValueError, TypeError) as exc:
+        raise RewardError(f"reward server URL {url!r} is malformed ({exc}): use e.g. {URL_EXAMPLE}") from None
+    if parsed.scheme not in ("http", "https"):
+        what = f"scheme {parsed.scheme!r} is not supported" if parsed.scheme else "it has no scheme"
+        raise RewardError(f"reward server URL {url!r} is malformed: {what}; use http:// or https://, e.g. {URL_EXAMPLE}")
+    if not parsed.host:
+        raise RewardError(f"reward server URL {url!r} is malformed: it names no host; use e.g. {URL_EXAMPLE}")
+    if port is not None and not 0 < port < 65536:
+        raise RewardError(f"reward server URL {url!r} is malformed: port {port} is not in 1..65535")
+    if parsed.query or parsed.fragment or any(c.isspace() for c in url):
+        raise RewardError(f"reward server URL {url!r} is malformed: no spaces, query or fragment; use e.g. {URL_EXAMPLE}")
+    return url.rstrip("/")
+
 
 class RewardClient:
     def __init__(
@@ -36,7 +63,7 @@ class RewardClient:
             raise RewardError(
                 "RewardClient needs timeout_s > 0, max_retries >= 0, backoff_s >= 0 and max_texts_per_request >= 1"
             )
-        self.url = url.rstrip("/")
+        self.url = check_url(url)
         self.max_retries = max_retries
         self.backoff_s = backoff_s
         self.cap_texts_per_request = max_texts_per_request
@@ -53,10 +80,11 @@ class RewardClient:
 
     def _request(self, method: str, path: str, json: Any = None) -> Any:
         attempts = self.max_retries + 1
-        last_error = ""
+        last_error, retry_after = "", 0.0
         for attempt in range(attempts):
             if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+                time.sleep(max(self.backoff_s * 2 ** (attempt - 1), retry_after))
+            retry_after = 0.0
             try:
                 response = self._http.request(method, path, json=json)
             except httpx.TransportError as exc:
@@ -66,6 +94,7 @@ class RewardClient:
                 raise RewardError(f"reward server URL {self.url!r} is invalid: {exc}") from exc
             if response.status_code >= 500:
                 last_error = f"HTTP {response.status_code}: {_detail(response)}"
+                retry_after = _retry_after_s(response)
                 continue
             if response.status_code >= 400:
                 raise RewardError(
@@ -120,8 +149,16 @@ class RewardClient:
                 f"reward server at {self.url} sent {tuple(rewards.shape)} rewards, {tuple(toxicity.shape)} toxicity "
                 f"and {tuple(logits.shape)} logits for {n} texts: expected exactly one score per text"
             )
-        if not (torch.isfinite(rewards).all() and torch.isfinite(toxicity).all()):
-            raise RewardError(f"reward server at {self.url} sent non-finite rewards or toxicity")
+        for name, values in (("rewards", rewards), ("toxicity", toxicity), ("logits", logits)):
+            bad = ~torch.isfinite(values)
+            if bad.any():
+                raise RewardError(f"reward server at {self.url} sent a non-finite value in {name} "
+                                  f"({values[bad][0].item()} for text {bad.nonzero()[0][0].item()})")
+        outside = (toxicity < 0) | (toxicity > 1)
+        if outside.any():
+            index = int(outside.nonzero()[0][0])
+            raise RewardError(f"reward server at {self.url} sent toxicity {toxicity[index].item()} for text {index}: "
+                              "a toxicity is a probability in [0, 1]")
         return RewardScores(rewards=rewards, toxicity=toxicity, logits=logits)
 
     def score_pairs(self, prompts: Sequence[str], summaries: Sequence[str], mode: str = "prompt_and_summary") -> RewardScores:
@@ -135,6 +172,15 @@ class RewardClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _retry_after_s(response: httpx.Response) -> float:
+    """Seconds a Retry-After header (in seconds; an HTTP date is ignored) asks to wait, capped; 0 without one."""
+    try:
+        seconds = float(response.headers.get("retry-after", "0"))
+    except ValueError:
+        return 0.0
+    return min(seconds, MAX_RETRY_AFTER_S) if math.isfinite(seconds) and seconds > 0 else 0.0
 
 
 def _detail(response: httpx.Response) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -87,31 +88,74 @@ RECIPE_KEYS = ("seed", "output_dir", "debug_dir", "trackers", "tracker_project",
                "sft", "ppo", "reward", "reward_server", "eval", "plan", "human")
 
 
+# The range of every numeric setting of the two sections (train.config.BOUNDS includes them, prefixed), checked when a
+# config loads, before any model. A rule is "> x", ">= x", an interval such as "[0, 1)", or a set such as "{0, 1, 2}";
+# nan and infinities are refused everywhere and a null (where the type allows one) is always accepted.
+REWARD_BOUNDS = {"batch_size": "> 0", "max_length": "> 0", "timeout_s": "> 0", "max_retries": ">= 0"}
+REWARD_SERVER_BOUNDS = {"port": "[1, 65535]", "max_wait_ms": ">= 0", "max_queue": "> 0", "max_texts_per_request": "> 0",
+                        "max_chars": "> 0", "torch_threads": "> 0"}
+
+
+def _within(value: float, rule: str) -> bool:
+    """Whether the finite number `value` satisfies `rule` (the grammar above)."""
+    if rule[0] == "{":
+        return value in {float(x) for x in rule[1:-1].split(",")}
+    if rule[0] in "[(":
+        low, high = (float(x) for x in rule[1:-1].split(","))
+        above = value >= low if rule[0] == "[" else value > low
+        below = value <= high if rule[-1] == "]" else value < high
+        return above and below
+    op, bound = rule.split()
+    return value >= float(bound) if op == ">=" else value > float(bound)
+
+
+def _finite(value: float) -> bool:
+    return isinstance(value, int) or math.isfinite(value)  # math.isfinite overflows on a huge int
+
+
+def _rule_words(rule: str, integer: bool) -> str:
+    """`rule` as the end of "KEY must be ...", in the words the commands have always used."""
+    if rule == "> 0":
+        return "a positive integer" if integer else "positive"
+    if rule[0] == "{":
+        return f"one of {', '.join(x.strip() for x in rule[1:-1].split(','))}"
+    if rule[0] == "[" and rule[-1] == "]":
+        low, high = (x.strip() for x in rule[1:-1].split(","))
+        return f"between {low} and {high}"
+    if rule[0] in "[(":
+        return f"in {rule}"
+    op, bound = rule.split()
+    if op == ">=":
+        return f"{bound} or more" if bound == "0" else f"at least {bound}"
+    return f"above {bound}"
+
+
+def check_bounds(obj: Any, bounds: Mapping[str, str], prefix: str = "") -> None:
+    """Every (dotted) key of `bounds` within its rule on dataclass `obj`; one ConfigError naming the first that is not."""
+    for key, rule in bounds.items():
+        owner, name = obj, key
+        while "." in name:
+            section, name = name.split(".", 1)
+            owner = getattr(owner, section)
+        value = getattr(owner, name)
+        if value is None or (_finite(value) and _within(value, rule)):
+            continue
+        hint = typing.get_type_hints(type(owner))[name]
+        types_ = set(typing.get_args(hint) or (hint,))
+        words = _rule_words(rule, int in types_) + ("" if _finite(value) else " and finite")
+        raise ConfigError(f"{prefix}{key} must be {words}{' or null' if type(None) in types_ else ''}, got {value}")
+
+
 def check_reward(r: RewardConfig, where: str = "reward") -> None:
-    """Value checks of the reward section that its types cannot express."""
-    if r.batch_size < 1:
-        raise ConfigError(f"{where}.batch_size must be a positive integer, got {r.batch_size}")
-    if r.max_length is not None and r.max_length < 1:
-        raise ConfigError(f"{where}.max_length must be a positive integer or null, got {r.max_length}")
-    if r.max_retries < 0:
-        raise ConfigError(f"{where}.max_retries must be 0 or more, got {r.max_retries}")
-    if not r.timeout_s > 0:
-        raise ConfigError(f"{where}.timeout_s must be positive, got {r.timeout_s}")
+    """Value checks of the reward section: REWARD_BOUNDS, then what neither types nor ranges express."""
+    check_bounds(r, REWARD_BOUNDS, f"{where}.")
     if not r.token_env:
         raise ConfigError(f"{where}.token_env must name an environment variable")
 
 
 def check_reward_server(s: RewardServerConfig, where: str = "reward_server") -> None:
-    """Value checks of the reward_server section that its types cannot express."""
-    if not 0 < s.port < 65536:
-        raise ConfigError(f"{where}.port must be between 1 and 65535, got {s.port}")
-    if not s.max_wait_ms >= 0:
-        raise ConfigError(f"{where}.max_wait_ms must be 0 or more, got {s.max_wait_ms}")
-    for name in ("max_queue", "max_texts_per_request", "max_chars"):
-        if getattr(s, name) < 1:
-            raise ConfigError(f"{where}.{name} must be a positive integer, got {getattr(s, name)}")
-    if s.torch_threads is not None and s.torch_threads < 1:
-        raise ConfigError(f"{where}.torch_threads must be a positive integer or null, got {s.torch_threads}")
+    """Value checks of the reward_server section: REWARD_SERVER_BOUNDS, then what neither types nor ranges express."""
+    check_bounds(s, REWARD_SERVER_BOUNDS, f"{where}.")
     if not s.host:
         raise ConfigError(f"{where}.host must not be empty")
 

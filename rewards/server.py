@@ -11,11 +11,18 @@ trainer runs with also starts its server. A top-level key no training recipe has
 setting of the reward section (text, url, timeout_s, max_retries) on the command line.
 
 `POST /score {"texts": [...]}` -> `{"rewards": [...], "toxicity": [...], "logits": [[...], ...]}`;
-`GET /health` -> model, labels, device, the request limits (max_texts_per_request, max_chars: clients split their
-batches to fit), batch_size (texts per model call) and batching statistics. Concurrent requests are batched
-dynamically: they wait in a bounded queue (full -> 503) and one worker runs up to reward.batch_size texts at a time,
-after waiting at most reward_server.max_wait_ms for company, in its own thread so the event loop keeps accepting
-requests meanwhile.
+`GET /health` -> status and the request limits (max_texts_per_request, max_chars: clients split their batches to
+fit, batch_size: texts per model call), plus model, labels, device and batching statistics for a caller with the
+token (or for anyone when no token is set); `GET /stats` -> the statistics alone, with the same rule. Concurrent
+requests are batched dynamically: they wait in a bounded queue (full -> 503) and one worker runs up to
+reward.batch_size texts at a time, after waiting at most reward_server.max_wait_ms for company, in its own thread so
+the event loop keeps accepting requests meanwhile.
+
+Memory is bounded by admission control: the bodies of all requests being read, queued or scored together may hold
+at most BODIES_IN_MEMORY maximum-size bodies' worth of bytes (max_body_bytes). A request's Content-Length is
+reserved before its body is read; one that does not fit gets 503 with Retry-After at once, its body unread, and the
+client's retries bring it back. Memory stays near the bytes admitted (about twice them while a body is parsed)
+instead of growing with the queue.
 
 The bearer token is read from the environment variable named by reward.token_env (DETOX_REWARD_TOKEN). The default
 variable may be left unset (no token); any other variable named there must be set, and reward_server.require_token
@@ -59,8 +66,37 @@ FORMER_FLAGS = {
 }
 
 
+# Request bodies the server holds at once, in maximum-size bodies: the admission budget is this many times
+# max_body_bytes, so a lone maximum-size request always fits and memory stays bounded however many clients send.
+BODIES_IN_MEMORY = 2
+RETRY_AFTER_S = 1  # what a 503 asks the client to wait
+
+
 class QueueFullError(Exception):
     pass
+
+
+def max_body_bytes(settings: RewardServerConfig) -> int:
+    """The largest /score body the limits allow: JSON may escape each character as \\uXXXX (6 bytes a character),
+    plus quotes and separators, plus room for the object around the list."""
+    return settings.max_texts_per_request * (settings.max_chars * 6 + 4) + 4096
+
+
+class BodyBudget:
+    """Bytes of request bodies admitted and not yet answered. The event loop is the only user: no lock needed."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def take(self, size: int) -> bool:
+        if self.held + size > self.limit:
+            return False
+        self.held += size
+        return True
+
+    def give(self, size: int) -> None:
+        self.held -= size
 
 
 @dataclass
@@ -168,6 +204,51 @@ def validate_texts(body: Any, settings: RewardServerConfig) -> list[str]:
     return texts
 
 
+def declared_size(request: Request, max_body: int) -> int:
+    """Bytes to reserve for a request's body, from its Content-Length (checked against the limit before a byte is
+    read); a body without one (chunked) reserves the limit, which read_body enforces as it reads."""
+    header = request.headers.get("content-length")
+    if header is None:
+        return max_body
+    if not header.isdigit():  # isdigit: no sign, no spaces, no "1e9"
+        raise HTTPException(400, f"Content-Length {header[:40]!r} is not a byte count")
+    size = int(header)
+    if size > max_body:
+        raise HTTPException(413, f"the body has {size} bytes; the limit is {max_body} (max_texts_per_request texts of "
+                                 "max_chars characters): split the batch")
+    return size
+
+
+async def read_body(request: Request, max_body: int) -> bytearray:
+    """The body, read in place (no list of chunks joined at the end), stopping once it passes max_body."""
+    body = bytearray()
+    async for chunk in request.stream():
+        if len(body) + len(chunk) > max_body:
+            raise HTTPException(413, f"the body has more than {max_body} bytes, the limit: split the batch")
+        body += chunk
+    return body
+
+
+def parse_texts(raw: bytearray, settings: RewardServerConfig) -> list[str]:
+    """The checked texts of a /score body. The raw bytes are emptied once decoded, so bytes, decoded text and parsed
+    texts never exist all at once (json.loads of bytes would keep all three until it returns)."""
+    not_json = HTTPException(400, 'the body is not valid JSON: send {"texts": ["...", ...]}')
+    try:
+        text = raw.decode(json.detect_encoding(raw), "surrogatepass")  # what json.loads does with bytes
+    except UnicodeDecodeError:
+        raise not_json from None
+    finally:
+        del raw[:]
+    try:
+        body = json.loads(text)
+    except RecursionError:  # json's C parser recurses once per nesting level
+        raise HTTPException(400, 'the body is JSON nested too deeply: send {"texts": ["...", ...]}') from None
+    except ValueError:
+        raise not_json from None
+    del text
+    return validate_texts(body, settings)
+
+
 def build_app(scorer: Any, settings: RewardServerConfig, token: str | None = None, batch_size: int | None = None) -> FastAPI:
     """A FastAPI app serving `scorer` (anything with .score(texts) and .describe()), at most `batch_size` texts
     per model call (default: reward.batch_size's default)."""
@@ -182,57 +263,76 @@ def build_app(scorer: Any, settings: RewardServerConfig, token: str | None = Non
         with suppress(asyncio.CancelledError):
             await worker
 
-    # JSON may escape each character as \uXXXX: 6 bytes a character, plus quotes and separators.
-    max_body = settings.max_texts_per_request * (settings.max_chars * 6 + 4) + 4096
+    max_body = max_body_bytes(settings)
+    budget = BodyBudget(BODIES_IN_MEMORY * max_body)
+    # No max_body_size here: /score bounds its body itself (read_body), before reading it and with its own message.
     app = FastAPI(
         title="detox-sum reward server",
         lifespan=lifespan,
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
-        max_body_size=max_body,
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.batcher = batcher
+    app.state.budget = budget
 
-    def check_token(request: Request) -> None:
+    def token_error(request: Request) -> HTTPException | None:
         if token is None:
-            return
+            return None
         header = request.headers.get("authorization", "")
         scheme, _, given = header.partition(" ")
         if scheme.lower() != "bearer" or not given:
-            raise HTTPException(401, "missing bearer token: send 'Authorization: Bearer <token>'", {"WWW-Authenticate": "Bearer"})
+            return HTTPException(401, "missing bearer token: send 'Authorization: Bearer <token>'", {"WWW-Authenticate": "Bearer"})
         if not hmac.compare_digest(given.strip().encode(), token.encode()):
-            raise HTTPException(401, "wrong bearer token", {"WWW-Authenticate": "Bearer"})
+            return HTTPException(401, "wrong bearer token", {"WWW-Authenticate": "Bearer"})
+        return None
+
+    def check_token(request: Request) -> None:
+        if (error := token_error(request)) is not None:
+            raise error
+
+    def statistics() -> dict[str, Any]:
+        return {**batcher.stats, "queued": batcher.queue.qsize(), "body_bytes_held": budget.held}
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", **scorer.describe(), "max_texts_per_request": settings.max_texts_per_request,
-                "max_chars": settings.max_chars, "batch_size": batch_size, "stats": dict(batcher.stats),
-                "queued": batcher.queue.qsize()}
+    async def health(request: Request) -> dict[str, Any]:
+        # Liveness and the limits clients split by are public (health checks run without the token); what the
+        # server runs and its traffic are for token holders only.
+        public = {"status": "ok", "max_texts_per_request": settings.max_texts_per_request,
+                  "max_chars": settings.max_chars, "batch_size": batch_size}
+        if token_error(request) is not None:
+            return public
+        return {**public, **scorer.describe(), "stats": statistics(), "queued": batcher.queue.qsize()}
 
     @app.get("/stats")
-    async def stats() -> dict[str, Any]:
-        return {**batcher.stats, "queued": batcher.queue.qsize()}
+    async def stats(request: Request) -> dict[str, Any]:
+        check_token(request)
+        return statistics()
 
     @app.post("/score")
     async def score(request: Request) -> JSONResponse:
         check_token(request)
-        raw = await request.body()
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise HTTPException(400, 'the body is not valid JSON: send {"texts": ["...", ...]}') from None
-        texts = validate_texts(body, settings)
-        try:
-            scores = await batcher.submit(texts)
-        except QueueFullError:
+        size = declared_size(request, max_body)
+        if not budget.take(size):
             raise HTTPException(
-                503, f"reward server queue is full ({settings.max_queue} requests waiting): retry later"
-            ) from None
-        except Exception as exc:
-            raise HTTPException(500, f"scoring failed: {type(exc).__name__}: {exc}") from None
-        return JSONResponse(scores.to_lists())
+                503, f"reward server is busy: {budget.held} bytes of requests are being read or scored, the limit is "
+                f"{budget.limit}: retry after {RETRY_AFTER_S} s", {"Retry-After": str(RETRY_AFTER_S)},
+            )
+        try:
+            texts = parse_texts(await read_body(request, max_body), settings)
+            try:
+                scores = await batcher.submit(texts)
+            except QueueFullError:
+                raise HTTPException(
+                    503, f"reward server queue is full ({settings.max_queue} requests waiting): retry later",
+                    {"Retry-After": str(RETRY_AFTER_S)},
+                ) from None
+            except Exception as exc:
+                raise HTTPException(500, f"scoring failed: {type(exc).__name__}: {exc}") from None
+            return JSONResponse(scores.to_lists())
+        finally:
+            budget.give(size)
 
     return app
 

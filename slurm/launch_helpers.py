@@ -33,7 +33,7 @@ from train.errors import ConfigError, DetoxSumError  # noqa: E402
 
 STAGES = ("sft", "ppo", "eval")
 # Stage flags that are not config overrides (load_config would reject them).
-STAGE_FLAGS = ("--resume",)
+STAGE_FLAGS = ("--resume", "--resume-with-changes")
 
 
 class LaunchError(DetoxSumError):

@@ -59,3 +59,25 @@ def trained(tiny_artifacts, repo_root, tmp_path_factory) -> Path:
     sft.main(sft_args(repo_root, tiny_artifacts, out, "--sft.max_steps", "40", "--sft.eval_every_steps", "20",
                       "--sft.save_every_steps", "20"))
     return out
+
+
+@pytest.fixture
+def unreachable_hub(tmp_path, monkeypatch):
+    """A hub endpoint that refuses connections at once (port 9 of this machine) and empty hub and datasets caches
+    (`.hub_cache`, `.datasets_cache`): tests of hub ids stay offline and fast whatever the machine's network."""
+    from types import SimpleNamespace
+
+    import datasets
+    import huggingface_hub.constants
+
+    from rewards import hub
+
+    caches = SimpleNamespace(hub_cache=tmp_path / "hub-cache", datasets_cache=tmp_path / "datasets-cache")
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(caches.hub_cache))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", caches.datasets_cache)
+    hub._probe.cache_clear()
+    yield caches
+    hub._probe.cache_clear()

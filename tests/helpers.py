@@ -284,7 +284,7 @@ class RewardServerProcess:
     """`python -m rewards.server` serving the classifier `model` on the CPU, on a free port of 127.0.0.1."""
 
     def __init__(self, model: Path, *extra: str, token: str | None = REWARD_TOKEN) -> None:
-        self.port = free_port()
+        self.port, self.token = free_port(), token
         self.url = f"http://127.0.0.1:{self.port}"
         env = {k: v for k, v in os.environ.items() if k != "DETOX_REWARD_TOKEN"}
         if token:
@@ -314,7 +314,8 @@ class RewardServerProcess:
     def stats(self) -> dict:
         import httpx
 
-        return httpx.get(f"{self.url}/stats", timeout=5).json()
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        return httpx.get(f"{self.url}/stats", headers=headers, timeout=5).json()
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -14,6 +14,7 @@ a shared scratch directory cannot run anything.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -36,6 +37,7 @@ from train.errors import CheckpointError, ConfigError
 log = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "COMPLETE"  # written last: the manifest {"files": {relative path: {"bytes", "sha256"}}}
+DAMAGED_SUFFIX = ".damaged"  # a damaged checkpoint skipped on resume is renamed checkpoint-<step>.damaged
 OPTIMIZER_FILE = "optimizer.pt"
 TRAINER_STATE_FILE = "trainer_state.json"
 SETTINGS_KEY = "settings"  # trainer-state entry: the resolved config the checkpoint was trained under (train/resume.py)
@@ -69,7 +71,6 @@ def atomic_checkpoint_dir(final: str | os.PathLike, is_main_process: bool = True
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     if is_main_process:
-        fsync_tree(tmp)
         _publish(tmp, final)
 
 
@@ -81,12 +82,17 @@ def _fresh_tmp(final: Path) -> Path:
 
 
 def _publish(tmp: Path, final: Path) -> None:
-    """The manifest last, then the rename: `final` appears whole or not at all."""
+    """fsync every file, the manifest last, then the rename: `final` appears whole or not at all. Re-saving a step
+    (a preemption save right after a periodic one) moves the old copy aside first and deletes it only after."""
+    fsync_tree(tmp)
     write_manifest(tmp)
-    if final.exists():  # re-saving the same step (e.g. a preemption save right after a periodic one)
-        shutil.rmtree(final)
+    replaced = final.with_name(f".old-{final.name}")
+    if final.exists():
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.replace(final, replaced)
     os.replace(tmp, final)
     fsync_dir(final.parent)
+    shutil.rmtree(replaced, ignore_errors=True)
 
 
 def _sha256(path: Path) -> str:
@@ -120,16 +126,24 @@ def checkpoint_damage(directory: str | os.PathLike) -> Optional[str]:
         entries = [(str(name), int(entry["bytes"]), str(entry["sha256"])) for name, entry in files.items()]
     except (ValueError, KeyError, TypeError, AttributeError):
         return f"its {COMPLETE_MARKER} manifest is not valid"
-    for name, size, digest in entries:
-        path = directory / name
-        if ".." in Path(name).parts or Path(name).is_absolute():
-            return f"its manifest names a file outside the checkpoint: {name}"
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != size:
-            return f"{name} has {path.stat().st_size} bytes, {size} were written"
-        if _sha256(path) != digest:
-            return f"{name} differs from what was written (sha256 mismatch)"
+    try:
+        for name, size, digest in entries:
+            path = directory / name
+            if ".." in Path(name).parts or Path(name).is_absolute():
+                return f"its manifest names a file outside the checkpoint: {name}"
+            if not path.is_file():
+                return f"{name} is missing"
+            if path.stat().st_size != size:
+                return f"{name} has {path.stat().st_size} bytes, {size} were written"
+            if _sha256(path) != digest:
+                return f"{name} differs from what was written (sha256 mismatch)"
+        listed = {name for name, _, _ in entries} | {COMPLETE_MARKER}
+        for path in sorted(directory.rglob("*")):
+            # DeepSpeed finds its files by pattern: a file added later would change what it loads.
+            if path.is_file() and path.relative_to(directory).as_posix() not in listed:
+                return f"{path.relative_to(directory).as_posix()} was added after the checkpoint was written"
+    except OSError as e:  # vanished or unreadable while being checked
+        return f"it cannot be read ({e})"
     return None
 
 
@@ -168,12 +182,33 @@ def find_resume_checkpoint(root: str | os.PathLike, resume: bool) -> Optional[Pa
             if damaged:
                 _log_once(logging.WARNING, "resuming from %s, the newest intact checkpoint", path.name)
             return path
-        _log_once(logging.WARNING, "%s is damaged (%s): skipped", path, damage)
+        _log_once(logging.WARNING, "%s is damaged (%s): skipped, and renamed %s%s so that it is neither resumed "
+                  "nor counted when old checkpoints are pruned", path, damage, path.name, DAMAGED_SUFFIX)
         damaged.append(f"{path.name}: {damage}")
+        if os.environ.get("RANK", "0") == "0":  # one process renames; the others skip it either way
+            try:
+                os.replace(path, path.with_name(path.name + DAMAGED_SUFFIX))
+            except OSError:
+                pass
     if damaged:
         raise CheckpointError(f"every checkpoint under {root} is damaged ({'; '.join(damaged)}): nothing intact to "
                               f"resume from; move {root} aside to start afresh")
     return None
+
+
+def check_same_checkpoint(accelerator: Any, checkpoint: Optional[Path]) -> None:
+    """Every process chose the same checkpoint (each chose alone, before the process group existed): a file system
+    that showed them different ones would otherwise make them train from different states."""
+    collectives = Collectives.of(accelerator)
+    if collectives.world_size == 1:
+        return
+    step = torch.tensor([checkpoint_step(checkpoint) if checkpoint is not None else -1])
+    steps = sorted({int(t.item()) for t in collectives.all_gather(step)})
+    if len(steps) > 1:
+        shown = ", ".join("none" if s < 0 else f"checkpoint-{s}" for s in steps)
+        raise CheckpointError(f"the processes of this run see different checkpoints ({shown}): the checkpoint "
+                              "directory must be the same shared directory for all of them; check the file system "
+                              "and rerun with --resume")
 
 
 def _log_once(level: int, message: str, *args: Any) -> None:
@@ -182,10 +217,14 @@ def _log_once(level: int, message: str, *args: Any) -> None:
         log.log(level, message, *args)
 
 
-def prune_checkpoints(root: str | os.PathLike, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` complete checkpoints, and stale temporary directories."""
-    for _, path in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
+def prune_checkpoints(root: str | os.PathLike, keep_last: int, newest: Optional[int] = None) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints up to step `newest` (the one just written; later
+    steps belong to an abandoned timeline and are not counted), and stale temporary directories."""
+    found = [(step, path) for step, path in list_checkpoints(root) if newest is None or step <= newest]
+    for _, path in found[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(path, ignore_errors=True)
+    for stale in list(Path(root).glob(".tmp-checkpoint-*")) + list(Path(root).glob(".old-checkpoint-*")):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def capture_rng_state() -> dict:
@@ -271,8 +310,13 @@ def load_tensors(path: Path) -> Any:
 
 
 def _foreign_pickle(path: Path, error: Exception) -> str:
-    found = re.findall(r"GLOBAL ([\w.]+)", str(error))
-    what = f" ({', '.join(sorted(set(found)))})" if found else ""
+    found = sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(error))))
+    what = f" ({', '.join(found)})" if found else ""
+    deepspeed = [name for name in found if name.startswith("deepspeed.")]
+    if deepspeed:  # a DeepSpeed version that stores a class this allow-list does not know yet
+        return (f"{path} holds DeepSpeed objects not on the allow-list of train/checkpoint.py{what}: refused "
+                "without running them. If this checkpoint is yours, add them to deepspeed_pickle_classes "
+                "(and report it)")
     return (f"{path} holds Python objects other than tensors{what}: refused without running it. This checkpoint "
             "was not written by detox-sum or was changed since; delete it (or move it aside) and resume from an "
             "older one")
@@ -287,23 +331,33 @@ def deepspeed_pickle_classes() -> list[type]:
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
+_FORCE_WEIGHTS_ONLY, _FORCE_NOT_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
+
+
 @contextmanager
 def deepspeed_weights_only_loads(directory: Path) -> Iterator[None]:
     """DeepSpeed reads its files with `torch.load(weights_only=False)`; inside this block torch refuses anything
-    but tensors, containers and the allow-listed DeepSpeed classes (TORCH_FORCE_WEIGHTS_ONLY_LOAD is read at every
-    load), so a planted file fails instead of running."""
-    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
-    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    but tensors, containers and the allow-listed DeepSpeed classes (torch reads TORCH_FORCE_WEIGHTS_ONLY_LOAD at
+    every load, and it overrides the call's argument), so a planted file fails instead of running."""
+    saved = {name: os.environ.pop(name, None) for name in (_FORCE_WEIGHTS_ONLY, _FORCE_NOT_WEIGHTS_ONLY)}
+    os.environ[_FORCE_WEIGHTS_ONLY] = "1"
     try:
         with torch.serialization.safe_globals(deepspeed_pickle_classes()):
             yield
     except pickle.UnpicklingError as e:
         raise CheckpointError(_foreign_pickle(directory / DEEPSPEED_DIR, e)) from None
+    except (OSError, RuntimeError, EOFError, KeyError) as e:
+        raise CheckpointError(f"{directory / DEEPSPEED_DIR} cannot be loaded by DeepSpeed ({_first_line(e)}): the "
+                              "checkpoint is damaged or from another configuration; move it aside to resume from an "
+                              "older one") from None
     finally:
-        if previous is None:
-            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
-        else:
-            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
+        os.environ.pop(_FORCE_WEIGHTS_ONLY, None)
+        os.environ.update({name: value for name, value in saved.items() if value is not None})
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def save_checkpoint(
@@ -320,56 +374,82 @@ def save_checkpoint(
 ) -> Path:
     """`checkpoint-<step>` under `root`, atomically: `write_weights(dir)` (called on every process: a ZeRO-3
     gather is collective), the optimizer and RNG states (`save_training_state`), and `trainer_state` (JSON, with
-    the process count, the backend and the run's `settings` added) from the main process; then all but the newest `keep` checkpoints are pruned.
-    Every process must call it. A write that fails (a full disk) on any process fails it on all of them with one
-    CheckpointError, leaving the earlier checkpoints as they were."""
+    the process count, the backend and the run's `settings` added) from the main process; then all but the newest
+    `keep` checkpoints are pruned. Every process must call it.
+
+    A write that fails (a full disk) is one CheckpointError and leaves the earlier checkpoints as they were. Where
+    the processes agree on failure without entering another collective (the free-space check before writing, the
+    main process's publishing after) they all stop with it; a failure while writing, where DeepSpeed and ZeRO-3 run
+    collectives of their own, stops the failing process, and the launcher (accelerate, torchrun, srun) ends the rest.
+    """
     final = checkpoint_path(root, step)
     is_main = accelerator.is_main_process
     collectives = Collectives.of(accelerator)
     tmp = final.with_name(f".tmp-{final.name}")
+    _agree_or_raise(collectives, _space_problem(root), final)
     try:
-        error = _attempt(lambda: _fresh_tmp(final)) if is_main else None
-        _raise_if_any_failed(collectives, error, final)  # the main process has created `tmp`
-
-        def write() -> None:
+        if is_main:
+            _fresh_tmp(final)
+        accelerator.wait_for_everyone()  # the main process has created `tmp`
+        try:
             write_weights(tmp)
             save_training_state(tmp, accelerator, model, optimizer, **generators)
             if is_main:
                 state = {**trainer_state, "num_processes": accelerator.num_processes,
                          "backend": backend_name(accelerator), SETTINGS_KEY: settings}
                 (tmp / TRAINER_STATE_FILE).write_text(json.dumps(state, indent=2))
-            fsync_tree(tmp)  # each process makes its own files durable before the manifest covers them
-
-        _raise_if_any_failed(collectives, _attempt(write), final)  # every process has written
-        _raise_if_any_failed(collectives, _attempt(lambda: _publish(tmp, final)) if is_main else None, final)
+        except Exception as e:  # torch, safetensors and DeepSpeed report a full disk as RuntimeError, their own...
+            raise CheckpointError(_write_failure(final, e)) from None
+        accelerator.wait_for_everyone()  # every process has written before the main process publishes
+        problem = None
+        if is_main:
+            try:
+                _publish(tmp, final)
+            except Exception as e:
+                problem = _write_failure(final, e)
+        _agree_or_raise(collectives, problem, final)
     except BaseException:
         if is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     if is_main:
-        prune_checkpoints(root, keep)
+        prune_checkpoints(root, keep, newest=step)
     accelerator.wait_for_everyone()
     return final
 
 
-def _attempt(action: Callable[[], object]) -> Optional[OSError]:
-    try:
-        action()
-    except OSError as e:
-        return e
-    return None
+def _write_failure(final: Path, error: BaseException) -> str:
+    text = str(error)
+    full = (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "No space left on device" in text
+    reason = "the disk is full (No space left on device)" if full else f"{type(error).__name__}: {_first_line(error)}"
+    where = f" ({error.filename})" if isinstance(error, OSError) and error.filename else ""
+    return (f"could not write checkpoint {final}: {reason}{where}. The earlier checkpoints are intact: free space "
+            "(or fix the directory) and rerun with --resume")
 
 
-def _raise_if_any_failed(collectives: Collectives, error: Optional[OSError], final: Path) -> None:
-    """A barrier that also agrees whether a process failed, so none waits forever for one that gave up."""
-    failed = collectives.all_reduce_sum(torch.tensor([float(error is not None)]))
-    if error is not None:
-        reason = f"{error.strerror or error}" + (f" ({error.filename})" if error.filename else "")
-        raise CheckpointError(f"could not write checkpoint {final}: {reason}. The earlier checkpoints are intact: "
-                              "free space (or fix the directory) and rerun with --resume")
+def _space_problem(root: Path) -> Optional[str]:
+    """A checkpoint is about as large as the newest one: refuse to start one that cannot fit, while every process
+    can still stop cleanly (a write that fails midway may be inside DeepSpeed's collectives)."""
+    found = list_checkpoints(root)
+    if not found:
+        return None
+    needed = sum(p.stat().st_size for p in found[-1][1].rglob("*") if p.is_file())
+    free = shutil.disk_usage(root).free
+    if free >= needed:
+        return None
+    return (f"could not write checkpoint under {root}: the disk is full ({free / 2**20:.1f} MiB free, the last "
+            f"checkpoint took {needed / 2**20:.1f} MiB). The earlier checkpoints are intact: free space and rerun "
+            "with --resume")
+
+
+def _agree_or_raise(collectives: Collectives, problem: Optional[str], final: Path) -> None:
+    """A barrier that also agrees whether a process failed, so that all stop together with one line."""
+    failed = collectives.all_reduce_sum(torch.tensor([float(problem is not None)]))
+    if problem is not None:
+        raise CheckpointError(problem)
     if failed.item():
-        raise CheckpointError(f"could not write checkpoint {final}: another process failed to write its part "
-                              "(see its error). The earlier checkpoints are intact; rerun with --resume")
+        raise CheckpointError(f"could not write checkpoint {final}: another process could not (see its error). "
+                              "The earlier checkpoints are intact; rerun with --resume")
 
 
 def load_checkpoint(

@@ -13,16 +13,15 @@ says what is wrong and how to fix it. The grammar itself (YAML -> dataclasses, o
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Optional
 
 import yaml
 
-from rewards.config import RewardConfig, RewardServerConfig, check_reward, check_reward_server, load_dataclass, read_yaml
+from rewards.config import (REWARD_BOUNDS, REWARD_SERVER_BOUNDS, RewardConfig, RewardServerConfig, check_bounds,
+                            check_reward, check_reward_server, load_dataclass, read_yaml)
 from train.atomic import write_text
 from train.errors import ConfigError
 from train.trackers import check_trackers
@@ -253,13 +252,13 @@ RENAMED_KEYS = {
 }
 
 
-# The range of every numeric setting of data, model, LoRA, sampling, SFT, PPO and evaluation, checked when a config
-# loads (before any model): one line naming the key; nan and infinities are refused everywhere. A null (where the type allows it) is always accepted. The
-# reward, reward_server, plan and human sections are checked by their own functions.
+# The range of every numeric setting of every section, checked when a config loads (before any model), whichever
+# command reads it: one line naming the key. The rule grammar and the checker live in rewards.config, with the ranges
+# of the reward and reward_server sections (the reward server checks those without importing train).
 _GENERATION_BOUNDS = {"batch_size": "> 0", "top_k": ">= 0", "top_p": "(0, 1]", "temperature": "> 0",
                       "min_length": ">= 0", "max_new_tokens": "> 0", "max_new_tokens_min": "> 0", "num_beams": "> 0"}
 BOUNDS = {
-    "seed": ">= 0",
+    "seed": "[0, 2147483647]",  # numpy's seeding (accelerate's set_seed) refuses >= 2**32; PPO adds the process index
     "data.min_dialogue_chars": ">= 0", "data.max_dialogue_chars": "> 0", "data.max_prompt_tokens": "> 0", "data.max_summary_tokens": "> 0",
     "data.train_fraction": "(0, 1)", "data.max_examples": "> 0",
     "model.value_head_dropout": "[0, 1)",
@@ -275,36 +274,14 @@ BOUNDS = {
                                    "score_clip", "ratio_threshold", "max_grad_norm", "forward_batch_size",
                                    "save_every_steps", "keep_checkpoints", "log_every_steps")},
     "ppo.init_kl_coef": ">= 0", "ppo.gamma": "[0, 1]", "ppo.lam": "[0, 1]", "ppo.vf_coef": ">= 0",
+    **{f"reward.{k}": v for k, v in REWARD_BOUNDS.items()},
+    **{f"reward_server.{k}": v for k, v in REWARD_SERVER_BOUNDS.items()},
     "eval.max_examples": "> 0", "eval.bootstrap_samples": "> 0", "eval.confidence": "(0, 1)",
     "eval.qualitative_rows": "> 0", "eval.torch_threads": "> 0",
+    # ">= 1" rather than "> 0" (the same integers): these two have always said "at least 1".
+    "plan.gpus": ">= 1", "plan.zero": "{0, 1, 2, 3}", "plan.gpu_mem_gib": "> 0", "plan.margin": "[0, 1)",
+    "human.n": ">= 1", "human.seed": ">= 0", "human.port": "[1, 65535]",
 }
-_RULE_WORDS = {"> 0": "positive", ">= 0": "0 or more"}
-
-
-def _within(value: float, rule: str) -> bool:
-    if rule == "> 0":
-        return value > 0
-    if rule == ">= 0":
-        return value >= 0
-    low, high = (float(x) for x in rule[1:-1].split(","))
-    above = value >= low if rule[0] == "[" else value > low
-    below = value <= high if rule[-1] == "]" else value < high
-    return above and below
-
-
-def check_bounds(cfg: ExperimentConfig) -> None:
-    """Every setting of BOUNDS within its range; ConfigError naming the first one that is not."""
-    for key, rule in BOUNDS.items():
-        owner, name = cfg, key
-        while "." in name:
-            section, name = name.split(".", 1)
-            owner = getattr(owner, section)
-        value = getattr(owner, name)
-        if value is None or (math.isfinite(value) and _within(value, rule)):
-            continue
-        nullable = type(None) in typing.get_args(typing.get_type_hints(type(owner))[name])
-        words = _RULE_WORDS.get(rule, f"in {rule}") + ("" if math.isfinite(value) else " and finite")
-        raise ConfigError(f"{key} must be {words}{' or null' if nullable else ''}, got {value}")
 
 
 def expand_output_dir(path: str, output_dir: str) -> str:
@@ -314,7 +291,7 @@ def expand_output_dir(path: str, output_dir: str) -> str:
 
 def validate(cfg: ExperimentConfig) -> None:
     """Ranges (BOUNDS), then cross-field checks that types alone cannot express."""
-    check_bounds(cfg)
+    check_bounds(cfg, BOUNDS)
     d, p = cfg.data, cfg.ppo
     if not d.min_dialogue_chars < d.max_dialogue_chars:
         raise ConfigError(
@@ -331,13 +308,9 @@ def validate(cfg: ExperimentConfig) -> None:
         if g.max_new_tokens_min is not None and not g.max_new_tokens_min < g.max_new_tokens:
             raise ConfigError(f"{name}.max_new_tokens_min must be below {name}.max_new_tokens")
     cfg.trackers = check_trackers(cfg.trackers)
-    check_reward(cfg.reward)
+    check_reward(cfg.reward)  # its ranges are in BOUNDS already; this adds its other checks
     check_reward_server(cfg.reward_server)
-    h = cfg.human  # the plan section is checked by train.plan (PlanInputs.check), its only reader
-    if h.n < 1:
-        raise ConfigError(f"human.n must be at least 1, got {h.n}")
-    if not 0 < h.port < 65536:
-        raise ConfigError(f"human.port must be between 1 and 65535, got {h.port}")
+    # plan.offload needs ZeRO >= 2: checked by train.plan (PlanInputs.check), the section's only reader.
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

@@ -87,8 +87,9 @@ from typing import Literal, Optional
 import torch
 from torch import nn
 
+from rewards.config import check_bounds
 from train.cli import config_from_cli, overridden, run_cli
-from train.config import ExperimentConfig, LoraSettings
+from train.config import BOUNDS, ExperimentConfig, LoraSettings
 from train.errors import ConfigError, ModelError
 
 GIB = 1024**3
@@ -313,6 +314,10 @@ def reward_model_params(name_or_path: str) -> tuple[int, int, int]:
 # The plan
 
 
+# The ranges of the plan section, keyed by PlanInputs' field of the same name.
+PLAN_BOUNDS = {key.removeprefix("plan."): rule for key, rule in BOUNDS.items() if key.startswith("plan.")}
+
+
 @dataclass
 class PlanInputs:
     """Everything the estimate depends on, flat, so that a knob is one `dataclasses.replace`. `from_config` fills
@@ -355,11 +360,9 @@ class PlanInputs:
         )
 
     def check(self) -> None:
-        """Value checks, named by config key (the plan section's only checks: training ignores it)."""
-        if self.gpus < 1:
-            raise ConfigError(f"plan.gpus must be at least 1, got {self.gpus}")
-        if self.zero not in (0, 1, 2, 3):
-            raise ConfigError(f"plan.zero must be 0 (no ZeRO, plain DDP), 1, 2 or 3; got {self.zero}")
+        """Value checks, named by config key. The plan section's ranges are BOUNDS' plan.* (already checked when the
+        config loaded; checked again here for inputs built or replaced in code, e.g. the knobs and --table)."""
+        check_bounds(self, PLAN_BOUNDS, "plan.")
         if self.offload and self.zero < 2:
             raise ConfigError("plan.offload needs DeepSpeed ZeRO-2 or ZeRO-3: add --plan.zero 2 or --plan.zero 3")
         if self.dtype not in DTYPE_BYTES or self.reward_dtype not in DTYPE_BYTES:
@@ -372,10 +375,6 @@ class PlanInputs:
         for name, key in keys.items():
             if getattr(self, name) < 1:
                 raise ConfigError(f"{key} must be at least 1, got {getattr(self, name)}")
-        if self.gpu_mem_gib <= 0:
-            raise ConfigError(f"plan.gpu_mem_gib must be positive, got {self.gpu_mem_gib}")
-        if not 0 <= self.margin < 1:
-            raise ConfigError(f"plan.margin must be at least 0 and below 1, got {self.margin}")
 
 
 @dataclass

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from rewards.reward_fn import make_reward_fn
 from train.atomic import save_directory
-from train.checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
+from train.checkpoint import check_same_checkpoint, find_resume_checkpoint, load_checkpoint, save_checkpoint
 from train.cli import config_from_cli, run_cli
 from train.config import ExperimentConfig, PPOConfig, save_config
 from train.data import build_ppo_datasets
@@ -89,6 +89,7 @@ class PPORun:
             cpu=use_cpu(), gradient_accumulation_steps=p.gradient_accumulation_steps,
             log_with=make_trackers(cfg, "ppo", resume_from))
         fix_deepspeed_cpu_ranks(accelerator)
+        check_same_checkpoint(accelerator, resume_from)
         check_batch_sizes(p.batch_size, p.mini_batch_size, p.gradient_accumulation_steps, accelerator.num_processes)
         if accelerator.is_main_process:
             log.info("reward model %s (%s)", cfg.reward.model_name_or_path, self.reward_fn.where)

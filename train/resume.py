@@ -32,9 +32,14 @@ OPERATIONAL = ("sft.save_every_steps", "sft.keep_checkpoints", "sft.log_every_st
                "ppo.steps", "ppo.save_every_steps", "ppo.keep_checkpoints", "ppo.log_every_steps",
                "ppo.forward_batch_size", "reward.device", "reward.batch_size", "reward.url", "reward.token_env",
                "reward.timeout_s", "reward.max_retries")
+# Read by one stage only, or only when a run starts: a resumed SFT run takes its adapter from the checkpoint and has
+# no value head; a resumed PPO run takes its adapter from the checkpoint too, unless it is also the KL reference.
+NOT_READ_ON_RESUME = {"sft": ("model.adapter", "model.value_head_dropout"), "ppo": ("model.adapter",)}
 # What defines the run: the data order, the adapter's shape, the model under it and SFT's position in its epoch.
-FIXED = ("seed", "data", "lora", "model.name_or_path", "model.revision", "model.quantization", "sft.batch_size",
-         "sft.gradient_accumulation_steps")
+FIXED = ("seed", "data", "lora", "model.name_or_path", "model.revision", "model.quantization", "model.adapter",
+         "sft.batch_size", "sft.gradient_accumulation_steps")
+PATH_KEYS = ("data.path", "model.name_or_path", "model.adapter", "reward.model_name_or_path")
+UNORDERED_KEYS = ("lora.target_modules",)
 
 
 def add_resume_arguments(parser: Any) -> None:
@@ -64,12 +69,25 @@ def settings_of(cfg: Any) -> dict[str, Any]:
 
 
 def setting_changes(saved: dict[str, Any], cfg: Any, stage: str) -> dict[str, tuple[Any, Any]]:
-    """{key: (checkpoint's value, this run's value)} for each setting of `stage` that differs, operational ones
-    aside. Keys the checkpoint does not have (written by an older version) are not compared."""
+    """{key: (checkpoint's value, this run's value)} for each setting `stage` reads on resume that differs,
+    operational ones aside. Keys the checkpoint does not have (written by an older version) are not compared."""
     before, now = _flatten(saved), _flatten(settings_of(cfg))
+    ignored = OPERATIONAL + NOT_READ_ON_RESUME[stage]
+    if stage == "ppo" and "initial_adapter" in (before.get("ppo.reference"), now.get("ppo.reference")):
+        ignored = OPERATIONAL  # model.adapter is the KL reference
     return {key: (before[key], now[key]) for key in now
-            if key in before and before[key] != now[key] and _under(key, STAGE_SECTIONS[stage])
-            and not _under(key, OPERATIONAL)}
+            if key in before and not _same(key, before[key], now[key]) and _under(key, STAGE_SECTIONS[stage])
+            and not _under(key, ignored)}
+
+
+def _same(key: str, old: Any, new: Any) -> bool:
+    if old == new:
+        return True
+    if key in UNORDERED_KEYS and isinstance(old, list) and isinstance(new, list):
+        return sorted(map(str, old)) == sorted(map(str, new))
+    if key in PATH_KEYS and isinstance(old, str) and isinstance(new, str) and Path(old).exists() and Path(new).exists():
+        return os.path.realpath(old) == os.path.realpath(new)  # the same directory, written another way
+    return False
 
 
 def check_resume_settings(checkpoint: Optional[Path], cfg: Any, stage: str,

@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 from transformers import DataCollatorForSeq2Seq, get_scheduler
 
 from train.atomic import save_directory, write_text
-from train.checkpoint import find_resume_checkpoint, load_checkpoint, load_tensors, save_checkpoint
+from train.checkpoint import check_same_checkpoint, find_resume_checkpoint, load_checkpoint, load_tensors, save_checkpoint
 from train.cli import config_from_cli, run_cli
 from train.config import ExperimentConfig, save_config
 from train.data import build_eval_dataset, build_sft_datasets
@@ -104,6 +104,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         log_with=make_trackers(cfg, "sft", resume_from),
     )
     fix_deepspeed_cpu_ranks(accelerator)
+    check_same_checkpoint(accelerator, resume_from)
     collectives = Collectives.of(accelerator)
     if s.batch_size % accelerator.num_processes:
         raise ConfigError(f"sft.batch_size ({s.batch_size}) is global and must be a multiple of the number of "

@@ -4,6 +4,7 @@ batches split by the server's request limit; first against a fake transport, the
 from __future__ import annotations
 
 import json
+import re
 import signal
 import time
 
@@ -13,6 +14,7 @@ import pytest
 from rewards.client import RewardClient, total_backoff_s
 from rewards.config import RewardConfig
 from rewards.errors import RewardError
+from rewards.reward_fn import make_reward_fn
 from helpers import RewardServerProcess, assert_same_scores, texts_for
 
 
@@ -81,6 +83,84 @@ def test_client_rejects_answers_without_one_reward_per_text():
         RewardClient("http://reward", transport=scoring_transport([], [], lambda t: {"scores": []})).score(["a"])
     with pytest.raises(RewardError, match="empty"):
         RewardClient("http://reward").score([])
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("logits", float("nan"), r"non-finite value in logits \(nan for text 1\)"),
+        ("logits", float("-inf"), r"non-finite value in logits \(-inf for text 1\)"),
+        ("toxicity", 1.5, r"toxicity 1.5 for text 1: a toxicity is a probability in \[0, 1\]"),
+        ("toxicity", -0.25, r"toxicity -0.25 for text 1"),
+        ("toxicity", float("inf"), r"non-finite value in toxicity \(inf for text 1\)"),
+        ("rewards", float("nan"), r"non-finite value in rewards \(nan for text 1\)"),
+    ],
+)
+def test_client_rejects_broken_numbers_naming_the_server_and_the_value(field, value, message):
+    def broken(texts):
+        body = {"rewards": [1.0] * len(texts), "toxicity": [0.5] * len(texts), "logits": [[1.0, 0.0]] * len(texts)}
+        if field == "logits":
+            body["logits"][1] = [0.0, value]
+        else:
+            body[field][1] = value
+        return body
+
+    client = RewardClient("http://reward:8500", transport=scoring_transport([], [], broken))
+    with pytest.raises(RewardError, match=r"^reward server at http://reward:8500 sent .*" + message):
+        client.score(["a", "b", "c"])
+    # The bounds themselves are valid.
+    edges = lambda texts: {"rewards": [-1e30] * 2, "toxicity": [0.0, 1.0], "logits": [[-1e30, 1e30]] * 2}
+    scores = RewardClient("http://reward", transport=scoring_transport([], [], edges)).score(["a", "b"])
+    assert scores.toxicity.tolist() == [0.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("127.0.0.1:8500", "it has no scheme"),
+        ("localhost", "it has no scheme"),
+        ("ftp://127.0.0.1:8500", "scheme 'ftp' is not supported"),
+        ("http://127.0.0.1:99999", "port 99999 is not in 1..65535"),
+        ("http://127.0.0.1:0", "port 0 is not in 1..65535"),
+        ("http://127.0.0.1:port", "Invalid port"),
+        ("http://", "names no host"),
+        ("http:/127.0.0.1:8500", "names no host"),
+        ("http://127.0.0.1:8500/?x=1", "no spaces, query or fragment"),
+        (" http://127.0.0.1:8500", "no scheme"),
+        ("", "is empty"),
+    ],
+)
+def test_client_refuses_a_malformed_url_at_once(url, message):
+    started = time.monotonic()
+    with pytest.raises(RewardError, match=f"^reward server URL {re.escape(repr(url))} is (malformed|empty)") as caught:
+        RewardClient(url, max_retries=3, backoff_s=1.0)
+    assert message in str(caught.value) and "running?" not in str(caught.value)
+    assert time.monotonic() - started < 0.5  # no attempts, no backoff
+    if url:  # an empty reward.url means no server: make_reward_fn scores in-process then
+        # make_reward_fn builds the client at once, so a bad reward.url stops a run before its first step.
+        with pytest.raises(RewardError, match="is malformed"):
+            make_reward_fn(RewardConfig(url=url, max_retries=3))
+
+
+def test_client_accepts_well_formed_urls():
+    for url in ("http://127.0.0.1:8500", "https://reward.internal/", "http://[::1]:8500", "http://host:8500/prefix"):
+        assert RewardClient(url).url == url.rstrip("/")
+
+
+def test_client_waits_what_a_503_retry_after_asks():
+    calls: list = []
+
+    def busy_once(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/health":
+            return httpx.Response(200, json={"status": "ok", "max_texts_per_request": 8})
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            return httpx.Response(503, json={"detail": "busy"}, headers={"Retry-After": "1"})
+        return httpx.Response(200, json={"rewards": [0.0], "toxicity": [0.0], "logits": [[0.0, 0.0]]})
+
+    client = RewardClient("http://reward", max_retries=1, backoff_s=0.01, transport=httpx.MockTransport(busy_once))
+    assert len(client.score(["x"])) == 1
+    assert calls[1] - calls[0] >= 1.0  # the server's Retry-After, not the 10 ms backoff
 
 
 def test_client_splits_large_batches_and_keeps_order():

@@ -27,3 +27,20 @@ def test_server_reads_a_whole_training_recipe_and_refuses_an_unknown_section(tmp
     message = str(error.value)
     assert "\n" not in message
     assert message == f"{typo}: unknown key 'reward_sever'; did you mean 'reward_server'?"
+
+
+def test_every_numeric_setting_the_server_reads_has_a_range():
+    """The server checks its sections with its own tables (it does not import train): a new int or float key of
+    RewardConfig or RewardServerConfig without a range fails here."""
+    import typing
+
+    from rewards.config import REWARD_BOUNDS, REWARD_SERVER_BOUNDS, RewardConfig, RewardServerConfig
+
+    for cls, bounds in ((RewardConfig, REWARD_BOUNDS), (RewardServerConfig, REWARD_SERVER_BOUNDS)):
+        hints = typing.get_type_hints(cls)
+        numeric = set()
+        for f in dataclasses.fields(cls):
+            types = {t for t in (typing.get_args(hints[f.name]) or (hints[f.name],)) if t is not type(None)}
+            if types and types <= {int, float}:
+                numeric.add(f.name)
+        assert numeric and sorted(numeric ^ set(bounds)) == [], cls.__name__

@@ -5,9 +5,11 @@ for a missing model. The batcher and its queue limit are checked in-process. The
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -18,20 +20,40 @@ from rewards.client import RewardClient
 from rewards.config import RewardConfig, RewardServerConfig
 from rewards.errors import ConfigError
 from rewards.scorer import RewardScores
-from rewards.server import DynamicBatcher, QueueFullError, build_app, parse_args, read_token
-from helpers import (
-    REPO_ROOT, REWARD_MAX_CHARS, REWARD_MAX_TEXTS, REWARD_TOKEN, assert_same_scores, free_port, texts_for,
+from rewards.server import (
+    BODIES_IN_MEMORY, DynamicBatcher, QueueFullError, build_app, max_body_bytes, parse_args, read_token,
 )
+from helpers import (
+    REPO_ROOT, REWARD_MAX_CHARS, REWARD_MAX_TEXTS, REWARD_TOKEN, RewardServerProcess, assert_same_scores, free_port,
+    texts_for,
+)
+
+AUTH = {"Authorization": f"Bearer {REWARD_TOKEN}"}
+MAX_BODY = max_body_bytes(RewardServerConfig(max_texts_per_request=REWARD_MAX_TEXTS, max_chars=REWARD_MAX_CHARS))
 
 
 def test_health_reports_model_labels_and_device(server, tiny_artifacts):
-    health = httpx.get(f"{server.url}/health", timeout=5).json()
+    health = httpx.get(f"{server.url}/health", headers=AUTH, timeout=5).json()
     assert health["status"] == "ok" and health["device"] == "cpu"
     assert health["model"] == str(tiny_artifacts.roberta)
     assert health["labels"] == {"0": "nothate", "1": "hate"}
     # The limits clients read to split their batches (rewards.client), and the texts per model call.
     assert (health["max_texts_per_request"], health["max_chars"], health["batch_size"]) == (
         REWARD_MAX_TEXTS, REWARD_MAX_CHARS, 32)
+    assert health["stats"]["body_bytes_held"] == 0
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer not-the-token"}])
+def test_stats_and_health_details_need_the_token(server, headers):
+    response = httpx.get(f"{server.url}/stats", headers=headers, timeout=5)
+    assert response.status_code == 401 and "bearer token" in response.json()["detail"]
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert set(server.stats()) >= {"requests", "batches", "queued"}  # with the token
+    # /health stays open for liveness checks and tells the limits, but not what runs nor its traffic.
+    health = httpx.get(f"{server.url}/health", headers=headers, timeout=5)
+    assert health.status_code == 200
+    assert health.json() == {"status": "ok", "max_texts_per_request": REWARD_MAX_TEXTS, "max_chars": REWARD_MAX_CHARS,
+                             "batch_size": 32}
 
 
 def test_server_scores_equal_in_process_scores(server, local_scorer):
@@ -78,6 +100,12 @@ def test_concurrent_clients_get_their_own_results_from_dynamic_batches(server, l
     ("content", "headers", "status", "message"),
     [
         (b'{"texts": ["unterminated', {}, 400, "not valid JSON"),
+        (b'{"texts": ["\xff\xfe"]}', {}, 400, "not valid JSON"),
+        # json's parser recurses once per level: deep nesting is a RecursionError, which was a 500 with a traceback.
+        (b'{"texts": ' + b"[" * 5000 + b"]" * 5000 + b"}", {}, 400, "nested too deeply"),
+        (b'{"texts": ' + b"[" * 5000, {}, 400, "nested too deeply"),
+        # Refused by its Content-Length before the body is read, with the limit in the message.
+        (('{"texts": ["' + "y" * MAX_BODY + '"]}').encode(), {}, 413, f"; the limit is {MAX_BODY} (max_texts_per_request"),
         (b'["just", "a", "list"]', {}, 422, 'JSON object {"texts"'),
         (b'{"texts": "one string"}', {}, 422, "must be a list of strings"),
         (b'{"texts": ["ok", 7]}', {}, 422, "item(s) [1] are int"),
@@ -95,7 +123,81 @@ def test_bad_requests_get_a_clear_4xx(server, content, headers, status, message)
     sent.update(headers)
     response = httpx.post(f"{server.url}/score", content=content, headers={k: v for k, v in sent.items() if v}, timeout=10)
     assert response.status_code == status
-    assert message in response.json()["detail"]
+    detail = response.json()["detail"]
+    assert message in detail and "\n" not in detail and "Traceback" not in detail
+    assert server.stats()["body_bytes_held"] == 0  # every reservation is given back
+
+
+def test_a_chunked_body_over_the_limit_is_stopped_while_read(server):
+    # No Content-Length to check beforehand: reading stops at the limit.
+    chunks = iter([b'{"texts": ["', *[b"z" * 4096] * (MAX_BODY // 4096 + 2), b'"]}'])
+    response = httpx.post(f"{server.url}/score", content=chunks, timeout=10,
+                          headers={"Authorization": f"Bearer {REWARD_TOKEN}", "Content-Type": "application/json"})
+    assert response.status_code == 413
+    assert response.json()["detail"] == f"the body has more than {MAX_BODY} bytes, the limit: split the batch"
+    assert server.stats()["body_bytes_held"] == 0
+
+
+def memory_mib(pid: int) -> dict[str, float]:
+    """The process's resident memory now (VmRSS) and at its highest so far (VmHWM), in MiB."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return {key: int(fields[key].split()[0]) / 1024 for key in ("VmRSS", "VmHWM")}
+
+
+def test_concurrent_maximum_size_requests_stay_within_the_memory_budget(tiny_artifacts):
+    """40 clients send a maximum-size body at once. The server admits bodies up to its byte budget (BODIES_IN_MEMORY
+    maximum-size bodies) and answers the rest 503 + Retry-After before reading them, so its memory grows by at most a
+    few times the budget (a body is held as bytes, then as decoded text, then as the parsed texts, two at a time),
+    not with the number of requests; and what it grew by is given back. Before admission control the same burst took
+    about 190 MiB at the peak, and kept 80 MiB."""
+    settings = RewardServerConfig(max_texts_per_request=256, max_chars=2000)
+    budget_mib = BODIES_IN_MEMORY * max_body_bytes(settings) / 2**20  # 5.9 MiB
+    bound_mib = 3 * budget_mib + 32  # 32 MiB: tokenizer and allocator slack, measured at about 7 MiB in all
+    # "\u00e9" escapes: 6 body bytes a character, so the body is as large as the limits allow while the texts (one
+    # byte a character) stay quick for the model to score.
+    body = json.dumps({"texts": ["\u00e9" * settings.max_chars] * settings.max_texts_per_request}).encode()
+    assert 0.9 * max_body_bytes(settings) < len(body) <= max_body_bytes(settings)
+    proc = RewardServerProcess(tiny_artifacts.roberta, "--reward.batch_size", "16",
+                               "--reward_server.max_texts_per_request", str(settings.max_texts_per_request),
+                               "--reward_server.max_chars", str(settings.max_chars), token=None)
+    headers = {"Content-Type": "application/json"}
+    try:
+        # One request first, so the baseline holds the memory one scoring of a maximum-size request takes anyway.
+        assert httpx.post(f"{proc.url}/score", content=body, headers=headers, timeout=60).status_code == 200
+        before = memory_mib(proc.proc.pid)
+        clients = 40
+        start = threading.Barrier(clients)
+        answers: list = []
+
+        def send() -> None:
+            with httpx.Client(timeout=30) as client:
+                start.wait(timeout=30)
+                try:
+                    response = client.post(f"{proc.url}/score", content=body, headers=headers)
+                    answers.append((response.status_code, response.headers.get("retry-after"), response.json()))
+                except httpx.HTTPError as exc:  # a server that queued everything is still scoring when we give up
+                    answers.append((type(exc).__name__, None, None))
+
+        threads = [threading.Thread(target=send) for _ in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=90)
+        time.sleep(0.5)
+        after = memory_mib(proc.proc.pid)
+        peak, kept = after["VmHWM"] - before["VmHWM"], after["VmRSS"] - before["VmRSS"]
+        assert peak < bound_mib, f"peak memory grew by {peak:.0f} MiB, over {bound_mib:.0f} MiB: {before} -> {after}"
+        assert kept < bound_mib, f"memory kept {kept:.0f} MiB after the burst, over {bound_mib:.0f} MiB"
+        statuses = [status for status, _, _ in answers]
+        assert len(answers) == clients and set(statuses) == {200, 503}, statuses
+        for status, retry_after, payload in answers:
+            if status == 200:
+                assert len(payload["rewards"]) == settings.max_texts_per_request
+            else:
+                assert retry_after == "1" and payload["detail"].startswith("reward server is busy: ")
+        assert proc.stats()["body_bytes_held"] == 0
+    finally:
+        proc.stop()
 
 
 def test_server_binds_loopback_by_default(server):

@@ -162,7 +162,7 @@ def test_a_planted_pickle_in_a_checkpoint_is_refused_and_never_run(tmp_path):
     assert not marker.exists()
 
 
-def test_deepspeed_loads_run_weights_only_with_its_own_classes_allowed(tmp_path):
+def test_deepspeed_loads_run_weights_only_with_its_own_classes_allowed(tmp_path, monkeypatch):
     # DeepSpeed reads its files with torch.load(weights_only=False); inside the block that call is weights-only.
     pytest.importorskip("deepspeed", reason="deepspeed is in the dev extra")  # installed in CI: never skipped there
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
@@ -177,13 +177,16 @@ def test_deepspeed_loads_run_weights_only_with_its_own_classes_allowed(tmp_path)
         with deepspeed_weights_only_loads(tmp_path):
             torch.load(tmp_path / "optim_states.pt", weights_only=False)
     assert not marker.exists()
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # a user's setting must not defeat (or break) it
     with deepspeed_weights_only_loads(tmp_path):
         loaded = torch.load(tmp_path / "good.pt", weights_only=False)
     assert isinstance(loaded["loss_scaler"], LossScaler) and loaded["step"].item() == 3
     assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ  # restored after the block
+    assert os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] == "1"
 
 
-def test_a_full_disk_while_checkpointing_is_one_clear_error_and_keeps_the_earlier_checkpoint(tmp_path):
+@pytest.mark.parametrize("failure", ["torch", "oserror"])
+def test_a_full_disk_while_checkpointing_is_one_clear_error_and_keeps_the_earlier_checkpoint(tmp_path, failure):
     import errno
 
     from train.checkpoint import find_resume_checkpoint
@@ -193,12 +196,76 @@ def test_a_full_disk_while_checkpointing_is_one_clear_error_and_keeps_the_earlie
 
     def disk_full(directory):
         (directory / "policy").mkdir()
+        if failure == "torch":  # how torch.save (and DeepSpeed through it) reports a full disk
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 320 vs 214\n"
+                               "write(): fd 3 failed with No space left on device")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory / "policy" / "weights.bin"))
 
     with pytest.raises(CheckpointError) as error:
         _save(tmp_path, 10, disk_full)
     message = str(error.value)
     assert "\n" not in message and "could not write checkpoint" in message and "checkpoint-10" in message
-    assert "No space left on device" in message and "rerun with --resume" in message
+    assert "the disk is full (No space left on device)" in message and "rerun with --resume" in message
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-5"]  # no half-written directory left
     assert find_resume_checkpoint(tmp_path, resume=True) == tmp_path / "checkpoint-5"
+
+
+def test_a_checkpoint_that_cannot_fit_is_refused_before_writing(tmp_path, monkeypatch):
+    import shutil
+    from types import SimpleNamespace
+
+    from train.errors import CheckpointError
+
+    _save(tmp_path, 1)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(total=100, used=90, free=10))
+    with pytest.raises(CheckpointError, match=r"could not write checkpoint under .*: the disk is full \(0.0 MiB free"):
+        _save(tmp_path, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1"]
+
+
+@pytest.mark.parametrize("case", ["space", "publish", "different"])
+def test_two_processes_stop_together_with_one_error_when_one_cannot_checkpoint(tmp_path, case):
+    import subprocess
+    import sys
+
+    from helpers import REPO_ROOT, free_port
+
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, str(REPO_ROOT / "tests/checkpoint_worker.py"), str(tmp_path), case],
+                              env={**env, "RANK": str(rank)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in range(2)]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    lines = [out.strip().splitlines()[-1] if out.strip() else f"no output: {err[-2000:]}" for out, err in outputs]
+    assert all(line.startswith("raised: ") for line in lines), lines
+    expected = {"space": ("the disk is full (0.0 MiB free", "another process could not"),
+                "publish": ("the disk is full (No space left on device)", "another process could not"),
+                "different": ("see different checkpoints (checkpoint-1, checkpoint-2)",) * 2}[case]
+    if case == "space":  # rank 1 found the disk full; rank 0 learns it from the agreement
+        expected = expected[::-1]
+    for line, words in zip(lines, expected):
+        assert words in line, lines
+    if case != "different":
+        assert sorted(p.name for p in tmp_path.iterdir()) == ([] if case == "publish" else ["checkpoint-1"])
+
+
+def test_a_damaged_checkpoint_skipped_on_resume_is_set_aside_and_not_counted_by_pruning(tmp_path):
+    from train.checkpoint import find_resume_checkpoint, prune_checkpoints
+
+    for step in (5, 10):
+        _save(tmp_path, step)
+    (tmp_path / "checkpoint-10/optimizer.pt").write_bytes(b"")
+    assert find_resume_checkpoint(tmp_path, resume=True) == tmp_path / "checkpoint-5"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10.damaged", "checkpoint-5"]
+    _save(tmp_path, 6)
+    prune_checkpoints(tmp_path, keep_last=1, newest=6)
+    assert find_resume_checkpoint(tmp_path, resume=True) == tmp_path / "checkpoint-6"
+
+
+def test_a_file_added_to_a_checkpoint_after_it_was_written_makes_it_damaged(tmp_path):
+    from train.checkpoint import checkpoint_damage
+
+    final = _save(tmp_path, 1)
+    assert checkpoint_damage(final) is None
+    (final / "rng-rank1.pt").write_bytes(b"x")
+    assert checkpoint_damage(final) == "rng-rank1.pt was added after the checkpoint was written"

@@ -91,7 +91,7 @@ def test_bad_yaml_gives_one_clear_error(tmp_path, yaml_text, message):
         (["stray"], "unexpected argument 'stray'"),
         (["--seed.x", "1"], "not a section"),
         (["--ppo.score_clip", "-1"], "ppo.score_clip must be positive or null"),
-        (["--ppo.mini_batch_size", "0"], "ppo.mini_batch_size must be positive"),
+        (["--ppo.mini_batch_size", "0"], "ppo.mini_batch_size must be a positive integer, got 0"),
         (["--reward.normalize", "true"], "--reward.normalize was replaced: use --ppo.score_normalization standardize"),
         (["--trackers", "tensorboard,mlflow"], "unknown tracker 'mlflow'; use tensorboard, wandb, both"),
         (["--trackers", "none,wandb"], "'none' cannot be combined with other trackers"),
@@ -173,55 +173,120 @@ def test_one_grammar_and_one_config_error_for_every_command(repo_root):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Ranges of the numeric settings (BOUNDS)
+# Ranges of the numeric settings (BOUNDS). tests/train/test_config_properties.py checks them all by property; here:
+# the table covers every numeric key, each range as written below, and the real command line.
 
-RANGED_SECTIONS = ("data", "model", "lora", "rollout", "sft", "ppo", "eval", "eval.generation")
 
-
-def _numeric_keys(cfg, prefix: str) -> list[str]:
-    import dataclasses
+def numeric_keys(obj, prefix: str = "") -> list[str]:
+    """The dotted keys of every int or float setting (Optional included) of dataclass `obj`, sub-sections included."""
     import typing
 
-    hints = typing.get_type_hints(type(cfg))
+    hints = typing.get_type_hints(type(obj))
     keys = []
-    for f in dataclasses.fields(cfg):
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            keys += numeric_keys(value, f"{prefix}{f.name}.")
+            continue
         types = {t for t in (typing.get_args(hints[f.name]) or (hints[f.name],)) if t is not type(None)}
-        if types <= {int, float} and types:
+        if types and types <= {int, float}:
             keys.append(prefix + f.name)
     return keys
 
 
-def test_every_numeric_setting_of_the_training_and_evaluation_sections_has_a_range():
+def test_every_numeric_setting_of_every_section_has_a_range():
     from train.config import BOUNDS
 
     cfg = ExperimentConfig()
-    keys = ["seed"]
-    for section in RANGED_SECTIONS:
-        owner = cfg
-        for part in section.split("."):
-            owner = getattr(owner, part)
-        keys += _numeric_keys(owner, section + ".")
-    assert sorted(set(keys) - set(BOUNDS)) == []
+    keys = numeric_keys(cfg)
+    # The walk reaches every kind of setting: top level, each section, sub-sections.
+    assert {"seed", "reward_server.port", "plan.margin", "human.port", "eval.generation.top_p"} <= set(keys)
+    assert sorted(set(keys) - set(BOUNDS)) == []  # a numeric key without a range
     assert sorted(set(BOUNDS) - set(keys)) == []  # no stale entries
 
 
-def _outside(rule: str) -> list[str]:
-    """Values just outside a BOUNDS rule."""
-    if rule == "> 0":
-        return ["0", "-1"]
-    if rule == ">= 0":
-        return ["-1"]
-    low, high = rule[1:-1].split(",")
-    values = [str(float(low) - 1), str(float(high) + 1)]
-    values += [low.strip()] if rule[0] == "(" else []
-    values += [high.strip()] if rule[-1] == ")" else []
-    return values
+# Each new range spelled out once more, independently of the table: a mistyped rule fails here. (key, accepted, refused)
+SPELLED_OUT = [
+    ("seed", ["0", "2147483647"], ["-1", "4294967296"]),
+    ("reward.batch_size", ["1"], ["0", "-4"]),
+    ("reward.max_length", ["1", "null"], ["0"]),
+    ("reward.timeout_s", ["0.001", "600"], ["0", "-1", "nan", "inf"]),
+    ("reward.max_retries", ["0", "5"], ["-1"]),
+    ("reward_server.port", ["1", "65535"], ["0", "65536"]),
+    ("reward_server.max_wait_ms", ["0", "2.5"], ["-0.1", "nan", "inf"]),
+    ("reward_server.max_queue", ["1"], ["0"]),
+    ("reward_server.max_texts_per_request", ["1"], ["0"]),
+    ("reward_server.max_chars", ["1"], ["0"]),
+    ("reward_server.torch_threads", ["1", "null"], ["0"]),
+    ("plan.gpus", ["1", "64"], ["0", "-1"]),
+    ("plan.zero", ["0", "1", "2", "3"], ["-1", "4"]),
+    ("plan.gpu_mem_gib", ["0.5", "141"], ["0", "-1", "nan", "inf"]),
+    ("plan.margin", ["0", "0.99"], ["1", "-0.01", "nan"]),
+    ("human.n", ["1", "500"], ["0", "-3"]),
+    ("human.seed", ["0", "12345"], ["-1"]),
+    ("human.port", ["1", "65535"], ["0", "65536"]),
+]
+
+
+@pytest.mark.parametrize("key, accepted, refused", SPELLED_OUT, ids=[case[0] for case in SPELLED_OUT])
+def test_each_new_range_is_the_intended_one(key, accepted, refused):
+    for value in accepted:
+        cfg = load_config(None, [f"--{key}", value])
+        owner = cfg
+        for part in key.split("."):
+            owner = getattr(owner, part)
+        assert owner == (None if value == "null" else float(value)), (key, value)
+    for value in refused:
+        with pytest.raises(ConfigError, match=rf"^{re.escape(key)} must be .*, got "):
+            load_config(None, [f"--{key}", value])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--human.n", "0"], "human.n must be at least 1, got 0"),
+    (["--human.port", "0"], "human.port must be between 1 and 65535, got 0"),
+    (["--reward_server.port", "70000"], "reward_server.port must be between 1 and 65535, got 70000"),
+    (["--reward.max_length", "0"], "reward.max_length must be a positive integer or null, got 0"),
+    (["--reward.timeout_s", "nan"], "reward.timeout_s must be positive and finite, got nan"),
+    (["--reward.max_retries", "-1"], "reward.max_retries must be 0 or more, got -1"),
+    (["--plan.zero", "5"], "plan.zero must be one of 0, 1, 2, 3, got 5"),
+    (["--plan.margin", "1"], "plan.margin must be in [0, 1), got 1.0"),
+    (["--seed", "1" + "0" * 400], "seed must be between 0 and 2147483647, got 1" + "0" * 400),  # beyond any float
+])
+def test_range_errors_read_as_before(argv, message):
+    """The wording the commands have always used (the reward server's and eval.human's tests pin some of it)."""
+    with pytest.raises(ConfigError) as error:
+        load_config(None, argv)
+    assert str(error.value) == message
+
+
+def _outside(rule: str, integer: bool) -> list[str]:
+    """Values just outside a BOUNDS rule ("> x", ">= x", an interval or a set)."""
+    if rule[0] == "{":
+        members = [int(x) for x in rule[1:-1].split(",")]
+        return [str(min(members) - 1), str(max(members) + 1)]
+    if rule[0] == ">":
+        bound = float(rule.split()[1])
+        values = [bound - 1] + ([bound] if rule.startswith("> ") else [])
+    else:
+        low, high = (float(x) for x in rule[1:-1].split(","))
+        values = [low - 1, high + 1] + ([low] if rule[0] == "(" else []) + ([high] if rule[-1] == ")" else [])
+    return [str(int(v)) if integer else str(v) for v in values]
 
 
 def _bound_cases():
+    import typing
+
     from train.config import BOUNDS
 
-    return [(key, value) for key, rule in BOUNDS.items() for value in _outside(rule)]
+    cases = []
+    for key, rule in BOUNDS.items():
+        owner = ExperimentConfig()
+        *sections, name = key.split(".")
+        for section in sections:
+            owner = getattr(owner, section)
+        hint = typing.get_type_hints(type(owner))[name]
+        cases += [(key, value) for value in _outside(rule, int in (typing.get_args(hint) or (hint,)))]
+    return cases
 
 
 @pytest.mark.parametrize("key, value", _bound_cases())
@@ -230,17 +295,15 @@ def test_a_value_outside_its_range_is_one_error_naming_the_key(repo_root, key, v
         load_config(None, [f"--{key}", value])
 
 
-@pytest.mark.parametrize("module", ["train.sft", "train.ppo", "eval.evaluate"])
-def test_entry_points_refuse_a_bad_range_before_loading_any_model(repo_root, tmp_path, module):
+def test_the_real_command_line_refuses_a_bad_range_before_loading_any_model(repo_root, tmp_path):
+    """One real `python -m` run (the in-process checks of every entry point are in test_config_properties.py)."""
     import subprocess
-    import sys
 
     proc = subprocess.run(
-        [sys.executable, "-m", module, "--config", "configs/tiny.yaml", "--output_dir", str(tmp_path / "run"),
-         "--model.name_or_path", str(tmp_path / "no-model"), "--rollout.top_p", "0", "--eval.systems", "base"],
+        [sys.executable, "-m", "train.ppo", "--config", "configs/tiny.yaml", "--output_dir", str(tmp_path / "run"),
+         "--model.name_or_path", str(tmp_path / "no-model"), "--plan.margin", "1"],
         cwd=repo_root, capture_output=True, text=True, timeout=120,
     )
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
-        "error: rollout.top_p must be in (0, 1], got 0.0"]
+    assert proc.returncode == 2 and proc.stderr.splitlines() == ["error: plan.margin must be in [0, 1), got 1.0"], \
+        proc.stderr
     assert not (tmp_path / "run").exists()

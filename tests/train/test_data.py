@@ -376,22 +376,6 @@ def test_hub_dataset_is_normalised_like_the_csv_layout(monkeypatch):
     assert dd["train"]["id"] == ["train_0"] and report.splits["train"].dropped_dialogue == 1
 
 
-@pytest.fixture
-def unreachable_hub(tmp_path, monkeypatch) -> Path:
-    """A hub endpoint that refuses connections at once (port 9 of this machine) and empty hub and datasets caches;
-    returns the datasets cache. Offline and fast whatever the machine's network."""
-    from rewards import hub
-
-    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")
-    hub._probe.cache_clear()
-    yield tmp_path / "datasets-cache"
-    hub._probe.cache_clear()
-
-
 def test_uncached_hub_dataset_without_a_hub_fails_at_once_in_one_line(unreachable_hub, tmp_path):
     start = time.monotonic()
     with pytest.raises(DataError) as err:
@@ -406,7 +390,7 @@ def test_uncached_hub_dataset_without_a_hub_fails_at_once_in_one_line(unreachabl
 
 
 def test_cached_hub_dataset_without_a_hub_is_read_in_offline_mode(unreachable_hub, monkeypatch):
-    (unreachable_hub / "knkarthick___dialogsum" / "default").mkdir(parents=True)  # prepared once by `datasets`
+    (unreachable_hub.datasets_cache / "knkarthick___dialogsum" / "default").mkdir(parents=True)  # prepared once by `datasets`
     split = Dataset.from_dict({"id": ["x_0"], "dialogue": [dialogue_of(300)], "summary": ["s"], "topic": ["t"]})
     offline_during_load = []
 

@@ -439,21 +439,6 @@ def test_adapter_of_another_base_names_both_bases_and_the_first_shape(t5_dir, fo
     assert str(err.value).startswith("reference " + expected.replace(".lora_A.default.", ".lora_A.reference."))
 
 
-@pytest.fixture
-def unreachable_hub(tmp_path, monkeypatch) -> Path:
-    """A hub endpoint that refuses connections at once (port 9 of this machine) and an empty hub cache, returned:
-    the test stays offline and fast whatever the machine's network."""
-    import huggingface_hub.constants
-    from rewards import hub
-
-    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
-    hub._probe.cache_clear()
-    yield tmp_path / "hub-cache"
-    hub._probe.cache_clear()
-
-
 def test_uncached_hub_id_without_a_hub_fails_at_once_in_one_line(t5_dir, unreachable_hub, caplog):
     expected = (
         "{} 'someone/not-cached' is neither a local directory nor in the Hugging Face cache ({}), and the hub "
@@ -465,11 +450,11 @@ def test_uncached_hub_id_without_a_hub_fails_at_once_in_one_line(t5_dir, unreach
     for what, load in (("tokenizer", lambda: load_tokenizer(model_cfg)), ("model", lambda: load_base_model(model_cfg))):
         with pytest.raises(ModelError) as err:
             load()
-        assert str(err.value) == expected.format(what, unreachable_hub, "pass it with --model.name_or_path DIR")
+        assert str(err.value) == expected.format(what, unreachable_hub.hub_cache, "pass it with --model.name_or_path DIR")
     base = load_base_model(_cfg(t5_dir).model)
     with pytest.raises(ModelError) as err:
         apply_lora(base, LoraSettings(), adapter="someone/not-cached")
-    assert str(err.value) == expected.format("adapter", unreachable_hub, "set model.adapter to DIR")
+    assert str(err.value) == expected.format("adapter", unreachable_hub.hub_cache, "set model.adapter to DIR")
     assert time.monotonic() - start < 10  # the libraries' own retries take about a minute
     assert not [r for r in caplog.records if r.name.startswith("huggingface_hub")]
 
@@ -477,7 +462,7 @@ def test_uncached_hub_id_without_a_hub_fails_at_once_in_one_line(t5_dir, unreach
 def test_cached_hub_id_without_a_hub_loads_from_the_cache_without_requests(t5_dir, unreachable_hub, caplog):
     import shutil
 
-    repo = unreachable_hub / "models--someone--tiny-t5"
+    repo = unreachable_hub.hub_cache / "models--someone--tiny-t5"
     shutil.copytree(t5_dir, repo / "snapshots" / "abc123")
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("abc123")

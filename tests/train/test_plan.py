@@ -240,6 +240,20 @@ def test_bad_input_gives_one_clear_error(argv, message):
         main(argv)
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"gpus": 0}, "plan.gpus must be at least 1, got 0"),
+    ({"zero": 4}, "plan.zero must be one of 0, 1, 2, 3, got 4"),
+    ({"gpu_mem_gib": float("nan")}, "plan.gpu_mem_gib must be positive and finite, got nan"),
+    ({"margin": 1.0}, "plan.margin must be in [0, 1), got 1.0"),
+])
+def test_inputs_built_in_code_are_held_to_the_config_ranges(change, message):
+    """The config checks the plan section when it loads; inputs made or changed in code (the knobs, --table) go
+    through PlanInputs.check, with the same ranges (BOUNDS)."""
+    with pytest.raises(ConfigError) as error:
+        _inputs(**change).check()
+    assert str(error.value) == message
+
+
 def test_cli_error_is_one_line_and_help_shows_the_grammar(repo_root):
     done = subprocess.run([sys.executable, "-m", "train.plan", "--zero", "3"], cwd=repo_root, capture_output=True,
                           text=True, timeout=120)

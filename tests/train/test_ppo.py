@@ -441,7 +441,8 @@ def test_two_steps_with_the_reward_server(tmp_path, tiny_artifacts):
         run_ppo(ppo_args(tiny_artifacts, tmp_path, "--ppo.steps", "2", "--ppo.batch_size", "8",
                           "--reward.url", f"http://127.0.0.1:{port}"),
                 env=ppo_env(DETOX_REWARD_TOKEN="ppo-test"))
-        served = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5.0).json()["stats"]
+        served = httpx.get(f"http://127.0.0.1:{port}/stats", headers={"Authorization": "Bearer ppo-test"},
+                           timeout=5.0).json()
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -15,7 +15,8 @@ import yaml
 
 from train.cli import run_cli
 from train.config import load_config
-from train.resume import setting_changes, settings_of
+from train.errors import ConfigError
+from train.resume import apply_optimizer_settings, check_resume_settings, setting_changes, settings_of
 from helpers import PPO_TIMEOUT_S, REPO_ROOT, ppo_args, ppo_env, read_ppo_log, run_ppo, sft_args
 
 SHORT = ["--ppo.batch_size", "8", "--ppo.mini_batch_size", "4", "--ppo.save_every_steps", "2",
@@ -30,6 +31,73 @@ def test_operational_keys_and_other_stages_sections_are_not_changes():
         "--eval.max_examples", "5", "--sft.learning_rate", "0.5", "--ppo.learning_rate", "0.01", "--ppo.cliprange", "0.3"])
     assert setting_changes(saved, changed, "ppo") == {"ppo.learning_rate": (1.41e-5, 0.01), "ppo.cliprange": (0.2, 0.3)}
     assert setting_changes(saved, changed, "sft") == {"sft.learning_rate": (saved["sft"]["learning_rate"], 0.5)}
+
+
+def test_paths_written_another_way_and_lora_targets_in_another_order_are_not_changes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    saved = settings_of(load_config(REPO_ROOT / "configs/tiny.yaml", ["--data.path", "data",
+                                                                       "--lora.target_modules", "q,v"]))
+    same = load_config(REPO_ROOT / "configs/tiny.yaml", ["--data.path", str(tmp_path / "data" / "."),
+                                                         "--lora.target_modules", "v,q"])
+    assert setting_changes(saved, same, "ppo") == {}
+    other = load_config(REPO_ROOT / "configs/tiny.yaml", ["--lora.target_modules", "q,k,v"])
+    assert set(setting_changes(saved, other, "ppo")) == {"data.path", "lora.target_modules"}
+
+
+def test_the_starting_adapter_counts_only_where_a_resumed_run_reads_it():
+    saved = settings_of(load_config(REPO_ROOT / "configs/tiny.yaml", ["--model.adapter", "runs/a/sft/adapter",
+                                                                       "--ppo.reference", "base"]))
+    moved = ["--model.adapter", "runs/b/sft/adapter", "--ppo.reference", "base"]
+    # SFT and PPO with the base as KL reference take the adapter from the checkpoint on resume...
+    assert setting_changes(saved, load_config(REPO_ROOT / "configs/tiny.yaml", moved), "sft") == {}
+    assert setting_changes(saved, load_config(REPO_ROOT / "configs/tiny.yaml", moved), "ppo") == {}
+    # ...but with the initial adapter as KL reference it is the anchor, fixed for the run.
+    anchored = settings_of(load_config(REPO_ROOT / "configs/tiny.yaml", ["--model.adapter", "runs/a/sft/adapter",
+                                                                          "--ppo.reference", "initial_adapter"]))
+    cfg = load_config(REPO_ROOT / "configs/tiny.yaml", ["--model.adapter", "runs/b/sft/adapter",
+                                                        "--ppo.reference", "initial_adapter"])
+    assert set(setting_changes(anchored, cfg, "ppo")) == {"model.adapter"}
+    with pytest.raises(ConfigError, match="model.adapter cannot change within a run"):
+        _check_against(anchored, cfg, "ppo")
+
+
+def _check_against(saved: dict, cfg, stage: str) -> dict:
+    from unittest import mock
+
+    with mock.patch("train.resume.read_trainer_state", return_value={"settings": saved}):
+        return check_resume_settings(Path("checkpoint-1"), cfg, stage, accept_changes=True)
+
+
+def test_changed_learning_rate_and_weight_decay_are_set_on_the_restored_optimizer_and_schedule():
+    import torch
+    from transformers import get_scheduler
+
+    def optimizer_and_schedule(lr: float, weight_decay: float):
+        params = [torch.nn.Parameter(torch.ones(2))]
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        return optimizer, get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=10)
+
+    old, old_schedule = optimizer_and_schedule(1e-3, 0.0)
+    for _ in range(4):
+        old.step()
+        old_schedule.step()
+    new, schedule = optimizer_and_schedule(0.5, 0.1)
+    new.load_state_dict(old.state_dict())  # what resuming restores: the checkpoint's rate and decay
+    schedule.load_state_dict(old_schedule.state_dict())
+    assert new.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.6)
+    apply_optimizer_settings(new, 0.5, 0.1, schedule)
+    assert new.param_groups[0]["lr"] == pytest.approx(0.5 * 0.6) == schedule.get_last_lr()[0]
+    assert new.param_groups[0]["weight_decay"] == 0.1
+    new.step()
+    schedule.step()
+    assert new.param_groups[0]["lr"] == pytest.approx(0.5 * 0.5)  # the schedule goes on from the new base rate
+    # Unchanged settings leave the restored optimizer bit for bit as it was.
+    again, again_schedule = optimizer_and_schedule(1e-3, 0.0)
+    again.load_state_dict(old.state_dict())
+    again_schedule.load_state_dict(old_schedule.state_dict())
+    apply_optimizer_settings(again, 1e-3, 0.0, again_schedule)
+    assert again.param_groups[0]["lr"] == old.param_groups[0]["lr"]
 
 
 def _resume_error(args: list[str], capsys) -> str:
@@ -49,9 +117,10 @@ def test_ppo_resume_with_changed_settings_is_refused_unless_accepted_then_applie
     config_before = (tmp_path / "ppo/config.yaml").read_text()
 
     # Refused before any model loads, with the list of differences; config.yaml still tells the truth.
-    import train.models
+    import train.ppo
 
-    monkeypatch.setattr(train.models, "load_policy", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(train.ppo, "load_policy", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(train.ppo, "make_reward_fn", lambda *a, **k: pytest.fail("the reward model was loaded"))
     line = _resume_error(ppo_args(tiny_artifacts, tmp_path, *SHORT, "--ppo.steps", "3", "--ppo.learning_rate", "1e-2",
                                   "--ppo.batch_size", "4", "--resume"), capsys)
     assert "settings differ from the checkpoint's" in line
