@@ -6,6 +6,7 @@ its toxicity is the softmax probability of the `toxic_label` class ("hate"). Bot
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -16,6 +17,15 @@ from rewards.config import RewardConfig
 from rewards.errors import RewardError
 
 TEXT_MODES = ("prompt_and_summary", "summary")
+# A lone UTF-16 surrogate is a legal JSON escape ("\\ud800") and a legal Python character, but no UTF-8 text: the
+# tokenizer and the HTTP client both fail on it. Searched for, rather than encoded, to allocate nothing.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate(text: str) -> int | None:
+    """The position of the first character of `text` that UTF-8 cannot encode (a lone surrogate), or None."""
+    found = _SURROGATE.search(text)
+    return None if found is None else found.start()
 
 
 @dataclass
@@ -34,6 +44,9 @@ class RewardScores:
 
     @classmethod
     def concat(cls, parts: Sequence["RewardScores"]) -> "RewardScores":
+        widths = sorted({int(p.logits.shape[1]) for p in parts})
+        if len(widths) > 1:
+            raise RewardError(f"cannot join scores with {widths} logit columns: they come from different classifiers")
         return cls(
             rewards=torch.cat([p.rewards for p in parts]),
             toxicity=torch.cat([p.toxicity for p in parts]),
@@ -71,6 +84,10 @@ def check_texts(texts: Sequence[str]) -> list[str]:
     bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
     if bad:
         raise RewardError(f"texts to score must be strings; item(s) {bad[:5]} are {type(texts[bad[0]]).__name__}")
+    for i, text in enumerate(texts):
+        if (at := lone_surrogate(text)) is not None:
+            raise RewardError(f"text {i} is not valid Unicode: character {at} is a lone surrogate "
+                              f"({text[at]!r}), which UTF-8 cannot encode; clean the text before scoring it")
     return texts
 
 

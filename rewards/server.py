@@ -10,7 +10,8 @@ batching, limits); the other sections of a training recipe belong to training an
 trainer runs with also starts its server. A top-level key no training recipe has is an error, and so is a client
 setting of the reward section (text, url, timeout_s, max_retries) on the command line.
 
-`POST /score {"texts": [...]}` -> `{"rewards": [...], "toxicity": [...], "logits": [[...], ...]}`;
+`POST /score {"texts": [...]}` (UTF-8 JSON, that one key) -> `{"rewards": [...], "toxicity": [...], "logits": [[...],
+...]}`;
 `GET /health` -> status and the request limits (max_texts_per_request, max_chars: clients split their batches to
 fit, batch_size: texts per model call), plus model, labels, device and batching statistics for a caller with the
 token (or for anyone when no token is set); `GET /stats` -> the statistics alone, with the same rule. Concurrent
@@ -18,11 +19,16 @@ requests are batched dynamically: they wait in a bounded queue (full -> 503) and
 reward.batch_size texts at a time, after waiting at most reward_server.max_wait_ms for company, in its own thread so
 the event loop keeps accepting requests meanwhile.
 
-Memory is bounded by admission control: the bodies of all requests being read, queued or scored together may hold
-at most BODIES_IN_MEMORY maximum-size bodies' worth of bytes (max_body_bytes). A request's Content-Length is
-reserved before its body is read; one that does not fit gets 503 with Retry-After at once, its body unread, and the
-client's retries bring it back. Memory stays near the bytes admitted (about twice them while a body is parsed)
-instead of growing with the queue.
+Memory is bounded by admission control. Before its body is read, a request reserves what it can cost: the bytes its
+Content-Length allows (a body streamed without one may use the whole max_body_bytes) plus the most the texts parsed
+from that many bytes can take (Python strings cost up to 18 times their JSON bytes when short, 4 bytes a character
+when long; counted by request_cost). All reservations together stay within BODIES_IN_MEMORY maximum-size requests'
+worth. A request that does not fit waits, its body unread (costing nothing), for up to BUDGET_WAIT_S in arrival
+order, then gets 503 with Retry-After. Its body is then read up to its reservation and no further, within
+BODY_DEADLINE_S (a stalled upload gets 408 and frees its reservation), and parsed in a thread by a parser that
+builds only the strings of {"texts": [...]}: any other shape is refused at its first wrong item, so no JSON can
+turn into more objects than reserved. Memory held for requests (bodies, texts, and the one text each parse is
+decoding) therefore stays within the budget, however many clients send and whatever they send.
 
 The bearer token is read from the environment variable named by reward.token_env (DETOX_REWARD_TOKEN). The default
 variable may be left unset (no token); any other variable named there must be set, and reward_server.require_token
@@ -35,8 +41,11 @@ import argparse
 import asyncio
 import hmac
 import json
+import logging
 import os
+import re
 import sys
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
@@ -45,14 +54,17 @@ from typing import Any, Callable, Sequence
 import torch
 import uvicorn
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from rewards.config import (
     CLIENT_REWARD_KEYS, LOOPBACK_HOSTS, SERVED_REWARD_KEYS, RewardConfig, RewardServerConfig, ServerRecipe,
     load_server_config, section_help,
 )
 from rewards.errors import ConfigError, RewardError
-from rewards.scorer import RewardScorer, RewardScores
+from rewards.http_limits import BodyRefused, ClientGone, content_length, read_bounded
+from rewards.scorer import RewardScorer, RewardScores, lone_surrogate
+
+log = logging.getLogger("rewards.server")
 
 # The flags of earlier versions and the keys that replaced them: each stops with one line naming its key.
 FORMER_FLAGS = {
@@ -66,40 +78,102 @@ FORMER_FLAGS = {
 }
 
 
-# Request bodies the server holds at once, in maximum-size bodies: the admission budget is this many times
-# max_body_bytes, so a lone maximum-size request always fits and memory stays bounded however many clients send.
+# Requests the server holds at once, in maximum-size requests: the admission budget is this many times the cost of
+# one (request_cost of max_body_bytes), so a lone maximum-size request always fits and memory stays bounded however
+# many clients send.
 BODIES_IN_MEMORY = 2
 RETRY_AFTER_S = 1  # what a 503 asks the client to wait
+BUDGET_WAIT_S = 10.0  # how long a request that does not fit waits for room, its body unread, before a 503
+BODY_DEADLINE_S = 30.0  # a body must arrive within this; a stalled upload would otherwise keep its reservation
+# The most memory the texts parsed from one body byte can take: a lone two-byte character ("\u0101", 5 bytes with
+# its quotes and comma) is an 85-byte string with its list pointer (17 bytes a byte; tests/rewards measures it).
+TEXT_BYTES_PER_BODY_BYTE = 18
+DECODE_BYTES_PER_BODY_BYTE = 8  # decoding one text: its literal as a str and the text being built (measured: 6)
+TEXT_OVERHEAD_BYTES = 96  # a string's header (at most 80 bytes) and its pointer in the list, with the list's spare room
+CLOSE = {"Connection": "close"}  # an answer sent before the body was read whole: the connection cannot be reused
 
 
 class QueueFullError(Exception):
     pass
 
 
+class WorkerStopped(Exception):
+    pass
+
+
 def max_body_bytes(settings: RewardServerConfig) -> int:
-    """The largest /score body the limits allow: JSON may escape each character as \\uXXXX (6 bytes a character),
-    plus quotes and separators, plus room for the object around the list."""
-    return settings.max_texts_per_request * (settings.max_chars * 6 + 4) + 4096
+    """The largest /score body the limits allow: JSON may escape a character as 12 bytes (a character beyond the
+    Basic Multilingual Plane as two \\uXXXX escapes, as json.dumps does by default), plus quotes and separators,
+    plus room for the object around the list."""
+    return settings.max_texts_per_request * (settings.max_chars * 12 + 4) + 4096
+
+
+def request_cost(body_bytes: int, settings: RewardServerConfig) -> int:
+    """Bytes of memory a /score request of at most `body_bytes` bytes can hold: its body, and the texts parsed from
+    it (at most TEXT_BYTES_PER_BODY_BYTE a body byte, and never more than the limits allow: 4 bytes a character),
+    and one text being decoded (DECODE_BYTES_PER_BODY_BYTE a byte of its literal: see parse_texts)."""
+    texts = settings.max_texts_per_request * (TEXT_OVERHEAD_BYTES + 4 * settings.max_chars)
+    decoding = DECODE_BYTES_PER_BODY_BYTE * (12 * settings.max_chars + 2)
+    return body_bytes + min((TEXT_BYTES_PER_BODY_BYTE + DECODE_BYTES_PER_BODY_BYTE) * body_bytes, texts + decoding)
 
 
 class BodyBudget:
-    """Bytes of request bodies admitted and not yet answered. The event loop is the only user: no lock needed."""
+    """Bytes of memory reserved by the requests being read, parsed, queued or scored. A request that does not fit
+    waits in line: first come, first served, so small requests cannot keep overtaking a large one. The event loop
+    is the only user: no lock needed."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.held = 0
+        self.peak = 0
+        self._line: deque[tuple[int, asyncio.Future]] = deque()
 
-    def take(self, size: int) -> bool:
-        if self.held + size > self.limit:
-            return False
-        self.held += size
-        return True
+    @property
+    def waiting(self) -> int:
+        return len(self._line)
+
+    async def take(self, size: int, wait_s: float) -> bool:
+        """Reserve `size` bytes, waiting up to `wait_s` seconds for room; False when there was none by then."""
+        if not self._line and self.held + size <= self.limit:
+            self._hold(size)
+            return True
+        entry = (size, asyncio.get_running_loop().create_future())
+        self._line.append(entry)
+        try:
+            await asyncio.wait({entry[1]}, timeout=wait_s)
+        except BaseException:  # cancelled while waiting: never keep bytes nobody will give back
+            self._leave(entry)
+            raise
+        if entry[1].done():
+            return True
+        self._leave(entry)
+        return False
 
     def give(self, size: int) -> None:
         self.held -= size
+        self._admit()
+
+    def _hold(self, size: int) -> None:
+        self.held += size
+        self.peak = max(self.peak, self.held)
+
+    def _admit(self) -> None:
+        while self._line and self.held + self._line[0][0] <= self.limit:
+            size, granted = self._line.popleft()
+            self._hold(size)
+            granted.set_result(None)
+
+    def _leave(self, entry: tuple[int, asyncio.Future]) -> None:
+        size, granted = entry
+        if granted.done():  # admitted just now: hand the bytes back
+            self.give(size)
+        else:  # leaving the line may let the ones behind in
+            self._line.remove(entry)
+            granted.cancel()
+            self._admit()
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity: kept in a set while open
 class _Job:
     texts: list[str]
     future: asyncio.Future
@@ -116,23 +190,39 @@ class DynamicBatcher:
         self.max_wait_s = max_wait_ms / 1000.0
         self.queue: asyncio.Queue[_Job] = asyncio.Queue(maxsize=max_queue)
         self._held: _Job | None = None  # a job that did not fit in the previous batch goes first in the next
+        self._open: set[_Job] = set()  # submitted and not answered yet, wherever they are: failed if the worker stops
+        self.stopped: str | None = None  # why run() ended, once it has: the server then answers nothing
         # One dedicated thread runs the model: calls stay serialised, and torch keeps one OpenMP pool (pools
         # belong to the calling thread, so a rotating executor would create several that compete for the cores).
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward-model")
         self.stats = {"requests": 0, "texts": 0, "batches": 0, "largest_batch": 0, "most_requests_in_a_batch": 0}
 
     async def submit(self, texts: list[str]) -> RewardScores:
-        future = asyncio.get_running_loop().create_future()
+        if self.stopped is not None:
+            raise WorkerStopped(self.stopped)
+        job = _Job(texts, asyncio.get_running_loop().create_future())
         try:
-            self.queue.put_nowait(_Job(texts, future))
+            self.queue.put_nowait(job)
         except asyncio.QueueFull:
             raise QueueFullError from None
-        return await future
+        self._open.add(job)
+        job.future.add_done_callback(lambda _: self._open.discard(job))
+        return await job.future
 
     async def run(self) -> None:
         try:
             while True:
-                await self._score(await self._collect())
+                jobs = await self._collect()
+                try:
+                    await self._score(jobs)
+                except Exception as exc:  # a failure outside the model call: this batch fails, the worker goes on
+                    log.warning("scoring a batch failed: %s: %s", type(exc).__name__, exc)
+                    _fail(jobs, exc)
+        except BaseException as exc:  # cancelled (shutdown) or broken: nobody would ever answer the waiting requests
+            self.stopped = "the server is shutting down" if isinstance(exc, asyncio.CancelledError) else (
+                f"the scoring worker stopped ({type(exc).__name__}: {exc})")
+            _fail(list(self._open), WorkerStopped(self.stopped))
+            raise
         finally:
             self._model_thread.shutdown(wait=False, cancel_futures=True)
 
@@ -156,16 +246,25 @@ class DynamicBatcher:
         return jobs
 
     async def _score(self, jobs: list[_Job]) -> None:
-        jobs = [job for job in jobs if not job.future.done()]  # a client that hung up needs no scores
+        # A request cancelled while queued (the server shutting down) needs no scores. A client that hangs up is
+        # not noticed here: its texts are scored and the answer is dropped.
+        jobs = [job for job in jobs if not job.future.done()]
         if not jobs:
             return
         texts = [text for job in jobs for text in job.texts]
         try:
             scores = await asyncio.get_running_loop().run_in_executor(self._model_thread, self.score_fn, texts)
-        except Exception as exc:  # the model failed: every waiting request gets the error, the server lives on
+            if len(scores) != len(texts):
+                raise RewardError(f"the scorer returned {len(scores)} scores for {len(texts)} texts")
+        except Exception as exc:
+            if len(jobs) == 1:  # the model failed on this request: it gets the error, the server lives on
+                _fail(jobs, exc)
+                return
+            # One request's texts may fail the whole batch: score each request alone, so only its own client fails.
+            log.warning("a batch of %d requests failed (%s: %s): scoring them one by one", len(jobs),
+                        type(exc).__name__, exc)
             for job in jobs:
-                if not job.future.done():
-                    job.future.set_exception(exc)
+                await self._score([job])
             return
         self.stats["requests"] += len(jobs)
         self.stats["texts"] += len(texts)
@@ -180,78 +279,121 @@ class DynamicBatcher:
             start = stop
 
 
-def validate_texts(body: Any, settings: RewardServerConfig) -> list[str]:
-    """The texts of a /score body, or an HTTPException with the status and message the client should see."""
-    if not isinstance(body, dict) or "texts" not in body:
-        raise HTTPException(422, 'the body must be a JSON object {"texts": ["...", ...]}')
-    texts = body["texts"]
-    if not isinstance(texts, list):
-        raise HTTPException(422, f'"texts" must be a list of strings, got {type(texts).__name__}')
-    if not texts:
-        raise HTTPException(422, '"texts" is empty: send at least one text')
-    if len(texts) > settings.max_texts_per_request:
-        raise HTTPException(
-            413, f"{len(texts)} texts in one request; the limit is {settings.max_texts_per_request}: split the batch"
-        )
-    bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
-    if bad:
-        raise HTTPException(422, f'"texts" must hold only strings; item(s) {bad[:5]} are {type(texts[bad[0]]).__name__}')
-    long = [i for i, t in enumerate(texts) if len(t) > settings.max_chars]
-    if long:
-        raise HTTPException(
-            413, f"text {long[0]} has {len(texts[long[0]])} characters; the limit is {settings.max_chars} per text"
-        )
-    return texts
+def _fail(jobs: list[_Job], exc: BaseException) -> None:
+    for job in jobs:
+        if not job.future.done():
+            job.future.set_exception(exc)
 
 
-def declared_size(request: Request, max_body: int) -> int:
-    """Bytes to reserve for a request's body, from its Content-Length (checked against the limit before a byte is
-    read); a body without one (chunked) reserves the limit, which read_body enforces as it reads."""
-    header = request.headers.get("content-length")
-    if header is None:
-        return max_body
-    if not header.isdigit():  # isdigit: no sign, no spaces, no "1e9"
-        raise HTTPException(400, f"Content-Length {header[:40]!r} is not a byte count")
-    size = int(header)
-    if size > max_body:
-        raise HTTPException(413, f"the body has {size} bytes; the limit is {max_body} (max_texts_per_request texts of "
-                                 "max_chars characters): split the batch")
-    return size
-
-
-async def read_body(request: Request, max_body: int) -> bytearray:
-    """The body, read in place (no list of chunks joined at the end), stopping once it passes max_body."""
-    body = bytearray()
-    async for chunk in request.stream():
-        if len(body) + len(chunk) > max_body:
-            raise HTTPException(413, f"the body has more than {max_body} bytes, the limit: split the batch")
-        body += chunk
-    return body
+_SPACE = re.compile(rb"[ \t\n\r]*")
+# A JSON string literal (its escapes are checked when decoded). Possessive: a plain repeat keeps a backtracking
+# record per escape, 140 bytes for each 6-byte "\\u0101".
+_STRING = re.compile(rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"')
+_KINDS = {ord('"'): "a string", ord("["): "a list", ord("{"): "an object", ord("t"): "a boolean",
+          ord("f"): "a boolean", ord("n"): "null", **{c: "a number" for c in b"-0123456789"}}
+_NOT_JSON = 'the body is not valid JSON: send {"texts": ["...", ...]}'
+_SHAPE = 'the body must be a JSON object {"texts": ["...", ...]}'
 
 
 def parse_texts(raw: bytearray, settings: RewardServerConfig) -> list[str]:
-    """The checked texts of a /score body. The raw bytes are emptied once decoded, so bytes, decoded text and parsed
-    texts never exist all at once (json.loads of bytes would keep all three until it returns)."""
-    not_json = HTTPException(400, 'the body is not valid JSON: send {"texts": ["...", ...]}')
+    """The checked texts of a /score body, which must be UTF-8 JSON of the form {"texts": ["...", ...]}; raw is
+    emptied. A general JSON parser would first build whatever the body holds (an empty list costs 56 bytes for its 3
+    body bytes, and nesting costs stack), so the body is read here as exactly that shape: only the texts' strings
+    are built, each checked as it comes, and anything else is refused at its first byte. A text is decoded from its
+    own slice of the body, so besides the body and the texts only one text's decoding exists at a time."""
     try:
-        text = raw.decode(json.detect_encoding(raw), "surrogatepass")  # what json.loads does with bytes
-    except UnicodeDecodeError:
-        raise not_json from None
+        with memoryview(raw) as view:
+            return _parse_texts(raw, view, settings)
     finally:
         del raw[:]
-    try:
-        body = json.loads(text)
-    except RecursionError:  # json's C parser recurses once per nesting level
-        raise HTTPException(400, 'the body is JSON nested too deeply: send {"texts": ["...", ...]}') from None
-    except ValueError:
-        raise not_json from None
-    del text
-    return validate_texts(body, settings)
 
 
-def build_app(scorer: Any, settings: RewardServerConfig, token: str | None = None, batch_size: int | None = None) -> FastAPI:
+def _parse_texts(raw: bytearray, view: memoryview, settings: RewardServerConfig) -> list[str]:
+    limit, max_chars = settings.max_texts_per_request, settings.max_chars
+    pos = 3 if raw.startswith(b"\xef\xbb\xbf") else 0  # a UTF-8 byte order mark
+
+    def skip() -> int:  # past white space, to the next byte (-1 at the end)
+        nonlocal pos
+        pos = _SPACE.match(raw, pos).end()
+        return raw[pos] if pos < len(raw) else -1
+
+    def kind(byte: int) -> str:
+        if byte not in _KINDS:
+            raise HTTPException(400, _NOT_JSON)
+        return _KINDS[byte]
+
+    def string(most_bytes: int) -> str | None:  # the string at pos, or None when it has more than most_bytes
+        nonlocal pos
+        found = _STRING.match(raw, pos)
+        if found is None:
+            raise HTTPException(400, _NOT_JSON)
+        pos = found.end()
+        if found.end() - found.start() - 2 > most_bytes:
+            return None
+        try:
+            literal = str(view[found.start():found.end()], "utf-8")
+            value, end = json.decoder.scanstring(literal, 1, True)
+        except ValueError:  # not UTF-8, a control character, a bad escape
+            raise HTTPException(400, _NOT_JSON) from None
+        return value
+
+    if skip() != ord("{"):
+        kind(skip())
+        raise HTTPException(422, _SHAPE)
+    pos += 1
+    if (byte := skip()) == ord("}"):
+        raise HTTPException(422, _SHAPE)
+    if byte != ord('"'):
+        raise HTTPException(400, _NOT_JSON)
+    key = string(64)
+    if key != "texts":
+        shown = "a long key" if key is None else f"the key {key[:40]!r}"
+        raise HTTPException(422, f'{_SHAPE}, with no other key; it has {shown}')
+    if skip() != ord(":"):
+        raise HTTPException(400, _NOT_JSON)
+    pos += 1
+    if (byte := skip()) != ord("["):
+        raise HTTPException(422, f'"texts" must be a list of strings, got {kind(byte)}')
+    pos += 1
+    texts: list[str] = []
+    if skip() == ord("]"):
+        raise HTTPException(422, '"texts" is empty: send at least one text')
+    while True:
+        index = len(texts)
+        if (byte := skip()) != ord('"'):
+            raise HTTPException(422, f'"texts" must hold only strings; item {index} is {kind(byte)}')
+        if index == limit:
+            raise HTTPException(413, f"more than {limit} texts in one request; the limit is {limit}: split the batch")
+        # A character is at most 12 bytes of JSON, so a longer literal has too many characters: not decoded.
+        text = string(12 * max_chars)
+        if text is None or len(text) > max_chars:
+            count = f"more than {max_chars}" if text is None else len(text)
+            raise HTTPException(413, f"text {index} has {count} characters; the limit is {max_chars} per text")
+        if (at := lone_surrogate(text)) is not None:
+            raise HTTPException(422, f"text {index} is not valid Unicode: character {at} is a lone surrogate "
+                                     f"({text[at]!r}), which UTF-8 cannot encode")
+        texts.append(text)
+        if (byte := skip()) == ord(","):
+            pos += 1
+        elif byte == ord("]"):
+            pos += 1
+            break
+        else:
+            raise HTTPException(400, _NOT_JSON)
+    if (byte := skip()) == ord(","):
+        raise HTTPException(422, f"{_SHAPE}, with no other key")
+    if byte != ord("}"):
+        raise HTTPException(400, _NOT_JSON)
+    pos += 1
+    if skip() != -1:
+        raise HTTPException(400, _NOT_JSON)
+    return texts
+
+
+def build_app(scorer: Any, settings: RewardServerConfig, token: str | None = None, batch_size: int | None = None,
+              *, budget_wait_s: float = BUDGET_WAIT_S, body_deadline_s: float = BODY_DEADLINE_S) -> FastAPI:
     """A FastAPI app serving `scorer` (anything with .score(texts) and .describe()), at most `batch_size` texts
-    per model call (default: reward.batch_size's default)."""
+    per model call (default: reward.batch_size's default). The two waits are parameters for tests."""
     batch_size = batch_size or RewardConfig.batch_size
     batcher = DynamicBatcher(scorer.score, batch_size, settings.max_wait_ms, settings.max_queue)
 
@@ -264,8 +406,8 @@ def build_app(scorer: Any, settings: RewardServerConfig, token: str | None = Non
             await worker
 
     max_body = max_body_bytes(settings)
-    budget = BodyBudget(BODIES_IN_MEMORY * max_body)
-    # No max_body_size here: /score bounds its body itself (read_body), before reading it and with its own message.
+    budget = BodyBudget(BODIES_IN_MEMORY * request_cost(max_body, settings))
+    # No max_body_size here: /score bounds its body itself (read_bounded), before reading it and with its own message.
     app = FastAPI(
         title="detox-sum reward server",
         lifespan=lifespan,
@@ -293,12 +435,24 @@ def build_app(scorer: Any, settings: RewardServerConfig, token: str | None = Non
             raise error
 
     def statistics() -> dict[str, Any]:
-        return {**batcher.stats, "queued": batcher.queue.qsize(), "body_bytes_held": budget.held}
+        return {**batcher.stats, "queued": batcher.queue.qsize(), "body_bytes_held": budget.held,
+                "body_bytes_peak": budget.peak, "body_bytes_limit": budget.limit, "waiting_for_room": budget.waiting}
 
-    @app.get("/health")
-    async def health(request: Request) -> dict[str, Any]:
+    def busy(why: str) -> HTTPException:
+        return HTTPException(503, f"reward server is busy: {why}: retry after {RETRY_AFTER_S} s",
+                             {"Retry-After": str(RETRY_AFTER_S), **CLOSE})
+
+    def refused(exc: BodyRefused) -> HTTPException:
+        hint = (": split the batch (a request holds at most max_texts_per_request texts of max_chars characters)"
+                if exc.status == 413 else "")
+        return HTTPException(exc.status, exc.message + hint, CLOSE)
+
+    @app.get("/health", response_model=None)
+    async def health(request: Request) -> dict[str, Any] | JSONResponse:
         # Liveness and the limits clients split by are public (health checks run without the token); what the
         # server runs and its traffic are for token holders only.
+        if batcher.stopped is not None:
+            return JSONResponse({"status": "unhealthy", "detail": batcher.stopped}, 503)
         public = {"status": "ok", "max_texts_per_request": settings.max_texts_per_request,
                   "max_chars": settings.max_chars, "batch_size": batch_size}
         if token_error(request) is not None:
@@ -310,29 +464,37 @@ def build_app(scorer: Any, settings: RewardServerConfig, token: str | None = Non
         check_token(request)
         return statistics()
 
-    @app.post("/score")
-    async def score(request: Request) -> JSONResponse:
+    @app.post("/score", response_model=None)
+    async def score(request: Request) -> JSONResponse | Response:
         check_token(request)
-        size = declared_size(request, max_body)
-        if not budget.take(size):
-            raise HTTPException(
-                503, f"reward server is busy: {budget.held} bytes of requests are being read or scored, the limit is "
-                f"{budget.limit}: retry after {RETRY_AFTER_S} s", {"Retry-After": str(RETRY_AFTER_S)},
-            )
         try:
-            texts = parse_texts(await read_body(request, max_body), settings)
+            size = content_length(request.headers, max_body, chunked=True)
+        except BodyRefused as exc:
+            raise refused(exc) from None
+        cost = request_cost(size, settings)
+        if not await budget.take(cost, budget_wait_s):
+            raise busy(f"{budget.held} bytes of requests are being read or scored and {budget.waiting} more wait, "
+                       f"the limit is {budget.limit}")
+        try:
+            try:
+                raw = await read_bounded(request, size, body_deadline_s, exact="transfer-encoding" not in request.headers)
+            except ClientGone as exc:
+                log.warning("POST /score: %s; nothing to answer", exc.message)
+                return Response(status_code=400, headers=CLOSE)  # nobody reads it
+            except BodyRefused as exc:
+                raise refused(exc) from None
+            # In a thread: a large body does not stop the event loop from taking other requests meanwhile.
+            texts = await asyncio.to_thread(parse_texts, raw, settings)
+            del raw
             try:
                 scores = await batcher.submit(texts)
             except QueueFullError:
-                raise HTTPException(
-                    503, f"reward server queue is full ({settings.max_queue} requests waiting): retry later",
-                    {"Retry-After": str(RETRY_AFTER_S)},
-                ) from None
+                raise busy(f"its queue is full ({settings.max_queue} requests waiting)") from None
             except Exception as exc:
                 raise HTTPException(500, f"scoring failed: {type(exc).__name__}: {exc}") from None
             return JSONResponse(scores.to_lists())
         finally:
-            budget.give(size)
+            budget.give(cost)
 
     return app
 

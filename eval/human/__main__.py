@@ -14,6 +14,7 @@ sign-in (do so whenever the server is reachable by others). Forms are accepted o
 header names, so a reverse proxy in front must pass the original Host (and X-Forwarded-Proto for https) through.
 """
 
+
 from __future__ import annotations
 
 import argparse
@@ -32,6 +33,18 @@ from train.cli import OVERRIDE_HELP, run_cli
 from train.config import ExperimentConfig, HumanConfig, expand_output_dir, load_config
 
 TOKEN_ENV = "DETOX_HUMAN_TOKEN"
+SERVE_NOTES = f"""Set {TOKEN_ENV} to require an access token at sign-in (do so whenever others can reach the server).
+
+A form's Origin (or Referer) header is compared with the scheme and Host header of the request it came in: a
+reverse proxy in front must pass the original Host through (nginx: proxy_set_header Host $host), and, for https,
+X-Forwarded-Proto (uvicorn trusts it from this machine only, or from the addresses in FORWARDED_ALLOW_IPS),
+or every form is refused with 403.
+
+Each annotator's name is claimed by their first sign-in with a personal code, shown on their pages; signing in
+under that name again needs the code once they have signed out, or on another browser. When the answers database
+holds names that answered before personal codes existed, serve gives each a code and writes them, once, to
+<db stem>-personal-codes.txt next to the database (readable by you only): hand each annotator their own."""
+
 log = logging.getLogger("eval.human")
 
 COMMANDS = {
@@ -56,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True)
     for name, help_text in COMMANDS.items():
-        sub = commands.add_parser(name, help=help_text, description=help_text, epilog=epilog,
+        description = f"{help_text}\n\n{SERVE_NOTES}" if name == "serve" else help_text
+        sub = commands.add_parser(name, help=help_text, description=description, epilog=epilog,
                                   formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
         sub.add_argument("--config", help="YAML recipe (its output_dir and human section); default: the defaults")
         if name == "export":

@@ -181,7 +181,7 @@ def write_report(items: str | Path, db: Optional[str | Path] = None, key: Option
     """Load the study, its key and answers; write report.{json,md,png} to `out`; return the numbers."""
     study = load_study(items)
     mapping = load_key(key or study.directory / KEY_FILE, study)
-    store = AnswerStore(db or study.directory / DB_FILE, study.items_sha256, create=False)
+    store = AnswerStore.read_only(db or study.directory / DB_FILE, study.items_sha256)  # never migrated or written
     answers = store.answers()
     if not answers:
         raise DataError(f"{store.path} holds no answers yet: annotate some items with `python -m eval.human serve` first")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import socket
 import time
 
 import httpx
@@ -65,7 +66,8 @@ def test_client_gives_up_after_its_retry_budget():
     calls: list = []
     client = RewardClient("http://reward", max_retries=2, backoff_s=0.05, transport=scoring_transport(calls, [503] * 5))
     started = time.monotonic()
-    with pytest.raises(RewardError, match=r"did not answer after 3 attempts \(HTTP 503.*rewards\.server` running"):
+    # A 503 without Retry-After is a failing server, not a busy one: counted, and the hint says where to look.
+    with pytest.raises(RewardError, match=r"did not answer after 3 attempts \(HTTP 503.*\): the server failed: see its log$"):
         client.score(["x"])
     assert len(calls) == 3
     assert total_backoff_s(2, 0.05) <= time.monotonic() - started < total_backoff_s(2, 0.05) + 2.0
@@ -128,6 +130,9 @@ def test_client_rejects_broken_numbers_naming_the_server_and_the_value(field, va
         ("http://127.0.0.1:8500/?x=1", "no spaces, query or fragment"),
         (" http://127.0.0.1:8500", "no scheme"),
         ("", "is empty"),
+        ("http://xn--zz.com", "Invalid A-label"),  # the host is decoded lazily: it was an IDNAError traceback
+        ("http://%zz:8500", "'%zz' is not a host name"),
+        ("http://a..b:8500", "'a..b' is not a host name"),
     ],
 )
 def test_client_refuses_a_malformed_url_at_once(url, message):
@@ -143,7 +148,9 @@ def test_client_refuses_a_malformed_url_at_once(url, message):
 
 
 def test_client_accepts_well_formed_urls():
-    for url in ("http://127.0.0.1:8500", "https://reward.internal/", "http://[::1]:8500", "http://host:8500/prefix"):
+    # An underscore is no DNS host name, but container names have them and resolve: allowed.
+    for url in ("http://127.0.0.1:8500", "https://reward.internal/", "http://[::1]:8500", "http://host:8500/prefix",
+                "http://reward_server:8500", "http://bücher.example:8500"):
         assert RewardClient(url).url == url.rstrip("/")
 
 
@@ -178,6 +185,131 @@ def test_client_splits_large_batches_and_keeps_order():
     old_server = httpx.MockTransport(lambda request: httpx.Response(200, json={"status": "ok"}))
     with pytest.raises(RewardError, match="does not report max_texts_per_request"):
         RewardClient("http://reward", transport=old_server).score(["a"])
+
+
+def test_client_refuses_text_utf8_cannot_encode_before_sending():
+    calls: list = []
+    client = RewardClient("http://reward", transport=scoring_transport(calls, []))
+    # A lone surrogate ("\ud800": legal JSON, legal str) made httpx raise UnicodeEncodeError with a traceback.
+    with pytest.raises(RewardError, match=r"^text 1 is not valid Unicode: character 2 is a lone surrogate"):
+        client.score(["fine", "ab\ud800cd"])
+    assert calls == []
+
+
+def test_a_name_that_does_not_resolve_is_not_retried():
+    attempts: list = []
+
+    def unresolvable(request: httpx.Request) -> httpx.Response:
+        attempts.append(request.url.path)
+        try:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        except socket.gaierror as exc:
+            raise httpx.ConnectError(str(exc), request=request) from exc
+
+    client = RewardClient("http://exa_mple:8500", max_retries=3, backoff_s=1.0, transport=httpx.MockTransport(unresolvable))
+    started = time.monotonic()
+    with pytest.raises(RewardError, match=r"host 'exa_mple' does not resolve \(.*Name or service not known\): check "
+                                          r"reward\.url$"):
+        client.health()
+    assert attempts == ["/health"] and time.monotonic() - started < 0.5
+
+
+def test_the_final_hint_follows_the_last_failure():
+    def timing_out(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("timed out", request=request)
+
+    client = RewardClient("http://reward", max_retries=1, backoff_s=0.01, timeout_s=7, transport=httpx.MockTransport(timing_out))
+    with pytest.raises(RewardError, match=r"after 2 attempts \(ReadTimeout: timed out\): no answer within "
+                                          r"reward\.timeout_s = 7 s") as caught:
+        client.health()
+    assert "running?" not in str(caught.value)
+
+    def busy(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(503, json={"detail": "reward server is busy: full"}, headers={"Retry-After": "0.05"})
+
+    client = RewardClient("http://reward", max_retries=1, backoff_s=0.01, busy_timeout_s=0.3, transport=httpx.MockTransport(busy))
+    with pytest.raises(RewardError, match=r"was still busy after 0\.3 s \(HTTP 503: reward server is busy: full\): it "
+                                          r"has more to score than it can") as caught:
+        client.health()
+    assert "running?" not in str(caught.value)
+
+
+def test_busy_answers_do_not_use_up_the_retries():
+    """40 trainers on one server: 503 + Retry-After means "come back", not "broken". With max_retries=0 the client
+    still waits its turn (until busy_timeout_s), where it used to give up after max_retries + 1 busy answers."""
+    calls: list = []
+
+    def busy_five_times(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/health":
+            return httpx.Response(200, json={"status": "ok", "max_texts_per_request": 8})
+        calls.append(request.url.path)
+        if len(calls) <= 5:
+            return httpx.Response(503, json={"detail": "busy"}, headers={"Retry-After": "0.01"})
+        return httpx.Response(200, json={"rewards": [0.0], "toxicity": [0.0], "logits": [[0.0, 0.0]]})
+
+    client = RewardClient("http://reward", max_retries=0, transport=httpx.MockTransport(busy_five_times))
+    assert len(client.score(["x"])) == 1 and len(calls) == 6
+
+
+def answer(rewards="ok", toxicity="ok", logits="ok"):
+    """A /score payload with the given fields replaced (for 2 texts)."""
+    body = {"rewards": [1.0, 2.0], "toxicity": [0.25, 0.5], "logits": [[1.0, 0.0], [2.0, 0.0]]}
+    for key, value in (("rewards", rewards), ("toxicity", toxicity), ("logits", logits)):
+        if value != "ok":
+            body[key] = value
+    return body
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (answer(logits=[[], []]), r"logits rows of \[0\] numbers: expected the same number \(one per class, at least one\)"),
+        (answer(logits=[[1.0, 0.0], [1.0]]), r"logits rows of \[1, 2\] numbers"),
+        (answer(rewards=[True, 1.0]), r"True in rewards for text 0: not a number"),
+        (answer(toxicity=[0.5, False]), r"False in toxicity for text 1: not a number"),
+        (answer(logits=[[1.0, 0.0], [True, 0.0]]), r"True in logits for text 1: not a number"),
+        (answer(rewards=["1.0", 1.0]), r"'1.0' in rewards for text 0: not a number"),
+        (answer(logits=[[1.0, 0.0], None]), r"a list of 2 as logits for 2 texts"),
+        # An integer beyond any float was an OverflowError traceback from torch.
+        (answer(rewards=[10**400, 1.0]), r"non-finite value in rewards \(10000000000000000000\.\.\. \(401 characters\) for text 0\)"),
+        (answer(logits=[[1e39, 0.0], [0.0, 0.0]]), r"non-finite value in logits \(1e\+39 for text 0\)"),  # beyond float32
+        ([1, 2], r"malformed /score answer \(expected an object with rewards, toxicity and logits, got a list of 2\)"),
+    ],
+)
+def test_client_refuses_answers_that_are_no_scores(payload, message):
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/health":
+            return httpx.Response(200, json={"status": "ok", "max_texts_per_request": 8})
+        return httpx.Response(200, content=json.dumps(payload).encode(), headers={"content-type": "application/json"})
+
+    with pytest.raises(RewardError, match=r"^reward server at http://reward sent .*" + message):
+        RewardClient("http://reward", transport=httpx.MockTransport(handler)).score(["a", "b"])
+
+
+def test_an_answer_nested_too_deeply_is_one_error():
+    deep = b'{"rewards": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=deep, headers={"content-type": "application/json"})
+
+    with pytest.raises(RewardError, match="answered /health with something that is not JSON"):
+        RewardClient("http://reward", transport=httpx.MockTransport(handler)).health()
+    failing = lambda request: httpx.Response(500, content=deep)  # the detail of an error answer, too
+    with pytest.raises(RewardError, match=r"after 1 attempts \(HTTP 500: \{\"rewards\": \[\[\["):
+        RewardClient("http://reward", max_retries=0, transport=httpx.MockTransport(failing)).health()
+
+
+def test_chunks_with_different_logit_widths_are_refused():
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/health":
+            return httpx.Response(200, json={"status": "ok", "max_texts_per_request": 2})
+        texts = json.loads(request.content)["texts"]
+        width = 2 if texts[0] == "a" else 3  # the server's classifier changed between two chunks
+        return httpx.Response(200, json={"rewards": [0.0] * len(texts), "toxicity": [0.0] * len(texts),
+                                         "logits": [[0.0] * width] * len(texts)})
+
+    with pytest.raises(RewardError, match=r"sent logits of 3 classes for texts from 2 but 2 before"):
+        RewardClient("http://reward", transport=httpx.MockTransport(handler)).score(["a", "b", "c"])
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -75,14 +75,16 @@ def clock() -> Clock:
 
 @pytest.fixture
 def human_client() -> Callable[..., HumanClient]:
-    """human_client(study_dir, db, token=None, clock=None): a HumanClient of the app on `study_dir`, answers in `db`."""
+    """human_client(study_dir, db, token=None, clock=None, store_class=AnswerStore): a HumanClient of the app on
+    `study_dir`, answers in `db`."""
     from eval.human.app import create_app
     from eval.human.items import load_study
     from eval.human.store import AnswerStore
 
-    def make(study_dir: Path, db: Path, token: Optional[str] = None, clock: Optional[Clock] = None) -> HumanClient:
+    def make(study_dir: Path, db: Path, token: Optional[str] = None, clock: Optional[Clock] = None,
+             store_class: type = AnswerStore) -> HumanClient:
         study = load_study(study_dir)
-        app = create_app(study, AnswerStore(db, study.items_sha256), token, **({"clock": clock} if clock else {}))
+        app = create_app(study, store_class(db, study.items_sha256), token, **({"clock": clock} if clock else {}))
         return HumanClient(app, follow_redirects=False)
 
     return make

@@ -6,6 +6,7 @@ The browser-driven end-to-end test is tests/eval/human/test_app_in_browser.py.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import socket
 import subprocess
@@ -20,7 +21,8 @@ import psutil
 import pytest
 from starlette.datastructures import Headers
 
-from eval.human.app import COOKIE, SESSION_IDLE_S, SESSION_MAX_S, annotator_order, body_problem
+from eval.human.app import (COOKIE, SESSION_IDLE_S, SESSION_MAX_S, SIGNIN_COOKIE, SIGNIN_FORM_TTL_S, annotator_order,
+                            body_problem)
 from eval.human.items import load_study
 from eval.human.store import Answer, AnswerStore, DuplicateSubmission
 from helpers import REPO_ROOT, count_rows, free_port, next_item_id
@@ -240,6 +242,48 @@ def test_body_limits_hold_behind_any_server() -> None:
     assert body_problem(Headers({"content-length": "11"}), 10)[0] == 413
     assert body_problem(Headers({"transfer-encoding": "chunked"}), 10)[0] == 411
     assert body_problem(Headers({"content-length": "10"}), 10) is None and body_problem(Headers({}), 10) is None
+    # Transfer-Encoding wins over a Content-Length sent with it: "0" would not bound what is streamed.
+    assert body_problem(Headers({"content-length": "0", "transfer-encoding": "chunked"}), 10)[0] == 411
+
+
+def form_request(parts: list, length: int):
+    """A POST /signin whose body arrives as `parts` ("stall": nothing more ever comes, "gone": the client hangs up)."""
+    from starlette.requests import Request
+
+    pending = list(parts)
+
+    async def receive() -> dict:
+        if not pending or pending[0] == "stall":
+            await asyncio.Event().wait()
+        part = pending.pop(0)
+        if part == "gone":
+            return {"type": "http.disconnect"}
+        return {"type": "http.request", "body": part, "more_body": bool(pending)}
+
+    scope = {"type": "http", "method": "POST", "path": "/signin", "query_string": b"", "root_path": "",
+             "headers": [(b"content-length", str(length).encode())], "scheme": "http", "server": ("test", 80)}
+    return Request(scope, receive)
+
+
+def test_a_form_is_read_up_to_its_length_within_a_deadline(monkeypatch, caplog) -> None:
+    """Reading stops at the declared length (it went on to 64 KiB), a stalled upload is refused after
+    FORM_DEADLINE_S (it held its connection forever), and a client that hangs up mid-form is one log line, where
+    ClientDisconnect escaped as "Exception in ASGI application" and a traceback."""
+    from eval.human import app as human_app
+
+    assert asyncio.run(human_app.read_form(form_request([b"name=", b"ann"], 8))) == {"name": ["ann"]}
+    with pytest.raises(human_app.FormError, match="The form is too large"):
+        asyncio.run(human_app.read_form(form_request([b"name=", b"ann&more=1"], 8)))
+    monkeypatch.setattr(human_app, "FORM_DEADLINE_S", 0.2)
+    started = time.monotonic()
+    with pytest.raises(human_app.FormError, match=r"did not arrive within 0\.2 s \(5 of 8 bytes came\)"):
+        asyncio.run(asyncio.wait_for(human_app.read_form(form_request([b"name=", "stall"], 8)), 5))
+    assert time.monotonic() - started < 2
+    with caplog.at_level("WARNING"), pytest.raises(human_app.FormError, match="connection closed"):
+        asyncio.run(human_app.read_form(form_request([b"name=", "gone"], 8)))
+    assert [r.getMessage() for r in caplog.records] == [
+        "POST /signin: the client closed the connection before sending its whole body"]
+    assert caplog.records[0].exc_info is None
 
 
 ANSWER = {"better_readability": "A", "better_coherence": "tie"}
@@ -284,7 +328,7 @@ def test_every_form_needs_its_csrf_token(two_system_study: Path, tmp_path: Path,
     assert count_rows(db, "submissions") == 0
     # Sign-out needs it too (else any page could sign an annotator out).
     assert ann.post("/signout", data={}).status_code == 403 and next_item_id(ann) == item_id
-    # Login CSRF: a sign-in form needs the token signed for this browser's pre-session cookie.
+    # Login CSRF: a sign-in form needs the token issued with this browser's pre-session cookie.
     mallory = human_client(two_system_study, db)
     forged = {"name": "mallory", "csrf": bo.form_csrf("/signin", "/signin")}  # a token that belongs to another cookie
     for data in ({"name": "mallory"}, forged):
@@ -315,7 +359,7 @@ def test_a_name_belongs_to_the_annotator_who_signed_in_first(two_system_study: P
     for name, guess in (("Carol", None), ("carol ", None), ("Carol", "AAAA-AAAA-AAAA")):
         refused = mallory.try_sign_in(name, "s3cret", guess)
         assert refused.status_code == 403 and COOKIE not in mallory.cookies
-        assert "The name &#39;Carol&#39; belongs to an annotator who signed in on another browser" in refused.text
+        assert "The name &#39;Carol&#39; belongs to an annotator already" in refused.text
     assert count_rows(db, "sessions") == 1
 
     # Carol on a second browser, with her code (typed in any case, with or without dashes): her session, her answers.
@@ -324,8 +368,7 @@ def test_a_name_belongs_to_the_annotator_who_signed_in_first(two_system_study: P
     assert "Signed in as <strong>Carol</strong>" in laptop.get("/next", follow_redirects=True).text
     assert laptop.get(f"/item/{first}").status_code == 409  # answered on the first browser
     laptop.sign_in("Carol", "s3cret")  # this browser now keeps the code
-    # The first browser still signs in without typing anything.
-    carol.submit("/signout", {})
+    # The first browser too, until Carol signs out there (test_a_shared_browser_remembers_only_its_current_...).
     carol.sign_in("carol", "s3cret")
 
 
@@ -380,3 +423,128 @@ def test_names_are_one_annotator_however_they_are_spelled(two_system_study: Path
         store.submit(Answer("CAROL", first, {"readability": {"A": 1.0, "B": 2.0}}))
     assert count_rows(db, "annotators") == 1 and count_rows(db, "submissions") == 1
     assert [a.annotator for a in store.answers()] == ["Carol"]
+
+
+def personal_code(client) -> str:
+    page = client.get("/next", follow_redirects=True).text
+    found = re.search(r"Your personal code is <code>([A-Z0-9-]+)</code>", page)
+    assert found, "the personal code is shown to its annotator"
+    return found.group(1)
+
+
+def test_a_shared_browser_remembers_only_its_current_annotators_code(two_system_study: Path, tmp_path: Path,
+                                                                     human_client) -> None:
+    """On one browser "Alice" then "Bob" sign in: nobody can then sign in there as Alice without typing her code,
+    and once Bob signs out, not as Bob either. Pages that show a code are never kept in the browser's cache."""
+    db = tmp_path / "answers.sqlite"
+    browser = human_client(two_system_study, db, token="s3cret")
+    browser.sign_in("Alice", "s3cret")
+    alice_code = personal_code(browser)
+    browser.submit("/signout", {})
+    browser.sign_in("Bob", "s3cret")
+    for name in ("alice", "Alice"):
+        refused = browser.try_sign_in(name, "s3cret")
+        assert refused.status_code == 403 and "belongs to an annotator" in refused.text
+    assert "Signed in as <strong>Bob</strong>" in browser.get("/next", follow_redirects=True).text  # still Bob
+    # Bob signed in again without signing out (a session that ended, say) needs nothing typed...
+    browser.sign_in("bob", "s3cret")
+    # ...but after signing out, this browser has forgotten his code too.
+    browser.submit("/signout", {})
+    assert browser.try_sign_in("bob", "s3cret").status_code == 403
+    # Typed codes are how annotators switch.
+    browser.sign_in("ALICE", "s3cret", alice_code)
+    assert personal_code(browser) == alice_code
+    assert browser.try_sign_in("Bob", "s3cret").status_code == 403  # Alice's sign-in did not bring Bob's code back
+
+    # Sign-in and signed-in pages are not stored, so Back after signing out cannot show a code.
+    item_id = next_item_id(browser)
+    for path in ("/signin", "/next", f"/item/{item_id}", "/item/item-999"):
+        page = browser.get(path, follow_redirects=True)
+        assert page.headers.get("cache-control") == "no-store", (path, page.headers)
+    refused = browser.try_sign_in("Bob", "s3cret")  # the sign-in page sent back, with the name typed in
+    assert refused.status_code == 403 and refused.headers.get("cache-control") == "no-store"
+
+
+def test_the_sign_in_form_token_is_issued_by_the_server_used_once_and_expires(two_system_study: Path,
+                                                                              tmp_path: Path, human_client,
+                                                                              clock) -> None:
+    db = tmp_path / "answers.sqlite"
+    # A pre-session cookie the caller chose is not signed for: the form it gets back does not sign in with it.
+    mallory = human_client(two_system_study, db, clock=clock)
+    for chosen in ("x" * 43, f"{int(clock.now)}.{'x' * 43}.{'0' * 64}"):
+        mallory.cookies.set(SIGNIN_COOKIE, chosen)
+        token = mallory.form_csrf("/signin", "/signin")
+        mallory.cookies.clear()  # whatever cookie came back: send the chosen one only
+        mallory.cookies.set(SIGNIN_COOKIE, chosen)
+        refused = mallory.post("/signin", data={"csrf": token, "name": "mallory"})
+        assert refused.status_code == 403 and "sign-in form was out of date" in refused.text
+        mallory.cookies.clear()
+    # A form of the server's works once: replaying it with its cookie does not sign in again.
+    ann = human_client(two_system_study, db, clock=clock)
+    token = ann.form_csrf("/signin", "/signin")
+    issued = ann.cookies.get(SIGNIN_COOKIE)
+    assert issued and issued != chosen
+    assert ann.post("/signin", data={"csrf": token, "name": "ann"}).status_code == 303
+    replay = human_client(two_system_study, db, clock=clock)
+    replay.cookies.set(SIGNIN_COOKIE, issued)
+    again = replay.post("/signin", data={"csrf": token, "name": "someone"})
+    assert again.status_code == 403 and "sign-in form was out of date" in again.text and COOKIE not in replay.cookies
+    # A sign-in form left open too long is out of date; the page sent back has a fresh one that works.
+    bo = human_client(two_system_study, db, clock=clock)
+    token = bo.form_csrf("/signin", "/signin")
+    clock.now += SIGNIN_FORM_TTL_S + 1
+    late = bo.post("/signin", data={"csrf": token, "name": "bo"})
+    assert late.status_code == 403 and "sign-in form was out of date" in late.text and 'value="bo"' in late.text
+    bo.sign_in("bo")
+    assert count_rows(db, "annotators") == 2  # ann and bo
+
+
+@pytest.mark.parametrize(("name", "why"), [
+    ("Carol\u3164", "HANGUL FILLER"),  # printable, and shows as nothing
+    ("\u3164", "HANGUL FILLER"),
+    ("Bob\u2800", "BRAILLE PATTERN BLANK"),
+    ("Ca\u034frol", "COMBINING GRAPHEME JOINER"),
+    ("Carol\ufe0f", "VARIATION SELECTOR-16"),
+    ("Car\u00adol", "SOFT HYPHEN"),
+    ("Car\u200bol", "ZERO WIDTH SPACE"),
+    ("C\u0430rol", "Cyrillic and Latin"),  # a Cyrillic "а" among Latin letters
+    ("\u0392ob", "Greek and Latin"),  # a Greek capital beta
+])
+def test_invisible_characters_and_mixed_scripts_are_refused_in_names(two_system_study: Path, tmp_path: Path,
+                                                                     human_client, name: str, why: str) -> None:
+    db = tmp_path / "answers.sqlite"
+    client = human_client(two_system_study, db)
+    client.sign_in("Carol")
+    refused = human_client(two_system_study, db).try_sign_in(name)
+    assert refused.status_code == 400 and why in refused.text, refused.text[-1500:]
+    assert count_rows(db, "annotators") == 1
+
+
+def test_names_in_one_script_of_any_kind_are_welcome(two_system_study: Path, tmp_path: Path, human_client) -> None:
+    db = tmp_path / "answers.sqlite"
+    for name in ("José Ñúñez", "O'Brien-Smith 2", "Иван", "Σοφία", "山田たろう", "김철수", "محمد"):
+        human_client(two_system_study, db).sign_in(name)
+    assert count_rows(db, "annotators") == 7
+
+
+class StoreOffTheEventLoop(AnswerStore):
+    """Fails any database call made on the event loop's thread, where it would hold up every other request."""
+
+    def _connect(self):  # type: ignore[override]
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return super()._connect()
+        raise AssertionError("a blocking SQLite call ran on the event loop")
+
+
+def test_no_database_call_runs_on_the_event_loop(two_system_study: Path, tmp_path: Path, human_client) -> None:
+    client = human_client(two_system_study, tmp_path / "answers.sqlite", token="s3cret",
+                          store_class=StoreOffTheEventLoop)
+    client.sign_in("ann", "s3cret")
+    item_id = next_item_id(client)
+    assert client.get(f"/item/{item_id}").status_code == 200
+    assert client.submit(f"/item/{item_id}", {"better_readability": "A"}).status_code == 400
+    assert client.submit(f"/item/{item_id}", ANSWER).status_code == 303
+    assert client.submit("/signout", {}).headers["location"] == "/signin"
+    assert client.try_sign_in("ANN", "s3cret").status_code == 403

@@ -65,3 +65,18 @@ def test_cli_bad_settings_stop_before_any_work(capsys, argv: list[str], message:
         run_cli(main, argv)
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and message in err, err
+
+
+def test_serve_help_says_what_an_organiser_needs_to_know(capsys) -> None:
+    """Behind a reverse proxy forms are refused unless it passes the Host through; old names get personal codes."""
+    from eval.human.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "compared with the scheme and Host header of the request" in text
+    assert "reverse proxy" in text and "X-Forwarded-Proto" in text
+    assert "personal-codes.txt" in text and DETOX_TOKEN in text
+
+
+DETOX_TOKEN = "DETOX_HUMAN_TOKEN"
