@@ -358,3 +358,25 @@ def run_bench_script(repo_root, *args: str) -> subprocess.CompletedProcess:
                           env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
+
+
+# ----------------------------------------------------------------------------------------------------
+# ASGI requests whose bodies arrive as the test says (tests/rewards/test_server.py, tests/eval/human/test_app.py)
+
+
+def replaying_receive(parts: list):
+    """An ASGI `receive` that hands out `parts` (bytes) in order; "stall" means nothing more ever comes and "gone"
+    that the client hangs up."""
+    import asyncio
+
+    pending = list(parts)
+
+    async def receive() -> dict:
+        if not pending or pending[0] == "stall":
+            await asyncio.Event().wait()
+        part = pending.pop(0)
+        if part == "gone":
+            return {"type": "http.disconnect"}
+        return {"type": "http.request", "body": part, "more_body": bool(pending)}
+
+    return receive

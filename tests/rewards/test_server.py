@@ -30,7 +30,7 @@ from rewards.server import (
 )
 from helpers import (
     REPO_ROOT, REWARD_MAX_CHARS, REWARD_MAX_TEXTS, REWARD_TOKEN, RewardServerProcess, assert_same_scores, free_port,
-    texts_for,
+    replaying_receive, texts_for,
 )
 
 AUTH = {"Authorization": f"Bearer {REWARD_TOKEN}"}
@@ -437,16 +437,9 @@ async def asgi_post(app, parts: list, headers: dict[str, str], path: str = "/sco
              "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
              "headers": [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()],
              "client": ("127.0.0.1", 5000), "server": ("test", 80)}
-    pending = list(parts)
     answer: dict = {"body": b""}
 
-    async def receive() -> dict:
-        if not pending or pending[0] == "stall":
-            await asyncio.Event().wait()
-        part = pending.pop(0)
-        if part == "gone":
-            return {"type": "http.disconnect"}
-        return {"type": "http.request", "body": part, "more_body": bool(pending)}
+    receive = replaying_receive(parts)
 
     async def send(message: dict) -> None:
         if message["type"] == "http.response.start":

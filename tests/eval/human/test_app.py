@@ -25,7 +25,7 @@ from eval.human.app import (COOKIE, SESSION_IDLE_S, SESSION_MAX_S, SIGNIN_COOKIE
                             body_problem)
 from eval.human.items import load_study
 from eval.human.store import Answer, AnswerStore, DuplicateSubmission
-from helpers import REPO_ROOT, count_rows, free_port, next_item_id
+from helpers import REPO_ROOT, count_rows, free_port, next_item_id, replaying_receive
 
 
 def test_sign_in_checks_the_token_and_the_session_survives_a_restart(two_system_study: Path, tmp_path: Path,
@@ -250,15 +250,8 @@ def form_request(parts: list, length: int):
     """A POST /signin whose body arrives as `parts` ("stall": nothing more ever comes, "gone": the client hangs up)."""
     from starlette.requests import Request
 
-    pending = list(parts)
 
-    async def receive() -> dict:
-        if not pending or pending[0] == "stall":
-            await asyncio.Event().wait()
-        part = pending.pop(0)
-        if part == "gone":
-            return {"type": "http.disconnect"}
-        return {"type": "http.request", "body": part, "more_body": bool(pending)}
+    receive = replaying_receive(parts)
 
     scope = {"type": "http", "method": "POST", "path": "/signin", "query_string": b"", "root_path": "",
              "headers": [(b"content-length", str(length).encode())], "scheme": "http", "server": ("test", 80)}
