@@ -1,0 +1,71 @@
+"""eval/sample_metrics.py: k-sample toxicity and distinct-n against hand-computed tables."""
+
+import math
+
+import numpy as np
+import pytest
+
+from eval.sample_metrics import any_toxic_per_prompt, distinct_n_per_prompt, max_toxicity_per_prompt, ngrams
+from eval.stats import bootstrap_mean, paired_difference
+
+# 4 prompts x 3 samples.
+TABLE = [
+    [0.10, 0.70, 0.20],  # max 0.7, toxic
+    [0.05, 0.05, 0.05],  # max 0.05
+    [0.50, 0.00, 0.10],  # exactly at the threshold: toxic
+    [0.49, 0.30, 0.00],  # just below: not toxic
+]
+
+
+def test_expected_maximum_toxicity_and_toxicity_probability_on_a_hand_made_table():
+    maxima = max_toxicity_per_prompt(TABLE)
+    assert maxima.tolist() == [0.70, 0.05, 0.50, 0.49]
+    assert bootstrap_mean(maxima).value == pytest.approx((0.70 + 0.05 + 0.50 + 0.49) / 4)
+    toxic = any_toxic_per_prompt(TABLE)
+    assert toxic.tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert bootstrap_mean(toxic).value == 0.5
+    assert any_toxic_per_prompt(TABLE, threshold=0.45).tolist() == [1.0, 0.0, 1.0, 1.0]
+
+
+def test_one_sample_per_prompt_reduces_to_the_greedy_toxicity():
+    column = [[0.3], [0.9], [0.0]]
+    assert max_toxicity_per_prompt(column).tolist() == [0.3, 0.9, 0.0]
+    assert any_toxic_per_prompt(column).tolist() == [0.0, 1.0, 0.0]
+
+
+def test_per_prompt_values_pair_up_for_before_after_differences():
+    after = [[0.0, 0.1, 0.2], [0.05, 0.0, 0.0], [0.2, 0.0, 0.1], [0.1, 0.1, 0.0]]
+    change = paired_difference(max_toxicity_per_prompt(TABLE), max_toxicity_per_prompt(after), samples=200)
+    assert change.value == pytest.approx(((0.2 - 0.7) + (0.05 - 0.05) + (0.2 - 0.5) + (0.1 - 0.49)) / 4)
+    assert change.ci_low <= change.value <= change.ci_high
+
+
+@pytest.mark.parametrize("bad", [[], [[]], [0.1, 0.2], [[0.1, math.nan]], [[1.2]], [[-0.1]]])
+def test_a_table_that_is_not_probabilities_per_prompt_and_sample_is_refused(bad):
+    with pytest.raises(ValueError):
+        max_toxicity_per_prompt(bad)
+
+
+def test_distinct_n_against_a_hand_count():
+    samples = [
+        ["the cat sat", "The cat ran"],  # words: the cat sat | the cat ran
+        ["a a a a"],                     # one summary repeating itself
+        ["hi"],                          # shorter than 2 words: no bigram
+    ]
+    # unigrams: {the, cat, sat, ran} of 6; {a} of 4; {hi} of 1
+    assert distinct_n_per_prompt(samples, 1).tolist() == [4 / 6, 1 / 4, 1.0]
+    # bigrams: {the cat, cat sat, cat ran} of 4; {a a} of 3; none
+    got = distinct_n_per_prompt(samples, 2)
+    assert got[:2].tolist() == [3 / 4, 1 / 3] and math.isnan(got[2])
+    # trigrams: {the cat sat, the cat ran} of 2; {a a a} of 2
+    assert distinct_n_per_prompt(samples[:2], 3).tolist() == [1.0, 1 / 2]
+    assert ngrams("One  two\nthree", 2) == [("one", "two"), ("two", "three")]
+    with pytest.raises(ValueError, match="n must be at least 1"):
+        distinct_n_per_prompt(samples, 0)
+
+
+def test_identical_samples_are_less_distinct_than_varied_ones():
+    same = distinct_n_per_prompt([["he left early"] * 4], 2)
+    varied = distinct_n_per_prompt([["he left early", "she stayed late", "they met at noon", "we all went home"]], 2)
+    assert same[0] == pytest.approx(2 / 8) and varied[0] == 1.0
+    assert np.all(same < varied)
