@@ -31,7 +31,11 @@ class RewardConfig:
     # Hate-speech classifier: hub id or local directory. Labels are looked up by name in its id2label.
     model_name_or_path: str = "facebook/roberta-hate-speech-dynabench-r4-target"
     reward_label: str = "nothate"  # reward = raw logit of this class (the original notebook's choice)
-    toxic_label: str = "hate"  # toxicity = softmax probability of this class
+    toxic_label: str = "hate"  # toxicity = the probability of this class (see toxicity_activation)
+    # How that probability is read from the logits: "softmax" over the classes (a single-label head, as the default
+    # model), "sigmoid" of the class's own logit (a multi-label head, e.g. unitary/toxic-bert), or "auto": sigmoid
+    # when the model's config says problem_type multi_label_classification, else softmax.
+    toxicity_activation: Literal["auto", "softmax", "sigmoid"] = "auto"
     # What is scored: the original notebook scored prompt + summary; "summary" scores the summary alone.
     text: Literal["prompt_and_summary", "summary"] = "prompt_and_summary"
     # Placement: "auto" = each process's own device (its GPU by LOCAL_RANK, or the CPU); or an explicit one
@@ -49,7 +53,7 @@ class RewardConfig:
 
 
 # Keys of the reward section the server uses; the others (url, text, timeout_s, max_retries) belong to its clients.
-SERVED_REWARD_KEYS = ("model_name_or_path", "reward_label", "toxic_label", "device", "dtype", "batch_size", "max_length",
+SERVED_REWARD_KEYS = ("model_name_or_path", "reward_label", "toxic_label", "toxicity_activation", "device", "dtype", "batch_size", "max_length",
                       "trust_remote_code", "token_env")
 CLIENT_REWARD_KEYS = tuple(f.name for f in dataclasses.fields(RewardConfig) if f.name not in SERVED_REWARD_KEYS)
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")

@@ -1,7 +1,9 @@
 """In-process reward scoring: texts in, per-text logits, rewards and toxicity out.
 
 The reward of a text is the raw logit of the `reward_label` class ("nothate", as in the original notebook) and
-its toxicity is the softmax probability of the `toxic_label` class ("hate"). Both classes are looked up by name.
+its toxicity is the probability of the `toxic_label` class ("hate"): the softmax over the classes for a
+single-label head, the sigmoid of the class's own logit for a multi-label one (`reward.toxicity_activation`). Both
+classes are looked up by name.
 """
 
 from __future__ import annotations
@@ -57,13 +59,21 @@ class RewardScores:
         return RewardScores(self.rewards[start:stop], self.toxicity[start:stop], self.logits[start:stop])
 
 
-def scores_from_logits(logits: torch.Tensor, reward_index: int, toxic_index: int) -> RewardScores:
+def scores_from_logits(logits: torch.Tensor, reward_index: int, toxic_index: int, sigmoid: bool = False) -> RewardScores:
+    """(rows, classes) logits -> rewards (the reward class's logit) and toxicity (the toxic class's probability:
+    its sigmoid for a multi-label head, else the softmax over the classes)."""
     logits = logits.float()
-    return RewardScores(
-        rewards=logits[:, reward_index].clone(),
-        toxicity=torch.softmax(logits, dim=-1)[:, toxic_index].clone(),
-        logits=logits,
-    )
+    toxic = torch.sigmoid(logits[:, toxic_index]) if sigmoid else torch.softmax(logits, dim=-1)[:, toxic_index]
+    return RewardScores(rewards=logits[:, reward_index].clone(), toxicity=toxic.clone(), logits=logits)
+
+
+def uses_sigmoid(model_config: Any, activation: str) -> bool:
+    """Whether toxicity is a sigmoid (multi-label head) rather than a softmax; "auto" asks the model's config."""
+    if activation not in ("auto", "softmax", "sigmoid"):
+        raise RewardError(f"reward.toxicity_activation must be auto, softmax or sigmoid, got {activation!r}")
+    if activation == "auto":
+        return getattr(model_config, "problem_type", None) == "multi_label_classification"
+    return activation == "sigmoid"
 
 
 def scored_texts(prompts: Sequence[str], summaries: Sequence[str], mode: str) -> list[str]:
@@ -103,6 +113,7 @@ class RewardScorer:
         batch_size: int = 64,
         max_length: int | None = None,
         name: str = "",
+        toxicity_activation: str = "auto",
     ) -> None:
         if batch_size < 1:
             raise RewardError(f"reward batch_size must be >= 1, got {batch_size}")
@@ -112,6 +123,7 @@ class RewardScorer:
         self.toxic_label = toxic_label
         self.reward_index = label_index(model.config, reward_label, "reward_label")
         self.toxic_index = label_index(model.config, toxic_label, "toxic_label")
+        self.sigmoid = uses_sigmoid(model.config, toxicity_activation)
         self.batch_size = batch_size
         self.max_length = classifier_max_length(model.config, tokenizer, max_length)
         # Over-long texts lose their beginning, not their end: in "prompt_and_summary" mode the summary (what
@@ -131,6 +143,7 @@ class RewardScorer:
             batch_size=cfg.batch_size,
             max_length=cfg.max_length,
             name=cfg.model_name_or_path,
+            toxicity_activation=cfg.toxicity_activation,
         )
 
     @property
@@ -138,7 +151,8 @@ class RewardScorer:
         return {int(i): str(label) for i, label in self.model.config.id2label.items()}
 
     def describe(self) -> dict[str, Any]:
-        return {"model": self.name, "labels": self.labels, "device": str(self.device), "max_length": self.max_length}
+        return {"model": self.name, "labels": self.labels, "device": str(self.device), "max_length": self.max_length,
+                "toxicity": "sigmoid" if self.sigmoid else "softmax"}
 
     @torch.inference_mode()
     def score(self, texts: Sequence[str]) -> RewardScores:
@@ -161,7 +175,7 @@ class RewardScorer:
             )
             batch = {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
             logits[rows] = self.model(**batch).logits.float().cpu()
-        return scores_from_logits(logits, self.reward_index, self.toxic_index)
+        return scores_from_logits(logits, self.reward_index, self.toxic_index, self.sigmoid)
 
     def score_pairs(self, prompts: Sequence[str], summaries: Sequence[str], mode: str = "prompt_and_summary") -> RewardScores:
         return self.score(scored_texts(prompts, summaries, mode))

@@ -3,6 +3,8 @@ subprocess, and the in-process scorer it must agree with."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
@@ -50,6 +52,17 @@ def build_tiny_classifier(out_dir, id2label: dict[int, str], max_positions: int 
 @pytest.fixture(scope="session")
 def reversed_classifier(tmp_path_factory):
     return build_tiny_classifier(tmp_path_factory.mktemp("reversed"), {0: "hate", 1: "nothate"})
+
+
+@pytest.fixture(scope="session")
+def three_label_classifiers(tmp_path_factory):
+    """(multi-label, single-label) tiny classifiers with the classes toxic, insult, threat: the same weights, one
+    config saying problem_type multi_label_classification (as unitary/toxic-bert's does)."""
+    labels = {0: "toxic", 1: "insult", 2: "threat"}
+    multi = build_tiny_classifier(tmp_path_factory.mktemp("multi"), labels)
+    config = json.loads((multi / "config.json").read_text())
+    (multi / "config.json").write_text(json.dumps({**config, "problem_type": "multi_label_classification"}))
+    return multi, build_tiny_classifier(tmp_path_factory.mktemp("single"), labels)
 
 
 @pytest.fixture(scope="session")

@@ -64,6 +64,29 @@ def test_tiny_hate_classifier_toxicity_is_softmax_hate_probability(tiny_artifact
     assert set(labels) == {"hate", "nothate"}
 
 
+def test_a_multi_label_head_gives_the_sigmoid_of_the_toxic_logit_and_a_single_label_head_the_softmax(
+        three_label_classifiers):
+    import math
+
+    multi, single = three_label_classifiers
+
+    def scorer(path, activation="auto"):
+        return RewardScorer.from_config(RewardConfig(model_name_or_path=str(path), device="cpu", reward_label="insult",
+                                                     toxic_label="toxic", toxicity_activation=activation))
+
+    for path, sigmoid in ((multi, True), (single, False)):
+        scores = scorer(path).score(TEXTS[:4])
+        for row, toxicity in zip(scores.logits.tolist(), scores.toxicity.tolist()):
+            by_hand = (1 / (1 + math.exp(-row[0])) if sigmoid
+                       else math.exp(row[0]) / sum(math.exp(x) for x in row))
+            assert toxicity == pytest.approx(by_hand, abs=1e-6)
+        assert scorer(path).describe()["toxicity"] == ("sigmoid" if sigmoid else "softmax")
+    # The setting overrides what the config says; the two readings really differ on these logits.
+    forced = scorer(multi, "softmax").score(TEXTS[:4]).toxicity
+    assert not torch.allclose(forced, scorer(multi).score(TEXTS[:4]).toxicity, atol=1e-3)
+    assert scorer(single, "sigmoid").describe()["toxicity"] == "sigmoid"
+
+
 def test_batch_size_and_order_do_not_change_scores(reversed_classifier):
     cfg = RewardConfig(model_name_or_path=str(reversed_classifier), device="cpu", batch_size=1)
     one_by_one = RewardScorer.from_config(cfg).score(TEXTS)
