@@ -8,6 +8,7 @@ collective directly.
 
 from __future__ import annotations
 
+import gc
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -156,3 +157,14 @@ class Collectives:
             pad += [0, int(want) - have]
         padded = torch.nn.functional.pad(tensor, pad, value=pad_value) if pad else tensor
         return torch.cat(self.all_gather(padded))
+
+
+def end_training(accelerator: Any) -> None:
+    """accelerate's end_training, once the prepared models are gone. DDP's reducer holds the process group and is
+    destroyed with the GIL held: if it outlives the group, it destroys the group, which joins gloo's worker thread
+    while that thread waits for the GIL to free a finished collective's tensors, and the process hangs at exit. So
+    the accelerator lets go of its models (the caller has dropped its own) and they are collected while the group
+    still exists; the group itself is then destroyed without the GIL."""
+    accelerator.free_memory()
+    gc.collect()
+    accelerator.end_training()

@@ -40,7 +40,8 @@ from train.config import ExperimentConfig, PPOConfig, save_config
 from train.data import build_ppo_datasets
 from train.debug import write_debug_record
 from train.distributed import (
-    Collectives, PlainAccumulation, configure_deepspeed, fix_deepspeed_cpu_ranks, gathered_trainable, use_cpu,
+    Collectives, PlainAccumulation, configure_deepspeed, end_training, fix_deepspeed_cpu_ranks, gathered_trainable,
+    use_cpu,
 )
 from train.errors import ConfigError
 from train.models import add_reference_adapter, load_policy, save_policy
@@ -204,7 +205,8 @@ class PPORun:
         if self.reward_fn is not None:
             self.reward_fn.close()
         if self.accelerator is not None:
-            self.accelerator.end_training()
+            self.policy = self.optimizer = None  # before the process group: see end_training
+            end_training(self.accelerator)
 
 
 def ppo_step(policy: Any, optimizer: Any, trajectory: Trajectory, kl_ctl: Any, shaper: ScoreShaper, cfg: PPOConfig, *,

@@ -54,7 +54,9 @@ from train.cli import config_from_cli, run_cli
 from train.config import ExperimentConfig, save_config
 from train.data import build_eval_dataset, build_sft_datasets
 from train.debug import write_debug_record
-from train.distributed import Collectives, configure_deepspeed, fix_deepspeed_cpu_ranks, gathered_trainable, use_cpu
+from train.distributed import (
+    Collectives, configure_deepspeed, end_training, fix_deepspeed_cpu_ranks, gathered_trainable, use_cpu,
+)
 from train.errors import ConfigError, DataError
 from train.generation import generate_texts
 from train.models import apply_lora, load_base_model, load_tokenizer
@@ -251,7 +253,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     if preempted:
         log.warning("stopped by a signal at step %d; rerun with --resume to continue", state.step)
         accelerator.wait_for_everyone()
-        accelerator.end_training()
+        model = optimizer = scheduler = train_loader = val_loader = None  # before the process group: see end_training
+        end_training(accelerator)
         sys.exit(PREEMPTED_EXIT_CODE)
     if stopped_early:
         log.info("early stop at step %d: no validation improvement in %d evaluations", state.step, s.early_stopping_patience)
@@ -279,7 +282,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         first, last = state.history[0]["eval/loss"], state.history[-1]["eval/loss"]
         print(f"\nSFT done: {state.step} steps, validation loss {first:.4f} -> {last:.4f}; adapter: {sft_dir / 'adapter'}")
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    model = optimizer = scheduler = train_loader = val_loader = None  # before the process group: see end_training
+    end_training(accelerator)
     return metrics
 
 
