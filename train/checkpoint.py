@@ -185,7 +185,7 @@ def find_resume_checkpoint(root: str | os.PathLike, resume: bool) -> Optional[Pa
         _log_once(logging.WARNING, "%s is damaged (%s): skipped, and renamed %s%s so that it is neither resumed "
                   "nor counted when old checkpoints are pruned", path, damage, path.name, DAMAGED_SUFFIX)
         damaged.append(f"{path.name}: {damage}")
-        if os.environ.get("RANK", "0") == "0":  # one process renames; the others skip it either way
+        if is_first_process():  # one process renames; the others skip it either way
             try:
                 os.replace(path, path.with_name(path.name + DAMAGED_SUFFIX))
             except OSError:
@@ -211,9 +211,14 @@ def check_same_checkpoint(accelerator: Any, checkpoint: Optional[Path]) -> None:
                               "and rerun with --resume")
 
 
+def is_first_process() -> bool:
+    """Rank 0 by the launcher's environment: resuming is decided on every process, before the process group exists."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _log_once(level: int, message: str, *args: Any) -> None:
-    """Log from the first process only: resuming is decided on every process, before the process group exists."""
-    if os.environ.get("RANK", "0") == "0":
+    """Log from the first process only (see is_first_process)."""
+    if is_first_process():
         log.log(level, message, *args)
 
 

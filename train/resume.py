@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from train.checkpoint import SETTINGS_KEY, read_trainer_state
+from train.checkpoint import SETTINGS_KEY, is_first_process, read_trainer_state
 from train.config import config_to_dict
 from train.errors import ConfigError
 
@@ -113,7 +113,7 @@ def check_resume_settings(checkpoint: Optional[Path], cfg: Any, stage: str,
         raise ConfigError(f"--resume from {checkpoint}: settings differ from the checkpoint's (checkpoint -> now: "
                           f"{listed}); use the checkpoint's values, or pass --resume-with-changes to continue under "
                           "the new ones")
-    if changes and os.environ.get("RANK", "0") == "0":
+    if changes and is_first_process():
         log.warning("resuming from %s with changed settings (checkpoint -> now): %s", checkpoint, listed)
     return changes
 
