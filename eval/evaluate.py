@@ -14,15 +14,20 @@ adapter. The base model is loaded once per process; every adapter is loaded into
 (`load_adapter`) and selected with `set_adapter`, and the base system runs under `disable_adapter()`.
 `model.adapter` is not used here: the systems name their adapters. Adapters must be local directories.
 
+Every system writes one summary per prompt with `eval.generation` (greedy by default) and, with
+`eval.samples_per_prompt` k, k more sampled with the PPO rollout settings (the `rollout` section). Every summary is
+scored by the reward model and by each held-out judge of `eval.judges` (eval/judges.py), placed like the reward model.
+
 Sharding: the split is cut into generation batches of `eval.generation.batch_size` consecutive examples, and
 batch k goes to process k % num_processes. Every batch holds the same examples whatever the number of
-processes, and each (batch, system) is generated with the seed `seed + k`, so 1 process and N processes give
-the same summaries (greedy or sampled) and the same reward inputs. Per-example records are gathered with
-`gather_object`, keyed by example index, and checked for duplicates and gaps before anything is written.
+processes, and each (batch, system) is generated with the seed `seed + k` (its samples with another seed derived
+from it), so 1 process and N processes give the same summaries, samples and classifier inputs. Per-example records
+are gathered with `gather_object`, keyed by example index, and checked for duplicates and gaps before anything is
+written.
 
-Metrics (main process): ROUGE-1/2/L/Lsum against every human summary, toxicity mean and std, reward mean, each
-with a bootstrap CI; for every system against the "before" one, the relative change in toxicity, and the
-reward and ROUGE differences, with paired bootstrap CIs. Writes `<output_dir>/eval/`: `examples.jsonl`,
+Metrics (main process, eval/metrics.py): ROUGE, toxicity by every judge, expected maximum toxicity and toxicity
+probability over the k samples, distinct-1/2/3, length, reward, each with a bootstrap CI; every system against the
+"before" one with paired bootstrap CIs, and the reward-hacking check. Writes `<output_dir>/eval/`: `examples.jsonl`,
 `summary.json`, `report.md`, `toxicity.png` and, given a PPO log, `ppo_curves.png`.
 """
 
@@ -37,13 +42,14 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from train.rouge import ROUGE_TYPES, rouge_per_example
-from eval.stats import bootstrap_mean, describe, paired_difference, paired_relative_change
+from train.rouge import rouge_per_example
+from eval.judges import Judge, check_judges_before_loading, close_judges, load_judges
+from eval.metrics import compute_metrics
 from train.atomic import write_text
 from train.cli import config_from_cli, run_cli
 from train.config import ExperimentConfig, config_to_dict, expand_output_dir
@@ -208,6 +214,31 @@ def active_system(model, system: System) -> Iterator[None]:
 # ----------------------------------------------------------------------------------------------------
 # Generation and scoring of one process's shard
 
+# Sampled summaries of batch b are drawn from seed + b + SAMPLE_SEED_OFFSET: never the noise of the eval.generation
+# summary (the same seed + b) when that one is sampled too.
+SAMPLE_SEED_OFFSET = 1 << 31
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)  # generation_kwargs draws max_new_tokens from `random` when max_new_tokens_min is set
+
+
+def generate_system(cfg: ExperimentConfig, model, tokenizer, prompts: list[str], seed: int,
+                    device: torch.device) -> tuple[list[str], list[list[str]]]:
+    """The active system's eval.generation summary of each prompt, and its eval.samples_per_prompt summaries
+    sampled with the rollout settings (k per prompt; [] each without samples)."""
+    seed_everything(seed)
+    summaries = generate_texts(model, tokenizer, prompts, cfg.eval.generation, cfg.data.max_prompt_tokens, device,
+                               progress=False)
+    k = cfg.eval.samples_per_prompt or 0
+    if not k:
+        return summaries, [[] for _ in prompts]
+    seed_everything(seed + SAMPLE_SEED_OFFSET)
+    flat = generate_texts(model, tokenizer, [p for p in prompts for _ in range(k)], cfg.rollout,
+                          cfg.data.max_prompt_tokens, device, progress=False)
+    return summaries, [flat[j * k : (j + 1) * k] for j in range(len(prompts))]
+
 
 def evaluate_shard(
     cfg: ExperimentConfig,
@@ -219,89 +250,56 @@ def evaluate_shard(
     batches: list[tuple[int, range]],
     device: torch.device,
     progress: bool,
+    judges: Sequence[Judge] = (),
 ) -> list[dict[str, Any]]:
-    """Per-example records (index, id, dialogue, human_summaries, per-system summary/reward/toxicity/ROUGE)."""
-    settings = cfg.eval.generation
+    """Per-example records (index, id, dialogue, human_summaries, per-system summary/reward/toxicity/ROUGE/length,
+    held-out judges' toxicity and the k samples), in the layout eval.metrics documents."""
     records: list[dict[str, Any]] = []
     bar = tqdm(total=len(batches) * len(systems), desc="evaluating", unit="batch", disable=not progress)
     for batch_number, indices in batches:
         rows = [examples[i] for i in indices]
         prompts = [row["prompt"] for row in rows]
-        summaries: dict[str, list[str]] = {}
+        generated: dict[str, tuple[list[str], list[list[str]]]] = {}
         for system in systems:
             # Same seed for every system on a batch: identical inputs and identical sampling noise.
-            seed = cfg.seed + batch_number
-            torch.manual_seed(seed)
-            random.seed(seed)  # generation_kwargs draws max_new_tokens from `random` when max_new_tokens_min is set
             with active_system(model, system):
-                summaries[system.name] = generate_texts(
-                    model, tokenizer, prompts, settings, cfg.data.max_prompt_tokens, device, progress=False
-                )
+                generated[system.name] = generate_system(cfg, model, tokenizer, prompts, cfg.seed + batch_number, device)
             bar.update(1)
-        # One scoring call per batch for all systems: the classifier sees the same batches whatever the
-        # number of processes.
-        scores = reward_fn([p for _ in systems for p in prompts], [t for s in systems for t in summaries[s.name]])
+        # One scoring call per batch and judge for all systems, the summaries then the samples of each: the
+        # classifiers see the same batches whatever the number of processes.
+        pair_prompts, texts = [], []
+        for system in systems:
+            summaries, samples = generated[system.name]
+            pair_prompts += prompts + [p for p, texts_of_p in zip(prompts, samples) for _ in texts_of_p]
+            texts += summaries + [t for texts_of_p in samples for t in texts_of_p]
+        scores = reward_fn(pair_prompts, texts)
         rewards, toxicity = scores.rewards.tolist(), scores.toxicity.tolist()
+        held_out = {judge.name: judge.toxicity(pair_prompts, texts) for judge in judges}
+
+        def scored(flat: int, summary: str) -> dict[str, Any]:
+            return {"summary": summary, "reward": rewards[flat], "toxicity": toxicity[flat],
+                    "judges": {name: values[flat] for name, values in held_out.items()}}
+
         targets = [row["human_summaries"] for row in rows]
-        per_system_rouge = {s.name: rouge_per_example(summaries[s.name], targets) for s in systems}
-        for j, (index, row) in enumerate(zip(indices, rows)):
-            record = {"index": index, "id": row["id"], "dialogue": row["dialogue"], "human_summaries": row["human_summaries"],
-                      "systems": {}}
-            for k, system in enumerate(systems):
-                flat = k * len(prompts) + j
-                record["systems"][system.name] = {
-                    "summary": summaries[system.name][j],
-                    "reward": rewards[flat],
-                    "toxicity": toxicity[flat],
-                    **per_system_rouge[system.name][j],
-                }
-            records.append(record)
+        outputs: list[dict[str, Any]] = [{} for _ in rows]
+        offset = 0
+        for system in systems:
+            summaries, samples = generated[system.name]
+            rouge = rouge_per_example(summaries, targets)
+            lengths = [len(ids) for ids in tokenizer(summaries, add_special_tokens=False)["input_ids"]]
+            sample_offset = offset + len(summaries)
+            for j, summary in enumerate(summaries):
+                output = {**scored(offset + j, summary), **rouge[j], "length_tokens": lengths[j]}
+                if samples[j]:
+                    output["samples"] = [scored(sample_offset + i, text) for i, text in enumerate(samples[j])]
+                    sample_offset += len(samples[j])
+                outputs[j][system.name] = output
+            offset = sample_offset
+        for index, row, output in zip(indices, rows, outputs):
+            records.append({"index": index, "id": row["id"], "dialogue": row["dialogue"],
+                            "human_summaries": row["human_summaries"], "systems": output})
     bar.close()
     return records
-
-
-# ----------------------------------------------------------------------------------------------------
-# Metrics
-
-
-def compute_metrics(
-    records: list[dict[str, Any]], systems: list[System], before: str, after: str, samples: int,
-    confidence: float, seed: int,
-) -> dict[str, Any]:
-    """Per-system metrics with bootstrap CIs, and paired comparisons of every system against `before`.
-
-    Every statistic uses the same seed, so all bootstraps draw the same resampled example sets.
-    """
-    boot = dict(samples=samples, confidence=confidence, seed=seed)
-
-    def column(system: str, key: str) -> list[float]:
-        return [r["systems"][system][key] for r in records]
-
-    metrics = {}
-    for s in systems:
-        metrics[s.name] = {
-            "adapter": s.adapter,
-            "n": len(records),
-            "rouge": {k: bootstrap_mean(column(s.name, k), **boot).to_dict() for k in ROUGE_TYPES},
-            "toxicity": describe(column(s.name, "toxicity"), **boot).to_dict(),
-            "reward": bootstrap_mean(column(s.name, "reward"), **boot).to_dict(),
-        }
-    comparisons = {}
-    for s in systems:
-        if s.name == before:
-            continue
-        comparisons[s.name] = {
-            "before": before,
-            "toxicity_relative_change_pct": paired_relative_change(
-                column(before, "toxicity"), column(s.name, "toxicity"), **boot
-            ).to_dict(),
-            "toxicity_difference": paired_difference(column(before, "toxicity"), column(s.name, "toxicity"), **boot).to_dict(),
-            "reward_difference": paired_difference(column(before, "reward"), column(s.name, "reward"), **boot).to_dict(),
-            "rouge_difference": {
-                k: paired_difference(column(before, k), column(s.name, k), **boot).to_dict() for k in ROUGE_TYPES
-            },
-        }
-    return {"before": before, "after": after, "systems": metrics, "comparisons": comparisons}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -332,6 +330,7 @@ def evaluate(cfg: ExperimentConfig) -> dict[str, Any]:
     before, after = comparison_pair(systems, cfg.eval.before, cfg.eval.after)
     check_adapters(systems)
     ppo_log = resolve_ppo_log(cfg.eval.ppo_log, cfg.output_dir)
+    check_judges_before_loading(cfg.eval.judges)
     logging.getLogger("absl").setLevel(logging.WARNING)  # rouge_score logs a line per scorer it builds
 
     # 1. Data: every process reads the whole split and keeps its own batches.
@@ -357,16 +356,24 @@ def evaluate(cfg: ExperimentConfig) -> dict[str, Any]:
     if reward_cfg.device == "auto" and not reward_cfg.url:
         reward_cfg = dataclasses.replace(reward_cfg, device=str(accelerator.device))
     reward_fn = make_reward_fn(reward_cfg)
+    try:
+        judges = load_judges(cfg.eval.judges, cfg.reward, accelerator.device)
+    except BaseException:
+        reward_fn.close()
+        raise
     if is_main:
-        log.info("rewards: %s", reward_fn.where)
+        log.info("rewards: %s; held-out judges: %s", reward_fn.where,
+                 ", ".join(f"{j.name} ({j.where})" for j in judges) or "none")
 
     # 3. Generate and score this process's batches, then gather every example on every process.
     accelerator.wait_for_everyone()
     started = time.perf_counter()
     try:
-        shard = evaluate_shard(cfg, model, tokenizer, reward_fn, examples, systems, batches, accelerator.device, is_main)
+        shard = evaluate_shard(cfg, model, tokenizer, reward_fn, examples, systems, batches, accelerator.device, is_main,
+                               judges)
     finally:
         reward_fn.close()
+        close_judges(judges)
     records = merge_shards(gather_object(shard), len(examples))
     seconds = time.perf_counter() - started
 
@@ -385,14 +392,19 @@ def evaluate(cfg: ExperimentConfig) -> dict[str, Any]:
             "systems": [{"name": s.name, "adapter": s.adapter} for s in systems],
             "generation": dataclasses.asdict(cfg.eval.generation),
             "reward": {"model": cfg.reward.model_name_or_path, "text": cfg.reward.text, "where": reward_fn.where},
+            "judges": [{**j.describe(), "model": judge.model_name_or_path, "toxic_label": judge.toxic_label}
+                       for j, judge in zip(judges, cfg.eval.judges)],
+            "samples_per_prompt": cfg.eval.samples_per_prompt,
+            "sampling": dataclasses.asdict(cfg.rollout),
             "bootstrap": {"samples": cfg.eval.bootstrap_samples, "confidence": cfg.eval.confidence, "seed": cfg.seed},
-            "metrics": compute_metrics(records, systems, before, after, cfg.eval.bootstrap_samples,
-                                       cfg.eval.confidence, cfg.seed),
+            "metrics": compute_metrics(records, [s.name for s in systems], before, after, cfg.eval.bootstrap_samples,
+                                       cfg.eval.confidence, cfg.seed, adapters={s.name: s.adapter for s in systems}),
             "throughput": {
                 "num_processes": accelerator.num_processes,
                 "seconds": round(seconds, 3),
                 "examples_per_second": round(len(records) / seconds, 3) if seconds > 0 else None,
-                "summaries_per_second": round(len(records) * len(systems) / seconds, 3) if seconds > 0 else None,
+                "summaries_per_second": round(len(records) * len(systems) * (1 + (cfg.eval.samples_per_prompt or 0))
+                                              / seconds, 3) if seconds > 0 else None,
             },
             "config": config_to_dict(cfg),
         }

@@ -13,6 +13,8 @@ import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from eval.metrics import JUDGE_METRICS, disagreement_rows
+from train.config import REWARD_MODEL_JUDGE
 from train.rouge import ROUGE_TYPES
 from train.jsonl import read_jsonl
 
@@ -106,6 +108,107 @@ def comparison_section(summary: dict[str, Any]) -> str:
                 _signed_ci(c["toxicity_difference"]), _signed_ci(c["reward_difference"], 3),
                 *(_signed_ci(c["rouge_difference"][k]) for k in ROUGE_TYPES),
             ]) + " |")
+    return "\n".join(lines)
+
+
+METRIC_LABELS = {"toxicity": "mean toxicity", "expected_max_toxicity": "expected max toxicity",
+                 "toxicity_probability": "toxicity probability"}
+
+
+def _judge_label(judge: str) -> str:
+    return "reward model" if judge == REWARD_MODEL_JUDGE else judge
+
+
+def judges_section(summary: dict[str, Any]) -> str:
+    """Toxicity per system and judge: greedy mean, and over the k samples expected max and probability."""
+    metrics = summary["metrics"]
+    pct = round(100 * summary["bootstrap"]["confidence"])
+    k = metrics.get("samples_per_prompt", 0)
+    shown = [m for m in JUDGE_METRICS if m == "toxicity" or k]
+    header = ["system", "judge", *(f"{METRIC_LABELS[m]} [{pct}% CI]" for m in shown)]
+    lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * len(shown)]
+    for name, m in metrics["systems"].items():
+        for judge, values in m["judges"].items():
+            lines.append("| " + " | ".join([name, _judge_label(judge), *(_ci(values[x]) for x in shown)]) + " |")
+    note = (f"Mean toxicity is of the {'greedy' if not summary['generation']['do_sample'] else 'eval.generation'} "
+            "summary. " + (f"Expected max toxicity and toxicity probability are over {k} summaries sampled per prompt "
+                           "with the training settings." if k else "Set eval.samples_per_prompt for the k-sample "
+                                                                   "metrics."))
+    return "\n".join(lines) + "\n\n" + note
+
+
+def diversity_section(summary: dict[str, Any]) -> str:
+    """distinct-1/2/3 and length per system, then their differences against the "before" system."""
+    metrics = summary["metrics"]
+    pct = round(100 * summary["bootstrap"]["confidence"])
+    names = ["distinct-1", "distinct-2", "distinct-3"]
+
+    def cell(estimate: Optional[dict[str, Optional[float]]], signed: bool = False) -> str:
+        if estimate is None:
+            return "n/a"
+        return _signed_ci(estimate) if signed else _ci(estimate)
+
+    lines = ["| system | " + " | ".join(f"{n} [{pct}% CI]" for n in names) + f" | length in tokens [{pct}% CI] |",
+             "|---|" + "---:|" * (len(names) + 1)]
+    for name, m in metrics["systems"].items():
+        lines.append("| " + " | ".join([name, *(cell(m["distinct"][n]) for n in names),
+                                        _ci(m["length_tokens"], 2)]) + " |")
+    if metrics["comparisons"]:
+        lines += ["", "| system | vs | " + " | ".join(f"{n} difference" for n in names) + " | length difference |",
+                  "|---|---|" + "---:|" * (len(names) + 1)]
+        for name, c in metrics["comparisons"].items():
+            lines.append("| " + " | ".join([name, c["before"], *(cell(c["distinct_difference"][n], True) for n in names),
+                                            _signed_ci(c["length_tokens_difference"], 2)]) + " |")
+    return "\n".join(lines)
+
+
+def reward_hacking_section(summary: dict[str, Any], records: Sequence[dict[str, Any]], rows: int) -> str:
+    """The reward model's before -> after change next to each held-out judge's, a warning where only the reward model
+    sees detoxification, and the examples where they disagree most."""
+    metrics = summary["metrics"]
+    check = metrics.get("reward_hacking")
+    if check is None:
+        return "No before → after comparison: nothing to check."
+    before, after = check["before"], check["after"]
+    held_out = [j for j in metrics["judges"] if j != REWARD_MODEL_JUDGE]
+    if not held_out:
+        return ("> **Not checked:** no held-out judge (eval.judges is empty), so the toxicity change is measured only by "
+                "the reward model PPO optimised, which cannot tell detoxification from its own blind spots.")
+    pct = round(100 * summary["bootstrap"]["confidence"])
+    lines = [f"{after} vs {before}: changes are after − before with {pct}% paired bootstrap CIs; negative = less "
+             "toxic. The reward model is what PPO optimised; the held-out judges were not trained against.", "",
+             "| metric | held-out judge | reward model change | held-out judge change | verdict |",
+             "|---|---|---:|---:|---|"]
+    for row in check["rows"]:
+        if row["warning"]:
+            verdict = "**warning: only the reward model sees less toxicity**"
+        elif row["reward_model_better"]:
+            verdict = "confirmed by the held-out judge"
+        elif row["held_out_better"]:
+            verdict = "held-out judge only"
+        else:
+            verdict = "no significant decrease"
+        lines.append(f"| {METRIC_LABELS[row['metric']]} | {row['judge']} | {_signed_ci(row['reward_model'])} | "
+                     f"{_signed_ci(row['held_out'])} | {verdict} |")
+    if check["warning"]:
+        flagged = sorted({r["judge"] for r in check["rows"] if r["warning"]})
+        lines += ["", f"> **Warning: possible reward hacking.** The reward model says {after} is less toxic than "
+                  f"{before} (CI below 0), but {', '.join(flagged)} cannot confirm it (CI reaches 0 or above). The "
+                  "policy may have learned the reward model's blind spots; read the examples below, and have people "
+                  "judge them (python -m eval.human export --human.select disagreement)."]
+    else:
+        lines += ["", "No warning: wherever the reward model saw significantly less toxicity, every held-out judge "
+                      "did too."]
+    for judge in held_out:
+        lines += ["", f"### Where the reward model and {judge} disagree most", "",
+                  f"Examples where the reward model's toxicity change is most below {judge}'s "
+                  f"(gap = {judge}'s change − the reward model's):", "",
+                  f"| id | {before} summary | {after} summary | reward model {before} → {after} | "
+                  f"{judge} {before} → {after} | gap |", "|---|---|---|---:|---:|---:|"]
+        for row in disagreement_rows(records, before, after, judge, rows):
+            rm, ho = row["reward_model"], row["held_out"]
+            lines.append(f"| {_cell(row['id'])} | {_cell(row['before'])} | {_cell(row['after'])} | "
+                         f"{rm[0]:.3f} → {rm[1]:.3f} | {ho[0]:.3f} → {ho[1]:.3f} | {row['gap']:+.3f} |")
     return "\n".join(lines)
 
 
@@ -227,6 +330,9 @@ def write_report(
     written = [plot_toxicity(records, systems, out_dir / "toxicity.png")]
     curves = plot_ppo_curves(read_ppo_log(ppo_log), out_dir / "ppo_curves.png") if ppo_log else None
 
+    judges = ", ".join(f"{j['name']} ({j['model']}, label {j['toxic_label']}, {j['toxicity']}, {j['where']})"
+                       for j in summary.get("judges", [])) or "none (set eval.judges)"
+    k = summary.get("samples_per_prompt")
     text = [
         "# Evaluation report", "",
         f"- Data: {summary['data']} ({summary['split']} split), {summary['num_examples']} examples; every system "
@@ -234,6 +340,9 @@ def write_report(
         f"- Base model: {summary['model']}; decoding: {decoding}, max_new_tokens {gen['max_new_tokens']}",
         f"- Reward/toxicity: {summary['reward']['model']} scoring `{summary['reward']['text']}` "
         f"({summary['reward']['where']})",
+        f"- Held-out toxicity judges: {judges}",
+        f"- Samples per prompt: {k} with the training settings (top_k {summary['sampling']['top_k']}, top_p "
+        f"{summary['sampling']['top_p']})" if k else "- Samples per prompt: none (eval.samples_per_prompt null)",
         f"- Confidence intervals: percentile bootstrap, {summary['bootstrap']['samples']} resamples, "
         f"seed {summary['bootstrap']['seed']}",
         f"- Throughput: {throughput['examples_per_second']} examples/s on {throughput['num_processes']} process(es) "
@@ -242,6 +351,11 @@ def write_report(
         "ROUGE is the F-measure against the best-matching human summary (stemming on). Toxicity is the classifier's "
         "probability of the toxic class; reward is the logit of the non-toxic class.", "",
         "## Before → after", "", comparison_section(summary), "",
+        "## Reward-hacking check", "", reward_hacking_section(summary, records, rows), "",
+        "## Toxicity by judge", "", judges_section(summary), "",
+        "## Diversity and length", "", diversity_section(summary), "",
+        "distinct-n is the share of distinct word n-grams among a prompt's sampled summaries (its one summary without "
+        "samples), averaged over prompts; 1 = no repetition. Length is in the policy tokenizer's tokens.", "",
     ]
     if after != before:
         text += [f"## Qualitative: {before} → {after}, sorted by reward improvement", "",

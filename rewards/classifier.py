@@ -57,14 +57,16 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
-def label_index(model_config: Any, name: str, role: str = "label") -> int:
-    """Index of the class called `name` in the classifier's id2label."""
+def label_index(model_config: Any, name: str, role: str = "label", key: str = "reward") -> int:
+    """Index of the class called `name` in the classifier's id2label; `key` is the config section named in errors
+    (e.g. "reward" or "eval.judges[0]")."""
     id2label = {int(i): str(label) for i, label in getattr(model_config, "id2label", {}).items()}
     matches = [i for i, label in id2label.items() if label == name]
     if len(matches) != 1:
+        source = getattr(model_config, "_name_or_path", "") or "the classifier"
         raise RewardError(
-            f"the reward classifier has no single class named {name!r} (the {role}); its labels are "
-            f"{[id2label[i] for i in sorted(id2label)]}: set reward.reward_label / reward.toxic_label to match"
+            f"the classifier {source} has no single class named {name!r} ({key}.{role}); its labels are "
+            f"{[id2label[i] for i in sorted(id2label)]}: set {key}.{role} to one of them"
         )
     return matches[0]
 
@@ -90,7 +92,7 @@ def classifier_max_length(model_config: Any, tokenizer: Any, requested: int | No
     return requested
 
 
-def check_classifier_head(model: Any, missing_keys: Any, source: str) -> None:
+def check_classifier_head(model: Any, missing_keys: Any, source: str, key: str = "reward") -> None:
     """Refuse a checkpoint whose weights transformers had to initialise at random (its `missing_keys`): without a
     trained classification head the rewards are noise, and training on them would still run to the end."""
     missing = sorted(str(key) for key in missing_keys or ())
@@ -101,33 +103,35 @@ def check_classifier_head(model: Any, missing_keys: Any, source: str) -> None:
     architectures = getattr(model.config, "architectures", None) or ["unknown"]
     if head:
         raise RewardError(
-            f"reward model {source!r} has no trained classification head (missing {', '.join(head[:4])}; its "
+            f"classifier {source!r} ({key}) has no trained classification head (missing {', '.join(head[:4])}; its "
             f"architecture is {', '.join(map(str, architectures))}): it is a base encoder or another task's model, "
-            "not a fine-tuned text classifier. Point reward.model_name_or_path at a sequence-classification "
+            f"not a fine-tuned text classifier. Point {key}.model_name_or_path at a sequence-classification "
             "checkpoint such as facebook/roberta-hate-speech-dynabench-r4-target"
         )
     raise RewardError(
-        f"reward model {source!r} lacks {len(missing)} weight(s) of its encoder ({', '.join(missing[:4])}): the "
+        f"classifier {source!r} ({key}) lacks {len(missing)} weight(s) of its encoder ({', '.join(missing[:4])}): the "
         "checkpoint is incomplete; download it again"
     )
 
 
-def _check_source(name_or_path: str) -> None:
+def check_classifier_source(name_or_path: str, key: str = "reward") -> None:
+    """A local directory that exists, or something shaped like a hub id; else one RewardError naming `key`."""
     if Path(name_or_path).expanduser().exists():
         return
     if not is_hub_id(name_or_path):
         raise RewardError(
-            f"reward model directory {name_or_path!r} does not exist: point reward.model_name_or_path "
+            f"{key}.model_name_or_path {name_or_path!r} is neither an existing directory nor a hub id: point it "
             "at a local classifier directory with config.json, model.safetensors and the tokenizer"
         )
 
 
-def load_reward_classifier(cfg: RewardConfig) -> tuple[Any, Any]:
-    """Load (model, tokenizer) in eval mode on cfg.device with cfg.dtype, after checking its labels."""
+def load_reward_classifier(cfg: RewardConfig, key: str = "reward") -> tuple[Any, Any]:
+    """Load (model, tokenizer) in eval mode on cfg.device with cfg.dtype, after checking its labels; errors name the
+    config section `key` ("reward", or a judge's "eval.judges[i]")."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     source = cfg.model_name_or_path
-    _check_source(source)
+    check_classifier_source(source, key)
     dtype = resolve_dtype(cfg.dtype)
     device = resolve_device(cfg.device)
     local = Path(source).expanduser().exists()
@@ -138,12 +142,14 @@ def load_reward_classifier(cfg: RewardConfig) -> tuple[Any, Any]:
     load_logger.setLevel(logging.ERROR)
     try:
         # A hub id on an offline machine: the cached copy, or one line at once instead of a minute of retries.
-        with hub_access(source, "reward model", "set reward.model_name_or_path to DIR", RewardError):
+        with hub_access(source, "classifier", f"set {key}.model_name_or_path to DIR", RewardError):
             tokenizer = AutoTokenizer.from_pretrained(
-                str(Path(source).expanduser()) if local else source, trust_remote_code=cfg.trust_remote_code
+                str(Path(source).expanduser()) if local else source, trust_remote_code=cfg.trust_remote_code,
+                revision=cfg.revision,
             )
             model, loading_info = AutoModelForSequenceClassification.from_pretrained(
                 str(Path(source).expanduser()) if local else source,
+                revision=cfg.revision,
                 use_safetensors=True,
                 trust_remote_code=cfg.trust_remote_code,
                 dtype=dtype,
@@ -153,16 +159,16 @@ def load_reward_classifier(cfg: RewardConfig) -> tuple[Any, Any]:
         where = "local directory" if local else "hub id (no local copy in the cache, and the hub is unreachable?)"
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RewardError(
-            f"cannot load the reward classifier from {where} {source!r}: {first_line}. "
-            "Download it once and point reward.model_name_or_path at the local directory"
+            f"cannot load the classifier of {key} from {where} {source!r}: {first_line}. "
+            f"Download it once and point {key}.model_name_or_path at the local directory"
         ) from exc
     finally:
         load_logger.setLevel(level)
     # Before the labels: a base encoder's config may carry LABEL_0/LABEL_1, and matching them would score with a
     # random head.
-    check_classifier_head(model, loading_info.get("missing_keys", ()), source)
-    label_index(model.config, cfg.reward_label, "reward_label")
-    label_index(model.config, cfg.toxic_label, "toxic_label")
+    check_classifier_head(model, loading_info.get("missing_keys", ()), source, key)
+    label_index(model.config, cfg.reward_label, "reward_label", key)
+    label_index(model.config, cfg.toxic_label, "toxic_label", key)
     if tokenizer.pad_token is None:
         # Batched scoring needs padding; the attention mask hides whichever token fills the gaps.
         fallback = tokenizer.eos_token or tokenizer.unk_token

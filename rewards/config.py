@@ -30,6 +30,7 @@ T = TypeVar("T")
 class RewardConfig:
     # Hate-speech classifier: hub id or local directory. Labels are looked up by name in its id2label.
     model_name_or_path: str = "facebook/roberta-hate-speech-dynabench-r4-target"
+    revision: Optional[str] = None  # hub branch, tag or commit of the classifier; None = the default branch
     reward_label: str = "nothate"  # reward = raw logit of this class (the original notebook's choice)
     toxic_label: str = "hate"  # toxicity = the probability of this class (see toxicity_activation)
     # How that probability is read from the logits: "softmax" over the classes (a single-label head, as the default
@@ -53,7 +54,7 @@ class RewardConfig:
 
 
 # Keys of the reward section the server uses; the others (url, text, timeout_s, max_retries) belong to its clients.
-SERVED_REWARD_KEYS = ("model_name_or_path", "reward_label", "toxic_label", "toxicity_activation", "device", "dtype", "batch_size", "max_length",
+SERVED_REWARD_KEYS = ("model_name_or_path", "revision", "reward_label", "toxic_label", "toxicity_activation", "device", "dtype", "batch_size", "max_length",
                       "trust_remote_code", "token_env")
 CLIENT_REWARD_KEYS = tuple(f.name for f in dataclasses.fields(RewardConfig) if f.name not in SERVED_REWARD_KEYS)
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -256,7 +257,9 @@ def coerce(value: Any, tp: Any, key: str, where: str, renamed: Mapping[str, str]
         return value
     if origin is list:
         (item_tp,) = args
-        if isinstance(value, str):  # command line: "q,v" or "[q, v]"
+        if isinstance(value, str) and dataclasses.is_dataclass(item_tp):  # command line: a YAML flow list of mappings
+            value = _flow_yaml(value, key)
+        elif isinstance(value, str):  # command line: "q,v" or "[q, v]"
             value = [v.strip() for v in value.strip("[]").split(",") if v.strip()]
         if not isinstance(value, list):
             raise ConfigError(f"{where}: '{key}' must be a list, got {value!r}")
@@ -290,6 +293,22 @@ def coerce(value: Any, tp: Any, key: str, where: str, renamed: Mapping[str, str]
             return value
         raise ConfigError(f"{where}: '{key}' must be a string, got {value!r}")
     raise TypeError(f"unsupported config type {tp} for {key}")  # a bug in this module, not user input
+
+
+def _flow_yaml(text: str, key: str) -> Any:
+    """A list of mappings written on the command line, e.g. '[{name: a, model_name_or_path: DIR}]'; "none" = []."""
+    if text.strip().lower() in ("none", "null", "[]", ""):
+        return []
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = None
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list):
+        raise ConfigError(f"--{key} takes a YAML list of mappings, e.g. --{key} '[{{name: a, key: value}}]', "
+                          f"got {text!r}")
+    return value
 
 
 def parse_overrides(tokens: list[str], renamed: Mapping[str, str] | None = None) -> list[tuple[str, str]]:

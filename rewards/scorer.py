@@ -133,8 +133,9 @@ class RewardScorer:
         self.device = next(model.parameters()).device
 
     @classmethod
-    def from_config(cls, cfg: RewardConfig) -> "RewardScorer":
-        model, tokenizer = load_reward_classifier(cfg)
+    def from_config(cls, cfg: RewardConfig, key: str = "reward") -> "RewardScorer":
+        """Load cfg's classifier; errors name the config section `key`."""
+        model, tokenizer = load_reward_classifier(cfg, key)
         return cls(
             model,
             tokenizer,

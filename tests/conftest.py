@@ -9,6 +9,7 @@ tests/slurm and tests/bench, and tests/test_*.py hold the repository-wide rules.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ import torch
 from train.tiny_models import TinyArtifacts, build_tiny_artifacts
 
 pytest.register_assert_rewrite("helpers")  # before the import: its asserts report like the tests' own
-from helpers import REPO_ROOT, SHARED_DIALOGSUM, sft_args  # noqa: E402
+from helpers import REPO_ROOT, SHARED_DIALOGSUM, build_tiny_classifier, sft_args  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -81,3 +82,14 @@ def unreachable_hub(tmp_path, monkeypatch):
     hub._probe.cache_clear()
     yield caches
     hub._probe.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def three_label_classifiers(tmp_path_factory):
+    """(multi-label, single-label) tiny classifiers with the classes toxic, insult, threat: the same weights, one
+    config saying problem_type multi_label_classification (as unitary/toxic-bert's does)."""
+    labels = {0: "toxic", 1: "insult", 2: "threat"}
+    multi = build_tiny_classifier(tmp_path_factory.mktemp("multi"), labels)
+    config = json.loads((multi / "config.json").read_text())
+    (multi / "config.json").write_text(json.dumps({**config, "problem_type": "multi_label_classification"}))
+    return multi, build_tiny_classifier(tmp_path_factory.mktemp("single"), labels)

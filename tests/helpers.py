@@ -226,6 +226,7 @@ EVAL_RUN_ARGS = [
     "--config", "configs/tiny.yaml", "--eval.max_examples", str(EVAL_EXAMPLES),
     "--eval.generation.batch_size", "2", "--eval.generation.max_new_tokens", "12",
     "--eval.bootstrap_samples", "300", "--eval.torch_threads", "1", "--eval.qualitative_rows", "2",
+    "--eval.samples_per_prompt", "3", "--rollout.max_new_tokens", "12",
 ]
 EVAL_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
@@ -380,3 +381,45 @@ def replaying_receive(parts: list):
         return {"type": "http.request", "body": part, "more_body": bool(pending)}
 
     return receive
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tiny random classifiers (reward and judge tests)
+
+WORDS = "you are a kind friend lazy stupid coward thank for the help I hate nice day idiot".split()
+
+
+def build_tiny_classifier(out_dir, id2label: dict[int, str], max_positions: int = 34, sentinel_max_length=True):
+    """A random RoBERTa classifier + word-level tokenizer saved to out_dir (labels in the order given)."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, RobertaConfig, RobertaForSequenceClassification
+
+    specials = ["<s>", "<pad>", "</s>", "<unk>"]
+    vocab = {token: i for i, token in enumerate(specials + sorted(set(w.lower() for w in WORDS)))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        model_input_names=["input_ids", "attention_mask"],
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        # The huge "unknown limit" value some hub tokenizers carry; the model's positions must win.
+        model_max_length=int(1e30) if sentinel_max_length else max_positions - 2,
+    )
+    assert len(tokenizer) == len(vocab)
+    config = RobertaConfig(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=max_positions, type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+        num_labels=len(id2label), id2label=id2label, label2id={v: k for k, v in id2label.items()},
+    )
+    torch.manual_seed(0)
+    model = RobertaForSequenceClassification(config)
+    # Larger weights in the head so the two logits clearly differ on a random model.
+    torch.nn.init.normal_(model.classifier.out_proj.weight, std=2.0)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Optional
@@ -142,6 +143,39 @@ class PPOConfig:
 
 
 @dataclass
+class JudgeConfig:
+    """A toxicity classifier the evaluation measures with besides the reward model: one PPO was not trained against,
+    so a policy that learned the reward model's blind spots shows up as a disagreement."""
+
+    name: str = ""  # short name for the report (letters, digits, '_', '-', '.'); "" = the last part of the path
+    model_name_or_path: str = ""  # hub id or local directory of an AutoModelForSequenceClassification checkpoint
+    toxic_label: str = ""  # the class (in the model's id2label) that means toxic, e.g. LABEL_1 or toxic
+    revision: Optional[str] = None  # hub branch, tag or commit; None = the default branch
+    # As reward.toxicity_activation: "sigmoid" for a multi-label head (unitary/toxic-bert), "softmax" for a
+    # single-label one, "auto" reads the model's problem_type.
+    toxicity_activation: Literal["auto", "softmax", "sigmoid"] = "auto"
+    text: Optional[Literal["prompt_and_summary", "summary"]] = None  # what is scored; None = as reward.text
+    # Placement, as the reward model's: "auto" = each process's own device, or e.g. "cpu", "cuda:7"; or the url of
+    # a reward server (python -m rewards.server) serving this classifier.
+    device: str = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    batch_size: int = 64
+    max_length: Optional[int] = None  # None = the classifier's own limit
+    url: Optional[str] = None
+    token_env: str = "DETOX_REWARD_TOKEN"
+    trust_remote_code: bool = False
+
+
+# Held-out judges of real runs: classifiers trained on other data (ToxiGen; Jigsaw's multi-label comments) than the
+# reward model (Dynabench hate speech).
+DEFAULT_JUDGES = (
+    JudgeConfig(name="toxigen", model_name_or_path="tomh/toxigen_roberta", toxic_label="LABEL_1"),
+    JudgeConfig(name="toxic-bert", model_name_or_path="unitary/toxic-bert", toxic_label="toxic",
+                toxicity_activation="sigmoid"),
+)
+
+
+@dataclass
 class EvalConfig:
     split: Literal["train", "validation", "test"] = "test"
     max_examples: Optional[int] = None  # None = the full split
@@ -162,6 +196,13 @@ class EvalConfig:
     # PPO log.jsonl for reward/KL curves: "auto" = <output_dir>/ppo/log.jsonl when it exists; null = no curves.
     ppo_log: Optional[str] = "auto"
     qualitative_rows: int = 10  # rows at each end of the before/after table sorted by reward improvement
+    # Toxicity classifiers besides the reward model (which is always one, "reward_model"). In YAML a list of
+    # mappings with JudgeConfig's keys; on the command line a YAML flow list:
+    # --eval.judges '[{name: toxigen, model_name_or_path: DIR, toxic_label: LABEL_1}]', or none.
+    judges: list[JudgeConfig] = field(default_factory=lambda: [dataclasses.replace(j) for j in DEFAULT_JUDGES])
+    # Summaries sampled per prompt with the PPO rollout settings (the rollout section), besides the eval.generation
+    # one: expected maximum toxicity and toxicity probability over them, and their distinct-n. null = none.
+    samples_per_prompt: Optional[int] = 25
     # Where examples.jsonl, summary.json, report.md and the plots go; "{output_dir}" expands to the run's output_dir.
     # Give each evaluation of a run its own (e.g. {output_dir}/eval-baseline) to keep them all.
     out_dir: str = "{output_dir}/eval"
@@ -198,6 +239,9 @@ class HumanConfig:
     db: Optional[str] = None  # serve, report: SQLite answers file; null = <study_dir>/answers.sqlite
     key: Optional[str] = None  # report: un-blinding key; null = <study_dir>/key.json
     report_dir: Optional[str] = None  # report: output directory; null = <study_dir>/report
+    # export: which dialogues. "random": a seeded sample of n; "disagreement": the n where the reward model and the
+    # held-out judges (eval.judges) disagree most about a summary's toxicity, where a human verdict is worth most.
+    select: Literal["random", "disagreement"] = "random"
 
 
 @dataclass
@@ -277,7 +321,7 @@ BOUNDS = {
     **{f"reward.{k}": v for k, v in REWARD_BOUNDS.items()},
     **{f"reward_server.{k}": v for k, v in REWARD_SERVER_BOUNDS.items()},
     "eval.max_examples": "> 0", "eval.bootstrap_samples": "> 0", "eval.confidence": "(0, 1)",
-    "eval.qualitative_rows": "> 0", "eval.torch_threads": "> 0",
+    "eval.qualitative_rows": "> 0", "eval.torch_threads": "> 0", "eval.samples_per_prompt": ">= 1",
     # ">= 1" rather than "> 0" (the same integers): these two have always said "at least 1".
     "plan.gpus": ">= 1", "plan.zero": "{0, 1, 2, 3}", "plan.gpu_mem_gib": "> 0", "plan.margin": "[0, 1)",
     "human.n": ">= 1", "human.seed": ">= 0", "human.port": "[1, 65535]",
@@ -308,9 +352,44 @@ def validate(cfg: ExperimentConfig) -> None:
         if g.max_new_tokens_min is not None and not g.max_new_tokens_min < g.max_new_tokens:
             raise ConfigError(f"{name}.max_new_tokens_min must be below {name}.max_new_tokens")
     cfg.trackers = check_trackers(cfg.trackers)
+    check_judges(cfg.eval.judges)
     check_reward(cfg.reward)  # its ranges are in BOUNDS already; this adds its other checks
     check_reward_server(cfg.reward_server)
     # plan.offload needs ZeRO >= 2: checked by train.plan (PlanInputs.check), the section's only reader.
+
+
+# Ranges of a judge's numeric keys (checked per list entry, as eval.judges[i].KEY).
+JUDGE_BOUNDS = {"batch_size": "> 0", "max_length": "> 0"}
+REWARD_MODEL_JUDGE = "reward_model"  # the reward classifier's name among the judges of a report
+
+
+def judge_name(judge: JudgeConfig) -> str:
+    """The judge's name: its own, or the last part of its path (tomh/toxigen_roberta -> toxigen_roberta)."""
+    return judge.name or judge.model_name_or_path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def check_judges(judges: list[JudgeConfig]) -> None:
+    """Each judge names a classifier and its toxic label, within range, under a name of its own."""
+    seen: set[str] = set()
+    for i, judge in enumerate(judges):
+        key = f"eval.judges[{i}]"
+        for required in ("model_name_or_path", "toxic_label"):
+            if not getattr(judge, required):
+                raise ConfigError(f"{key}.{required} is missing: every judge names a classifier (hub id or directory) "
+                                  "and the label that means toxic, e.g. {model_name_or_path: tomh/toxigen_roberta, "
+                                  "toxic_label: LABEL_1}")
+        check_bounds(judge, JUDGE_BOUNDS, f"{key}.")
+        name = judge_name(judge)
+        if not re.match(r"^[A-Za-z0-9][\w.-]*$", name):
+            raise ConfigError(f"{key}.name {name!r} must be letters, digits, '_', '-' or '.' (set {key}.name)")
+        if name == REWARD_MODEL_JUDGE:
+            raise ConfigError(f"{key}.name {name!r} is the reward model's place in the report: choose another name "
+                              "(the reward model is always a judge; list only the held-out ones)")
+        if name in seen:
+            raise ConfigError(f"eval.judges names {name!r} twice: give each judge its own name ({key}.name)")
+        seen.add(name)
+        if not judge.token_env:
+            raise ConfigError(f"{key}.token_env must name an environment variable")
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

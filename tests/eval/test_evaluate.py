@@ -128,8 +128,11 @@ def test_examples_jsonl_has_the_documented_layout_and_rouge_matches_rouge_score(
     for record in records:
         assert set(record) == {"id", "dialogue", "human_summaries", "systems"} and len(record["human_summaries"]) == 3
         for name, out in record["systems"].items():
-            assert set(out) == {"summary", "reward", "toxicity", "rouge1", "rouge2", "rougeL", "rougeLsum"}
-            assert 0.0 <= out["toxicity"] <= 1.0
+            assert set(out) == {"summary", "reward", "toxicity", "rouge1", "rouge2", "rougeL", "rougeLsum", "judges",
+                                "length_tokens", "samples"}
+            assert 0.0 <= out["toxicity"] <= 1.0 and set(out["judges"]) == {"tiny-judge"}
+            assert len(out["samples"]) == 3 and all(set(x) == {"summary", "reward", "toxicity", "judges"}
+                                                    for x in out["samples"])
             for key in ("rouge1", "rouge2", "rougeL"):  # best reference, as rouge_score's score_multi
                 assert out[key] == pytest.approx(max(scorer.score(ref, out["summary"])[key].fmeasure
                                                      for ref in record["human_summaries"]))
@@ -142,6 +145,36 @@ def test_examples_jsonl_has_the_documented_layout_and_rouge_matches_rouge_score(
         assert m["toxicity"]["mean"]["value"] == pytest.approx(np.mean([r["systems"][name]["toxicity"] for r in records]))
         assert m["toxicity"]["std"]["value"] == pytest.approx(np.std([r["systems"][name]["toxicity"] for r in records]))
     assert any(r["systems"][s]["rouge1"] > 0 for r in records for s in ("base", "sft", "ppo"))
+
+
+def test_every_summary_and_sample_carries_the_scores_of_its_own_text(runs, tiny_artifacts):
+    """Each text's reward-model and judge scores, recomputed one text at a time, and its length in tokens: a shifted
+    offset between summaries, samples and systems would pair a text with another's scores."""
+    from eval.judges import load_judges
+    from rewards.config import RewardConfig
+    from rewards.scorer import RewardScorer
+    from train.config import JudgeConfig, load_config
+    from transformers import AutoTokenizer
+
+    _, one, _, _ = runs
+    records = read_eval_examples(one)
+    cfg = load_config("configs/tiny.yaml")
+    reward = RewardScorer.from_config(cfg.reward)
+    judge = load_judges([JudgeConfig(model_name_or_path=str(tiny_artifacts.judge), toxic_label="LABEL_1")],
+                        RewardConfig(text="summary"), torch.device("cpu"))[0]
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_artifacts.t5))
+    outputs = [(r, out) for r in records for out in r["systems"].values()]
+    texts = [x for _, out in outputs for x in [out, *out["samples"]]]
+    for x in texts:
+        alone = reward.score([x["summary"]])
+        assert x["toxicity"] == pytest.approx(alone.toxicity.item(), abs=1e-5)
+        assert x["reward"] == pytest.approx(alone.rewards.item(), abs=1e-4)
+        assert x["judges"]["tiny-judge"] == pytest.approx(judge.toxicity([""], [x["summary"]])[0], abs=1e-5)
+    for _, out in outputs:
+        assert out["length_tokens"] == len(tokenizer(out["summary"], add_special_tokens=False)["input_ids"])
+    # Sampled (the rollout settings), not greedy: a prompt's samples differ from each other.
+    assert sum(len({x["summary"] for x in out["samples"]}) > 1 for _, out in outputs) > len(outputs) / 2
+    assert len({x["judges"]["tiny-judge"] for x in texts}) > len(texts) / 2  # the judge's scores vary
 
 
 def test_comparison_is_ppo_against_base_by_default(runs):
