@@ -1,4 +1,5 @@
-"""Build the offline tiny default: synthetic data, a tiny FLAN-T5-shaped policy and a tiny hate classifier.
+"""Build the offline tiny default: synthetic data, a tiny FLAN-T5-shaped policy, a tiny hate classifier (the reward
+model) and a second, held-out toxicity judge.
 
     python -m train.tiny_models [--out artifacts/tiny] [--force]
 
@@ -8,6 +9,9 @@ writes, deterministically and without network access:
     <out>/toxicity/        labelled sentences {"text", "label"} for the classifier (train.jsonl, test.jsonl)
     <out>/t5-dialogsum/    randomly initialised T5 (FLAN-T5's shape, scaled down) + Unigram tokenizer
     <out>/roberta-hate/    RoBERTa classifier (id2label {0: nothate, 1: hate}) trained on toxicity/ + BPE tokenizer
+    <out>/toxicity-judge/  the judge's own labelled sentences {"text", "label"} (LABEL_1 = toxic), none in toxicity/
+    <out>/judge/           held-out judge shaped as tomh/toxigen_roberta (id2label {0: LABEL_0, 1: LABEL_1}),
+                           trained on toxicity-judge/ from another seed, with its own BPE tokenizer
     <out>/BUILD.json       stamp: hash of this builder's sources and data file (train/tiny_data.yaml), library versions
 
 A build whose stamp matches is reused as is. Builds go into a temporary sibling directory that is renamed
@@ -64,6 +68,12 @@ T5_MAX_LENGTH = 512
 ROBERTA_VOCAB_SIZE = 1000
 ROBERTA_MAX_LENGTH = 256
 ROBERTA_LABELS = {0: "nothate", 1: "hate"}
+# The judge stands in for a classifier trained elsewhere, so nothing it learns from may come from the reward model's
+# run: its own examples, tokenizer, initialisation and batch order.
+JUDGE_SEED = SEED + 1
+JUDGE_LABELS = {0: "LABEL_0", 1: "LABEL_1"}  # LABEL_1 = toxic, as tomh/toxigen_roberta
+JUDGE_LABEL_OF = {"nothate": "LABEL_0", "hate": "LABEL_1"}  # tiny_data's labels in the judge's names
+JUDGE_EPOCHS = 7  # fewer examples than the reward model (its texts are left out): about as many optimizer steps
 MIN_CLASSIFIER_ACCURACY = 0.9
 CLASSIFIER_EPOCHS = 6
 CLASSIFIER_BATCH_SIZE = 32
@@ -78,10 +88,13 @@ class TinyArtifacts:
     t5: Path
     roberta: Path
     toxicity: Path
+    judge: Path
+    judge_toxicity: Path
 
     @classmethod
     def at(cls, root: Path) -> "TinyArtifacts":
-        return cls(root, root / "dialogsum", root / "t5-dialogsum", root / "roberta-hate", root / "toxicity")
+        return cls(root, root / "dialogsum", root / "t5-dialogsum", root / "roberta-hate", root / "toxicity",
+                   root / "judge", root / "toxicity-judge")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -133,7 +146,8 @@ def is_up_to_date(artifacts: TinyArtifacts) -> bool:
     expected = builder_stamp()
     if any(stamp.get(key) != value for key, value in expected.items()):
         return False
-    return all(p.is_dir() for p in (artifacts.dialogsum, artifacts.t5, artifacts.roberta, artifacts.toxicity))
+    return all(p.is_dir() for p in (artifacts.dialogsum, artifacts.t5, artifacts.roberta, artifacts.toxicity,
+                                    artifacts.judge, artifacts.judge_toxicity))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -216,7 +230,7 @@ def build_t5(out: Path, tokenizer: PreTrainedTokenizerFast) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------
-# RoBERTa hate classifier
+# RoBERTa classifiers: the hate classifier (reward model) and the held-out judge
 
 
 def build_roberta_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
@@ -256,48 +270,67 @@ def classifier_accuracy(model, tokenizer, examples: list[dict], batch_size: int 
     return correct / len(examples)
 
 
-def train_roberta(out: Path, tokenizer: PreTrainedTokenizerFast, toxicity: Path) -> dict[str, object]:
-    """Train the tiny classifier on toxicity/train.jsonl for a few seconds; save it; return its stats."""
-    train_set, test_set = read_jsonl(toxicity / "train.jsonl"), read_jsonl(toxicity / "test.jsonl")
+def train_classifier(out: Path, tokenizer: PreTrainedTokenizerFast, train_set: list[dict], test_set: list[dict],
+                     labels: dict[int, str], seed: int, name: str,
+                     epochs: int = CLASSIFIER_EPOCHS) -> dict[str, object]:
+    """Train a tiny RoBERTa classifier on `train_set` ({"text", "label"} with `labels`' names) for a few seconds,
+    seeding its initialisation and batch order with `seed`; save it; return its stats."""
     config = RobertaConfig(
         vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
         max_position_embeddings=ROBERTA_MAX_LENGTH + 2,  # RoBERTa's positions start after the padding index
-        type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2, num_labels=len(ROBERTA_LABELS),
-        id2label=ROBERTA_LABELS, label2id={v: k for k, v in ROBERTA_LABELS.items()},
-        problem_type="single_label_classification",
+        type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2, num_labels=len(labels),
+        id2label=labels, label2id={v: k for k, v in labels.items()}, problem_type="single_label_classification",
     )
-    order_rng = random.Random(f"{SEED}-classifier-batches")
-    with seeded_torch(SEED):
+    order_rng = random.Random(f"{seed}-classifier-batches")
+    with seeded_torch(seed):
         model = RobertaForSequenceClassification(config)
         optimizer = torch.optim.AdamW(model.parameters(), lr=CLASSIFIER_LEARNING_RATE, weight_decay=0.01)
         model.train()
         loss = torch.tensor(0.0)
-        for _ in range(CLASSIFIER_EPOCHS):
+        for _ in range(epochs):
             order = list(range(len(train_set)))
             order_rng.shuffle(order)
             for start in range(0, len(order), CLASSIFIER_BATCH_SIZE):
                 batch = [train_set[i] for i in order[start : start + CLASSIFIER_BATCH_SIZE]]
                 enc = tokenizer([e["text"] for e in batch], padding=True, truncation=True,
                                 max_length=CLASSIFIER_TRAIN_MAX_TOKENS, return_tensors="pt")
-                labels = torch.tensor([config.label2id[e["label"]] for e in batch])
-                loss = model(**enc, labels=labels).loss
+                targets = torch.tensor([config.label2id[e["label"]] for e in batch])
+                loss = model(**enc, labels=targets).loss
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
         accuracy = classifier_accuracy(model, tokenizer, test_set)
     if accuracy < MIN_CLASSIFIER_ACCURACY:
-        raise RuntimeError(f"tiny classifier reached only {accuracy:.3f} held-out accuracy (< {MIN_CLASSIFIER_ACCURACY}); "
+        raise RuntimeError(f"tiny {name} reached only {accuracy:.3f} held-out accuracy (< {MIN_CLASSIFIER_ACCURACY}); "
                            "the toxicity templates in train/tiny_data.yaml or the training settings in "
                            "train/tiny_models.py need fixing")
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     stats = {
-        "train_examples": len(train_set), "test_examples": len(test_set), "epochs": CLASSIFIER_EPOCHS,
+        "train_examples": len(train_set), "test_examples": len(test_set), "epochs": epochs, "seed": seed,
         "final_train_loss": round(loss.item(), 6), "test_accuracy": accuracy,
         "parameters": sum(p.numel() for p in model.parameters()),
     }
     (out / "training_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     return stats
+
+
+def write_judge_data(out: Path, reward_toxicity: Path) -> tuple[list[dict], list[dict]]:
+    """Draw the judge's examples with JUDGE_SEED, in its label names, leaving out every text of the reward model's
+    set (`reward_toxicity`), so agreement on that set is measured on texts the judge never saw; write and return
+    (train, test)."""
+    seen = {e["text"] for split in ("train", "test") for e in read_jsonl(reward_toxicity / f"{split}.jsonl")}
+    examples = [{"text": e["text"], "label": JUDGE_LABEL_OF[e["label"]]}
+                for e in tiny_data.make_toxicity_examples(JUDGE_SEED) if e["text"] not in seen]
+    if len(examples) < tiny_data.TOXICITY_PER_LABEL:  # a seed that redraws the reward model's texts leaves few
+        raise RuntimeError(f"only {len(examples)} of the judge's toxicity examples (seed {JUDGE_SEED}) are not in the "
+                           f"reward model's set; JUDGE_SEED in train/tiny_models.py must differ from SEED ({SEED})")
+    n_test = int(len(examples) * tiny_data.TOXICITY_TEST_FRACTION)
+    test_set, train_set = examples[:n_test], examples[n_test:]  # texts are unique, so the splits are disjoint
+    out.mkdir(parents=True)
+    tiny_data.write_jsonl(out / "train.jsonl", train_set)
+    tiny_data.write_jsonl(out / "test.jsonl", test_set)
+    return train_set, test_set
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -308,15 +341,24 @@ def _build_into(tmp: TinyArtifacts) -> dict[str, object]:
     """Write every artifact under `tmp.root`; return the summary recorded in the stamp."""
     data = tiny_data.write_synthetic_data(tmp.root, SEED)
     # Both models read prompts (the classifier scores prompt + summary), so the tokenizers learn the instruction.
-    corpus = data.texts + [PROMPT_TEMPLATE.format(dialogue="")] * tiny_data.SPLIT_SIZES["train"]
+    prompt = PROMPT_TEMPLATE.format(dialogue="")
+    corpus = data.texts + [prompt] * tiny_data.SPLIT_SIZES["train"]
     t5_tokenizer = build_t5_tokenizer(corpus)
     t5_parameters = build_t5(tmp.t5, t5_tokenizer)
     roberta_tokenizer = build_roberta_tokenizer(corpus)
-    stats = train_roberta(tmp.roberta, roberta_tokenizer, tmp.toxicity)
+    stats = train_classifier(tmp.roberta, roberta_tokenizer, read_jsonl(tmp.toxicity / "train.jsonl"),
+                             read_jsonl(tmp.toxicity / "test.jsonl"), ROBERTA_LABELS, SEED, "hate classifier")
+    # The judge's tokenizer learns only from its own training texts and the prompt (it scores prompt + summary too).
+    judge_train, judge_test = write_judge_data(tmp.judge_toxicity, tmp.toxicity)
+    judge_tokenizer = build_roberta_tokenizer([e["text"] for e in judge_train] + [prompt] * len(judge_train))
+    judge_stats = train_classifier(tmp.judge, judge_tokenizer, judge_train, judge_test, JUDGE_LABELS, JUDGE_SEED,
+                                   "toxicity judge", JUDGE_EPOCHS)
     return {
         "t5_vocab_size": len(t5_tokenizer), "t5_parameters": t5_parameters,
         "roberta_vocab_size": len(roberta_tokenizer), "roberta_parameters": stats["parameters"],
         "roberta_test_accuracy": stats["test_accuracy"],
+        "judge_vocab_size": len(judge_tokenizer), "judge_parameters": judge_stats["parameters"],
+        "judge_test_accuracy": judge_stats["test_accuracy"],
     }
 
 
@@ -388,12 +430,15 @@ def summary_lines(artifacts: TinyArtifacts) -> list[str]:
     summary = (_read_stamp(artifacts.root) or {}).get("summary", {})
     return [
         f"tiny artifacts in {artifacts.root} (built in {summary.get('seconds', '?')} s)",
-        f"  data:    {artifacts.dialogsum}  {artifacts.toxicity}",
+        f"  data:    {artifacts.dialogsum}  {artifacts.toxicity}  {artifacts.judge_toxicity}",
         f"  t5:      {artifacts.t5}  vocab {summary.get('t5_vocab_size')}, "
         f"{summary.get('t5_parameters', 0):,} parameters",
         f"  roberta: {artifacts.roberta}  vocab {summary.get('roberta_vocab_size')}, "
         f"{summary.get('roberta_parameters', 0):,} parameters, held-out accuracy "
         f"{summary.get('roberta_test_accuracy', 0):.3f}",
+        f"  judge:   {artifacts.judge}  vocab {summary.get('judge_vocab_size')}, "
+        f"{summary.get('judge_parameters', 0):,} parameters, held-out accuracy "
+        f"{summary.get('judge_test_accuracy', 0):.3f}",
     ]
 
 

@@ -1,4 +1,5 @@
-"""The offline tiny default: synthetic data layout, tiny T5 and RoBERTa classifier, determinism and reuse."""
+"""The offline tiny default: synthetic data layout, tiny T5, RoBERTa classifier and held-out judge, determinism and
+reuse."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from transformers import (
     AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    RobertaForSequenceClassification,
     T5ForConditionalGeneration,
     pipeline,
 )
@@ -49,6 +51,17 @@ def tokenizer_json_size(directory: Path) -> int:
     vocab = spec["model"]["vocab"]
     pieces = {p for p, _ in vocab} if isinstance(vocab, list) else set(vocab)
     return len(pieces | {t["content"] for t in spec["added_tokens"]})
+
+
+def load_classifier(directory: Path):
+    tok = AutoTokenizer.from_pretrained(directory)
+    return tok, AutoModelForSequenceClassification.from_pretrained(directory, use_safetensors=True).eval()
+
+
+def predicted_labels(tok, model, texts: list[str]) -> list[str]:
+    with torch.no_grad():
+        logits = model(**tok(texts, padding=True, return_tensors="pt")).logits
+    return [model.config.id2label[i] for i in logits.argmax(-1).tolist()]
 
 
 @pytest.fixture(scope="module")
@@ -136,16 +149,77 @@ def test_toxic_sentence_scores_higher_than_neutral(classifier):
 
 
 def test_classifier_reaches_the_recorded_accuracy_of_at_least_90_percent_on_held_out_texts(tiny_artifacts):
-    tok = AutoTokenizer.from_pretrained(tiny_artifacts.roberta)
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_artifacts.roberta, use_safetensors=True).eval()
+    tok, model = load_classifier(tiny_artifacts.roberta)
     test_set = read_jsonl(tiny_artifacts.toxicity / "test.jsonl")
-    with torch.no_grad():
-        logits = model(**tok([e["text"] for e in test_set], padding=True, return_tensors="pt")).logits
-    predicted = [model.config.id2label[i] for i in logits.argmax(-1).tolist()]
+    predicted = predicted_labels(tok, model, [e["text"] for e in test_set])
     accuracy = sum(p == e["label"] for p, e in zip(predicted, test_set)) / len(test_set)
     assert accuracy >= 0.9
     recorded = json.loads((tiny_artifacts.roberta / "training_stats.json").read_text())["test_accuracy"]
     assert accuracy == pytest.approx(recorded, abs=1 / len(test_set))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The held-out judge: a second classifier, shaped as tomh/toxigen_roberta, that the reward model's training never saw
+
+
+@pytest.fixture(scope="module")
+def judge(tiny_artifacts):
+    return load_classifier(tiny_artifacts.judge)
+
+
+def test_judge_is_a_two_label_roberta_with_toxigen_labels_and_its_own_tokenizer(tiny_artifacts, judge):
+    tok, model = judge
+    assert isinstance(model, RobertaForSequenceClassification)
+    config = model.config
+    assert config.id2label == {0: "LABEL_0", 1: "LABEL_1"} and config.label2id == {"LABEL_0": 0, "LABEL_1": 1}
+    assert config.num_labels == 2 and config.problem_type == "single_label_classification"
+    summary = json.loads((tiny_artifacts.root / STAMP_FILE).read_text())["summary"]
+    assert len(tok) == config.vocab_size == tokenizer_json_size(tiny_artifacts.judge) == summary["judge_vocab_size"]
+    specials = [tok.cls_token_id, tok.pad_token_id, tok.sep_token_id, tok.unk_token_id, tok.mask_token_id]
+    assert specials == [0, 1, 2, 3, 4] and tok.model_max_length == 256
+    assert tok.unk_token_id not in tok("you stupid idiot")["input_ids"]
+    # Trained on its own corpus: its vocabulary is not the reward model's.
+    assert tok.get_vocab() != AutoTokenizer.from_pretrained(tiny_artifacts.roberta).get_vocab()
+
+
+def test_judge_was_trained_on_other_examples_and_weights_than_the_reward_model(tiny_artifacts, judge):
+    judge_train = read_jsonl(tiny_artifacts.judge_toxicity / "train.jsonl")
+    judge_test = read_jsonl(tiny_artifacts.judge_toxicity / "test.jsonl")
+    reward_texts = {r["text"] for split in ("train", "test")
+                    for r in read_jsonl(tiny_artifacts.toxicity / f"{split}.jsonl")}
+    for rows in (judge_train, judge_test):
+        labels = [r["label"] for r in rows]
+        assert set(labels) == {"LABEL_0", "LABEL_1"}
+        assert min(labels.count("LABEL_0"), labels.count("LABEL_1")) >= 0.3 * len(rows)
+    assert len(judge_train) >= 400 and len(judge_test) >= 100
+    judge_train_texts = {r["text"] for r in judge_train}
+    assert not judge_train_texts & {r["text"] for r in judge_test}
+    assert not judge_train_texts & reward_texts  # no text of the reward model's train or test split
+    stats = {name: json.loads((getattr(tiny_artifacts, name) / "training_stats.json").read_text())
+             for name in ("roberta", "judge")}
+    assert stats["judge"]["seed"] != stats["roberta"]["seed"]
+    _, reward_model = load_classifier(tiny_artifacts.roberta)
+    _, model = judge
+    for name in ("classifier.dense.weight", "classifier.out_proj.weight",
+                 "roberta.embeddings.position_embeddings.weight"):
+        assert not torch.equal(model.get_parameter(name), reward_model.get_parameter(name)), name
+
+
+def test_judge_agrees_with_the_reward_model_on_clear_cases(tiny_artifacts, judge):
+    tok, model = judge
+    test_set = read_jsonl(tiny_artifacts.judge_toxicity / "test.jsonl")
+    accuracy = sum(p == e["label"] for p, e in
+                   zip(predicted_labels(tok, model, [e["text"] for e in test_set]), test_set)) / len(test_set)
+    recorded = json.loads((tiny_artifacts.judge / "training_stats.json").read_text())["test_accuracy"]
+    assert accuracy >= 0.9 and accuracy == pytest.approx(recorded, abs=1 / len(test_set))
+
+    # The reward model's held-out texts, which neither the judge nor the reward model was trained on.
+    texts = [e["text"] for e in read_jsonl(tiny_artifacts.toxicity / "test.jsonl")]
+    toxic_for_judge = [p == "LABEL_1" for p in predicted_labels(tok, model, texts)]
+    toxic_for_reward = [p == "hate" for p in predicted_labels(*load_classifier(tiny_artifacts.roberta), texts)]
+    assert 0.3 < sum(toxic_for_judge) / len(texts) < 0.7
+    assert sum(j == r for j, r in zip(toxic_for_judge, toxic_for_reward)) / len(texts) >= 0.9
+    assert predicted_labels(tok, model, [TOXIC, NEUTRAL]) == ["LABEL_1", "LABEL_0"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -202,7 +276,9 @@ def test_second_build_is_identical_and_then_reused(tiny_artifacts, tmp_path):
     (leftover / "t5-dialogsum").mkdir(parents=True)
     fresh = build_tiny_artifacts(tmp_path / "tiny")
     assert not leftover.exists()
-    for name in ("t5", "roberta"):
+    for file in ("train.jsonl", "test.jsonl"):
+        assert sha256(fresh.judge_toxicity / file) == sha256(tiny_artifacts.judge_toxicity / file), file
+    for name in ("t5", "roberta", "judge"):
         for file in ("model.safetensors", "tokenizer.json"):
             assert sha256(getattr(fresh, name) / file) == sha256(getattr(tiny_artifacts, name) / file), (name, file)
 
