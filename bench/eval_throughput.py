@@ -3,9 +3,11 @@
     python bench/eval_throughput.py [--examples 100] [--repeats 3] [--append bench/RESULTS.md]
 
 Each run evaluates the same examples with three systems (base, and two LoRA adapters with random weights
-created here, standing in for SFT and PPO) on the tiny default (`configs/tiny.yaml`, greedy decoding). The
-figure is the `throughput.examples_per_second` that eval.evaluate records in summary.json: generation, reward
-scoring, ROUGE and gathering, excluding process start-up and model loading (shown separately as wall time).
+created here, standing in for SFT and PPO) on the tiny default (`configs/tiny.yaml`: a greedy summary per prompt,
+scored by the reward model and the held-out judge), without and with k summaries sampled per prompt
+(`eval.samples_per_prompt`, `--samples-per-prompt`, default 4). The figure is the `throughput.examples_per_second`
+that eval.evaluate records in summary.json: generation, scoring by every judge, ROUGE and gathering, excluding
+process start-up and model loading (shown separately as wall time).
 The 2-process runs use `accelerate launch --multi_gpu --num_processes 2` (gloo). Every run's examples.jsonl is
 compared with the first run's (the table says whether they were identical). Prints a Markdown table; --append also writes it, with the machine,
 versions, date and command, into a results file.
@@ -85,32 +87,39 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--examples", type=int, default=100, help="test examples per run (tiny test split: 100)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per setting; the median is reported")
     parser.add_argument("--append", type=Path, default=None, help="append the table to this Markdown file")
+    parser.add_argument("--samples-per-prompt", type=int, default=4, help="k of the sampled runs")
     args = parser.parse_args(argv)
 
-    settings = [(1, 1), (2, 1), (1, 2)]  # (processes, torch threads per process)
-    rows, first_output = [], None
+    k = args.samples_per_prompt
+    # (processes, torch threads per process, samples per prompt); None = the greedy summary only
+    settings = [(1, 1, None), (1, 1, k), (2, 1, k), (1, 2, k)]
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         adapters = make_random_adapters(Path(tmp) / "adapters", args.config)
         eval_args = ["--config", str(args.config), "--eval.max_examples", str(args.examples),
                      "--eval.systems", f"base,sft={adapters['sft']},ppo={adapters['ppo']}", "--eval.ppo_log", "null"]
-        for processes, threads in settings:
-            rates, walls, same = [], [], True
+        first_output: dict = {}
+        for processes, threads, samples in settings:
+            rates, per_summary, walls, same = [], [], [], True
             for repeat in range(args.repeats):
-                summary, wall, output = run_eval(processes, eval_args, Path(tmp) / f"run-{processes}-{threads}-{repeat}",
-                                                 threads)
-                first_output = first_output if first_output is not None else output
-                same = same and output == first_output
+                summary, wall, output = run_eval(
+                    processes, [*eval_args, "--eval.samples_per_prompt", str(samples) if samples else "null"],
+                    Path(tmp) / f"run-{processes}-{threads}-{samples}-{repeat}", threads)
+                first_output.setdefault(samples, output)  # the same k must give the same file on any setting
+                same = same and output == first_output[samples]
                 rates.append(summary["throughput"]["examples_per_second"])
+                per_summary.append(summary["throughput"]["summaries_per_second"])
                 walls.append(wall)
-                print(f"{processes} process(es) x {threads} thread(s), run {repeat + 1}: "
+                print(f"k={samples}, {processes} process(es) x {threads} thread(s), run {repeat + 1}: "
                       f"{rates[-1]:.2f} examples/s, {wall:.1f} s wall", flush=True)
-            rows.append(f"| {processes} | {threads} | {median(rates):.2f} | {3 * median(rates):.2f} | "
+            rows.append(f"| {samples or 'none'} | {processes} | {threads} | {median(rates):.2f} | {median(per_summary):.2f} | "
                         f"{min(rates):.2f}–{max(rates):.2f} | {median(walls):.1f} | {'yes' if same else 'NO'} |")
 
     table = "\n".join([
-        "| processes | torch threads per process | examples/s (median) | summaries/s (3 systems) | examples/s range "
-        "| wall s per command (start-up included) | examples.jsonl identical to the first run |",
-        "|---:|---:|---:|---:|---:|---:|---|", *rows,
+        "| samples per prompt | processes | torch threads per process | examples/s (median) | summaries/s (3 systems, "
+        "greedy + samples) | examples/s range | wall s per command (start-up included) | examples.jsonl identical to "
+        "the first run with the same k |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|", *rows,
     ])
     print("\n" + table)
     if args.append:
@@ -122,7 +131,8 @@ def main(argv: list[str] | None = None) -> None:
             f"- Machine: {machine_line('threads per process as in the table')}",
             f"- Versions: {versions_line()}",
             f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-            f"- {args.examples} test examples x 3 systems (base + 2 random LoRA adapters), greedy, "
+            f"- {args.examples} test examples x 3 systems (base + 2 random LoRA adapters), a greedy summary and k "
+            f"sampled ones per prompt (rollout settings), scored by the reward model and the held-out judge, "
             f"max_new_tokens from {args.config.name}, median of {args.repeats} runs",
             "", table, "",
         ])

@@ -120,8 +120,8 @@ def check_classifier_source(name_or_path: str, key: str = "reward") -> None:
         return
     if not is_hub_id(name_or_path):
         raise RewardError(
-            f"{key}.model_name_or_path {name_or_path!r} is neither an existing directory nor a hub id: point it "
-            "at a local classifier directory with config.json, model.safetensors and the tokenizer"
+            f"{key}.model_name_or_path {name_or_path!r} does not exist (and is not a hub id): point it at a local "
+            "classifier directory with config.json, model.safetensors and the tokenizer"
         )
 
 
@@ -142,7 +142,8 @@ def load_reward_classifier(cfg: RewardConfig, key: str = "reward") -> tuple[Any,
     load_logger.setLevel(logging.ERROR)
     try:
         # A hub id on an offline machine: the cached copy, or one line at once instead of a minute of retries.
-        with hub_access(source, "classifier", f"set {key}.model_name_or_path to DIR", RewardError):
+        what = "reward model" if key == "reward" else f"classifier of {key}"
+        with hub_access(source, what, f"set {key}.model_name_or_path to DIR", RewardError):
             tokenizer = AutoTokenizer.from_pretrained(
                 str(Path(source).expanduser()) if local else source, trust_remote_code=cfg.trust_remote_code,
                 revision=cfg.revision,

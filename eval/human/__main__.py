@@ -1,6 +1,7 @@
 """Command line of the human evaluation: `python -m eval.human {export,serve,report}`.
 
     python -m eval.human export --config configs/tiny.yaml --human.n 50 --human.seed 0   # runs/tiny/eval -> runs/tiny/human
+    python -m eval.human export --config configs/tiny.yaml --human.select disagreement   # reward model vs judges
     DETOX_HUMAN_TOKEN=secret python -m eval.human serve --config configs/tiny.yaml [--human.port 8600]
     python -m eval.human report --config configs/tiny.yaml [--human.db FILE] [--human.key FILE] [--human.report_dir DIR]
 
@@ -109,7 +110,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     args, overrides = build_parser().parse_known_args(argv)
     h = resolve_paths(load_config(args.config, overrides, renamed=FORMER_FLAGS[args.command]))
     if args.command == "export":
-        export_study(h.eval_dir, h.study_dir, n=h.n, seed=h.seed, systems=h.systems, force=args.force)
+        export_study(h.eval_dir, h.study_dir, n=h.n, seed=h.seed, systems=h.systems, force=args.force,
+                     select=h.select)
     elif args.command == "serve":
         serve(h.study_dir, h.db, h.host, h.port)
     else:

@@ -1,8 +1,11 @@
-"""`export`: sample dialogues from an evaluation run and write blinded items plus the separate key.
+"""`export`: choose dialogues from an evaluation run and write blinded items plus the separate key.
 
+The dialogues are a seeded random sample (select "random") or the n where the reward model and the held-out
+judges disagree most about a chosen system's summary (select "disagreement"), shown in a seeded random order.
 Each item shows the dialogue and the summaries of every chosen system in a random order of its own, under
-slot letters; `key.json` records which system sits in which slot. Everything is seeded, so the same
-`examples.jsonl`, systems, `--n` and `--seed` give byte-identical files.
+slot letters; `key.json` records which system sits in which slot (and, for "disagreement", why each dialogue was
+chosen). Everything is seeded, so the same `examples.jsonl`, systems, `--n`, `--seed` and `--select` give
+byte-identical items.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ from train.jsonl import read_jsonl
 
 log = logging.getLogger("eval.human.export")
 EXAMPLES_FILE = "examples.jsonl"
+SELECT_MODES = ("random", "disagreement")
+JUDGES_HINT = ("run eval.evaluate with eval.judges set, e.g. --eval.judges "
+               "'[{name: toxigen, model_name_or_path: tomh/toxigen_roberta, toxic_label: LABEL_1}]'")
 
 
 def read_eval_examples(path: Path) -> list[dict[str, Any]]:
@@ -74,6 +80,54 @@ def choose_systems(examples: Sequence[dict[str, Any]], requested: Optional[Seque
     return systems
 
 
+def _probability(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
+
+
+def disagreement_scores(examples: Sequence[dict[str, Any]], systems: Sequence[str]) -> list[dict[str, Any]]:
+    """Per example, the largest |reward-model toxicity - held-out judge toxicity| over `systems` and the judges:
+    {"score", "system", "judge", "reward_model", "judge_toxicity"}. Checks every example before returning."""
+    names: Optional[list[str]] = None  # the judges, in the order of the first example (eval.judges' order)
+    for example in examples:
+        for system in systems:
+            judges = example["systems"][system].get("judges") or {}
+            if not isinstance(judges, dict):
+                raise DataError(f"example {example['id']!r}, system {system!r}: 'judges' should map judge names to "
+                                f"toxicity, got {type(judges).__name__}")
+            if names is None:
+                names = list(judges)
+            elif set(judges) != set(names):
+                raise DataError(f"example {example['id']!r}, system {system!r} has judges {sorted(judges)} but "
+                                f"earlier summaries have {sorted(names)}: every summary needs the same held-out "
+                                f"judges; re-run eval.evaluate")
+    if not names:
+        raise DataError(f"human.select disagreement needs held-out judge scores, but the evaluation has none: "
+                        f"{JUDGES_HINT}")
+
+    scores = []
+    for example in examples:
+        best: Optional[dict[str, Any]] = None
+        for system in systems:
+            output = example["systems"][system]
+            toxicity = output.get("toxicity")
+            if not _probability(toxicity):
+                raise DataError(f"example {example['id']!r}, system {system!r}: the reward model's 'toxicity' should "
+                                f"be a number in [0, 1], got {toxicity!r}; re-run eval.evaluate")
+            for name in names:
+                value = output["judges"][name]
+                if not _probability(value):
+                    raise DataError(f"example {example['id']!r}, system {system!r}: judge {name!r} gave {value!r}, "
+                                    f"not a toxicity in [0, 1]; re-run eval.evaluate")
+                score = abs(toxicity - value)
+                # Strictly greater: on a tie the first system (in --systems order) and judge is named.
+                if best is None or score > best["score"]:
+                    best = {"score": score, "system": system, "judge": name, "reward_model": toxicity,
+                            "judge_toxicity": value}
+        assert best is not None  # choose_systems guarantees at least 2 systems
+        scores.append(best)
+    return scores
+
+
 def export_study(
     eval_path: str | Path,
     out_dir: str | Path,
@@ -81,10 +135,13 @@ def export_study(
     seed: int = HumanConfig.seed,
     systems: Optional[Sequence[str]] = None,
     force: bool = False,
+    select: str = HumanConfig.select,
 ) -> Path:
     """Write items.jsonl, items.csv, manifest.json and key.json to `out_dir`; returns `out_dir`."""
     if n < 1:
         raise ConfigError(f"human.n must be at least 1, got {n}")
+    if select not in SELECT_MODES:
+        raise ConfigError(f"human.select must be one of {', '.join(SELECT_MODES)}, got {select!r}")
     out = Path(out_dir)
     if (out / ITEMS_FILE).exists() and not force:
         # Answers collected so far refer to these items; a new export would silently orphan them.
@@ -95,7 +152,19 @@ def export_study(
     rng = random.Random(seed)
     if n > len(examples):
         log.warning("asked for %d dialogues but the evaluation has %d: using all of them", n, len(examples))
-    sample = rng.sample(examples, min(n, len(examples)))
+    reasons: list[dict[str, Any]] = []  # per sampled example, why "disagreement" chose it
+    if select == "random":
+        sample = rng.sample(examples, min(n, len(examples)))
+    else:
+        scores = disagreement_scores(examples, chosen)
+        # Highest first; ties in split (file) order, as sorted() is stable.
+        ranked = sorted(range(len(examples)), key=lambda i: -scores[i]["score"])[:n]
+        # A seeded order, so an item's position does not reveal its rank.
+        shown = rng.sample(ranked, len(ranked))
+        sample = [examples[i] for i in shown]
+        reasons = [{"rank": ranked.index(i) + 1, **scores[i]} for i in shown]
+        log.info("chose the %d dialogues with the largest reward-model/judge disagreement (%.3g to %.3g)",
+                 len(ranked), scores[ranked[-1]]["score"], scores[ranked[0]]["score"])
     slots = slot_names(len(chosen))
 
     items, key_items = [], {}
@@ -110,6 +179,8 @@ def export_study(
             "summaries": [{"slot": s, "text": example["systems"][name]["summary"]} for s, name in zip(slots, order)],
         })
         key_items[item_id] = {"example_id": example["id"], "slots": dict(zip(slots, order))}
+        if select == "disagreement":
+            key_items[item_id]["disagreement"] = reasons[index - 1]
 
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / ITEMS_FILE, "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items))
@@ -118,7 +189,10 @@ def export_study(
     manifest = {"format": FORMAT, "items_sha256": digest, "n_items": len(items), "slots": slots,
                 "criteria": list(CRITERIA), "seed": seed, "created_at": created}
     write_text(out / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
+    # The selection is recorded in the key only: the manifest is shown to annotators, and knowing that the
+    # dialogues were chosen for a toxicity disagreement could bias their ratings.
     key = {"format": FORMAT, "items_sha256": digest, "systems": chosen, "seed": seed,
+           **({} if select == "random" else {"select": select}),  # a key without "select" is a random sample
            "source": str(eval_path), "created_at": created, "items": key_items}
     write_text(out / KEY_FILE, json.dumps(key, indent=2, ensure_ascii=False) + "\n")
     _write_csv(out / CSV_FILE, items, slots)

@@ -94,6 +94,12 @@ def test_evaluation_compares_zero_shot_and_sft_on_the_same_examples(tiny_artifac
         (["--config", "configs/tiny.yaml", "--model.name_or_path", "no/such/dir/anywhere"], "no/such/dir/anywhere"),
         (["--config", "configs/tiny.yaml", "--data.path", "missing_data_dir"], "missing_data_dir"),
         (["--config", "configs/tiny.yaml", "--eval.batch_size", "4"], "valid keys in eval"),
+        (["--config", "configs/tiny.yaml", "--eval.samples_per_prompt", "0"], "eval.samples_per_prompt must be at least 1"),
+        (["--config", "configs/tiny.yaml", "--eval.judges",
+          "[{model_name_or_path: artifacts/tiny/judge, toxic_label: toxic}]"],
+         "has no single class named 'toxic' (eval.judges[0].toxic_label); its labels are ['LABEL_0', 'LABEL_1']"),
+        (["--config", "configs/tiny.yaml", "--eval.judges", "[{model_name_or_path: artifacts/tiny/nope, toxic_label: t}]"],
+         "eval.judges[0].model_name_or_path 'artifacts/tiny/nope' does not exist (and is not a hub id)"),
     ],
 )
 def test_bad_input_exits_2_with_one_line_and_no_traceback(tiny_artifacts, repo_root, extra, message):

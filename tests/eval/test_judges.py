@@ -87,7 +87,7 @@ def test_wrong_label_and_missing_path_are_found_before_any_model_loads(three_lab
     with pytest.raises(RewardError) as error:
         check_judges_before_loading([JudgeConfig(model_name_or_path=str(multi), toxic_label="LABEL_1")])
     assert "eval.judges[0].toxic_label" in str(error.value) and "['toxic', 'insult', 'threat']" in str(error.value)
-    with pytest.raises(RewardError, match=r"eval.judges\[1\].model_name_or_path .*neither an existing directory"):
+    with pytest.raises(RewardError, match=r"eval.judges\[1\].model_name_or_path .*does not exist"):
         check_judges_before_loading([JudgeConfig(model_name_or_path=str(multi), toxic_label="toxic"),
                                      JudgeConfig(model_name_or_path=str(tmp_path / "no" / "judge"), toxic_label="x")])
     (tmp_path / "empty").mkdir()

@@ -136,7 +136,7 @@ def test_missing_model_path_is_one_clear_error(tmp_path):
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(RewardError, match="cannot load the reward classifier from local directory"):
+    with pytest.raises(RewardError, match="cannot load the classifier of reward from local directory"):
         RewardScorer.from_config(RewardConfig(model_name_or_path=str(empty), device="cpu"))
 
 

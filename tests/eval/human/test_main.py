@@ -48,6 +48,35 @@ def test_cli_reads_the_human_section_from_a_recipe_and_overrides(tmp_path: Path)
     assert [len(item.summaries) for item in load_study(tmp_path / "third").items] == [2, 2, 2]  # human.eval_dir follows it
 
 
+def test_cli_exports_by_disagreement(tmp_path: Path, repo_root: Path) -> None:
+    """--human.select disagreement reaches export: the dialogues with the largest reward-model/judge gap; an
+    evaluation without judges stops with one line saying how to get them."""
+    eval_dir = tmp_path / "eval"
+    eval_dir.mkdir()
+    gaps = [0.0, 0.5, 0.25, 1.0]  # |toxicity - judge| of system b per example; a agrees with the judge
+    with open(eval_dir / "examples.jsonl", "w") as f:
+        for i, gap in enumerate(gaps):
+            systems = {"a": {"summary": f"a {i}", "toxicity": 0.0, "judges": {"toxigen": 0.0}},
+                       "b": {"summary": f"b {i}", "toxicity": gap, "judges": {"toxigen": 0.0}}}
+            f.write(json.dumps({"id": f"e{i}", "dialogue": f"d {i}", "systems": systems}) + "\n")
+    command = [sys.executable, "-m", "eval.human", "export", "--human.eval_dir", str(eval_dir), "--human.n", "2"]
+    result = subprocess.run([*command, "--human.study_dir", str(tmp_path / "h"), "--human.select", "disagreement"],
+                            cwd=repo_root, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    key = json.loads((tmp_path / "h/key.json").read_text())
+    assert key["select"] == "disagreement"
+    assert sorted(e["example_id"] for e in key["items"].values()) == ["e1", "e3"]
+
+    old = write_eval_examples(tmp_path / "old", 3, ["a", "b"])  # no "judges"
+    command[command.index(str(eval_dir))] = str(old)
+    result = subprocess.run([*command, "--human.study_dir", str(tmp_path / "h2"), "--human.select", "disagreement"],
+                            cwd=repo_root, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: human.select disagreement needs held-out judge")
+    assert "--eval.judges '[{name: toxigen, model_name_or_path: tomh/toxigen_roberta" in result.stderr
+    assert not (tmp_path / "h2").exists()
+
+
 @pytest.mark.parametrize(("argv", "message"), [
     (["report", "--out", "x"], "--out was replaced: use --human.report_dir"),
     (["serve", "--port", "8601"], "--port was replaced: use --human.port"),
@@ -56,6 +85,7 @@ def test_cli_reads_the_human_section_from_a_recipe_and_overrides(tmp_path: Path)
     (["serve", "--human.port", "0"], "human.port must be between 1 and 65535, got 0"),
     (["export", "--human.n", "0"], "human.n must be at least 1, got 0"),
     (["export", "--human.sead", "5"], "did you mean '--human.seed'"),
+    (["export", "--human.select", "best"], "'human.select' must be one of 'random', 'disagreement'; got 'best'"),
 ])
 def test_cli_bad_settings_stop_before_any_work(capsys, argv: list[str], message: str) -> None:
     from eval.human.__main__ import main
