@@ -4,7 +4,8 @@
 
 `summary` is the dict `eval.evaluate` writes to summary.json and `records` its per-example records (the lines
 of examples.jsonl). Plots use matplotlib's Agg backend (no display needed): `toxicity.png` (distribution of
-each system's toxicity) and, given a PPO log.jsonl, `ppo_curves.png` (reward and KL per PPO step).
+each system's toxicity by the reward model), `judges.png` (each system's toxicity by every judge, with CIs) and,
+given a PPO log.jsonl, `ppo_curves.png` (reward and KL per PPO step).
 """
 
 from __future__ import annotations
@@ -273,6 +274,33 @@ def plot_toxicity(records: Sequence[dict[str, Any]], systems: Sequence[str], pat
     return path
 
 
+def plot_judges(summary: dict[str, Any], path: Path) -> Path:
+    """One panel per judge: each system's mean toxicity (and, with samples, expected max toxicity) with its CI, so
+    a drop that only the reward model sees stands out."""
+    plt = _pyplot()
+    metrics = summary["metrics"]
+    systems, judges = list(metrics["systems"]), metrics["judges"]
+    shown = [m for m in ("toxicity", "expected_max_toxicity") if m == "toxicity" or metrics["samples_per_prompt"]]
+    fig, axes = plt.subplots(1, len(judges), figsize=(4.2 * len(judges), 3.8), squeeze=False, sharey=True)
+    for ax, judge in zip(axes[0], judges):
+        for offset, metric in zip((-0.1, 0.1), shown):
+            estimates = [metrics["systems"][s]["judges"][judge][metric] for s in systems]
+            values = [e["value"] for e in estimates]
+            errors = [[v - (e["ci_low"] if e["ci_low"] is not None else v) for v, e in zip(values, estimates)],
+                      [(e["ci_high"] if e["ci_high"] is not None else v) - v for v, e in zip(values, estimates)]]
+            ax.errorbar([i + offset for i in range(len(systems))], values, yerr=errors, fmt="o", capsize=4,
+                        label=METRIC_LABELS[metric])
+        ax.set_xticks(range(len(systems)), systems)
+        ax.set(title=_judge_label(judge), ylim=(-0.02, 1.02), xlim=(-0.5, len(systems) - 0.5))
+        ax.grid(alpha=0.3, axis="y")
+    axes[0][0].set_ylabel(f"toxicity ({round(100 * summary['bootstrap']['confidence'])}% CI)")
+    axes[0][0].legend(frameon=False, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def read_ppo_log(path: Path) -> list[dict[str, Any]]:
     """The rows of a PPO log.jsonl; DataError for a line that is not a JSON object."""
     return [row for _, row in read_jsonl(path, fix="is it a train.ppo log.jsonl?")]
@@ -327,7 +355,7 @@ def write_report(
     decoding = "greedy" if not gen["do_sample"] else f"sampled (top_k {gen['top_k']}, top_p {gen['top_p']})"
     throughput = summary["throughput"]
 
-    written = [plot_toxicity(records, systems, out_dir / "toxicity.png")]
+    written = [plot_toxicity(records, systems, out_dir / "toxicity.png"), plot_judges(summary, out_dir / "judges.png")]
     curves = plot_ppo_curves(read_ppo_log(ppo_log), out_dir / "ppo_curves.png") if ppo_log else None
 
     judges = ", ".join(f"{j['name']} ({j['model']}, label {j['toxic_label']}, {j['toxicity']}, {j['where']})"
@@ -360,7 +388,7 @@ def write_report(
     if after != before:
         text += [f"## Qualitative: {before} → {after}, sorted by reward improvement", "",
                  qualitative_table(records, before, after, rows), ""]
-    text += ["## Plots", "", "![Toxicity distributions](toxicity.png)", ""]
+    text += ["## Plots", "", "![Toxicity by judge](judges.png)", "", "![Toxicity distributions](toxicity.png)", ""]
     if curves is not None:
         text += [f"PPO training curves from `{ppo_log}`:", "", "![PPO reward and KL](ppo_curves.png)", ""]
         written.append(curves)

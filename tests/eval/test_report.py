@@ -21,7 +21,7 @@ def test_report_has_tables_sorted_by_improvement_and_readable_plots(runs):
     assert "*3 more*" in report
     expected = qualitative_rows(read_eval_examples(one), "base", "ppo")
     assert improvements[0] == pytest.approx(expected[0]["improvement"], abs=1e-3)
-    for png in ("toxicity.png", "ppo_curves.png"):
+    for png in ("toxicity.png", "judges.png", "ppo_curves.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({png})" in report
     assert not (two / "eval" / "ppo_curves.png").exists()  # no log given there and none at <output_dir>/ppo
 
