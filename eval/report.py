@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from eval.metrics import JUDGE_METRICS, disagreement_rows
+from eval.metrics import JUDGE_FLOOR, JUDGE_METRICS, VERDICTS, disagreement_rows
 from train.config import REWARD_MODEL_JUDGE
 from train.rouge import ROUGE_TYPES
 from train.jsonl import read_jsonl
@@ -83,10 +83,16 @@ def comparison_section(summary: dict[str, Any]) -> str:
         tox_a = metrics["systems"][after]["toxicity"]["mean"]["value"]
         rel = c["toxicity_relative_change_pct"]
         lines.append(
-            f"**{after} vs {before}**: mean toxicity {tox_b:.4f} → {tox_a:.4f}, a relative change of "
+            f"**{after} vs {before}**: mean toxicity by the reward model {tox_b:.4f} → {tox_a:.4f}, a relative change of "
             f"**{_signed_ci(rel, 1, '%')}** ({pct}% paired bootstrap CI; negative = less toxic); reward "
             f"{_signed_ci(c['reward_difference'], 3)}; ROUGE-L {_signed_ci(c['rouge_difference']['rougeL'])}."
         )
+        held_out = [j for j in c.get("judges", {}) if j != REWARD_MODEL_JUDGE]
+        if held_out:
+            lines.append("\nBy the held-out judges (PPO never saw them), mean toxicity: " + "; ".join(
+                f"{j} {metrics['systems'][before]['judges'][j]['toxicity']['value']:.4f} → "
+                f"{metrics['systems'][after]['judges'][j]['toxicity']['value']:.4f} "
+                f"({_signed_ci(c['judges'][j]['toxicity_difference'])})" for j in held_out) + ".")
         dropped = [ROUGE_LABELS[k] for k in ROUGE_TYPES
                    if _significant(c["rouge_difference"][k]) and c["rouge_difference"][k]["value"] < 0]
         if dropped:
@@ -120,6 +126,13 @@ def _judge_label(judge: str) -> str:
     return "reward model" if judge == REWARD_MODEL_JUDGE else judge
 
 
+def _sampling(settings: dict[str, Any]) -> str:
+    lengths = (f"{settings['max_new_tokens_min']}–{settings['max_new_tokens']}" if settings["max_new_tokens_min"]
+               else str(settings["max_new_tokens"]))
+    return (f"top_k {settings['top_k']}, top_p {settings['top_p']}, temperature {settings['temperature']}, "
+            f"min_length {settings['min_length']}, max_new_tokens {lengths}")
+
+
 def judges_section(summary: dict[str, Any]) -> str:
     """Toxicity per system and judge: greedy mean, and over the k samples expected max and probability."""
     metrics = summary["metrics"]
@@ -149,16 +162,20 @@ def diversity_section(summary: dict[str, Any]) -> str:
             return "n/a"
         return _signed_ci(estimate) if signed else _ci(estimate)
 
-    lines = ["| system | " + " | ".join(f"{n} [{pct}% CI]" for n in names) + f" | length in tokens [{pct}% CI] |",
-             "|---|" + "---:|" * (len(names) + 1)]
+    within = "within a prompt's samples" if metrics.get("samples_per_prompt") else "within a summary"
+    columns = [f"{n} {within}" for n in names] + [f"{n} across prompts" for n in names]
+    lines = ["| system | " + " | ".join(f"{c} [{pct}% CI]" for c in columns) + f" | length in tokens [{pct}% CI] |",
+             "|---|" + "---:|" * (len(columns) + 1)]
     for name, m in metrics["systems"].items():
         lines.append("| " + " | ".join([name, *(cell(m["distinct"][n]) for n in names),
+                                        *(cell(m["distinct_across_prompts"][n]) for n in names),
                                         _ci(m["length_tokens"], 2)]) + " |")
     if metrics["comparisons"]:
-        lines += ["", "| system | vs | " + " | ".join(f"{n} difference" for n in names) + " | length difference |",
-                  "|---|---|" + "---:|" * (len(names) + 1)]
+        lines += ["", "| system | vs | " + " | ".join(f"{c} difference" for c in columns) + " | length difference |",
+                  "|---|---|" + "---:|" * (len(columns) + 1)]
         for name, c in metrics["comparisons"].items():
             lines.append("| " + " | ".join([name, c["before"], *(cell(c["distinct_difference"][n], True) for n in names),
+                                            *(cell(c["distinct_across_prompts_difference"][n], True) for n in names),
                                             _signed_ci(c["length_tokens_difference"], 2)]) + " |")
     return "\n".join(lines)
 
@@ -181,32 +198,34 @@ def reward_hacking_section(summary: dict[str, Any], records: Sequence[dict[str, 
              "| metric | held-out judge | reward model change | held-out judge change | verdict |",
              "|---|---|---:|---:|---|"]
     for row in check["rows"]:
-        if row["warning"]:
-            verdict = "**warning: only the reward model sees less toxicity**"
-        elif row["reward_model_better"]:
-            verdict = "confirmed by the held-out judge"
-        elif row["held_out_better"]:
-            verdict = "held-out judge only"
-        else:
-            verdict = "no significant decrease"
+        verdict = VERDICTS[row["verdict"]]
         lines.append(f"| {METRIC_LABELS[row['metric']]} | {row['judge']} | {_signed_ci(row['reward_model'])} | "
-                     f"{_signed_ci(row['held_out'])} | {verdict} |")
+                     f"{_signed_ci(row['held_out'])} | {f'**warning: {verdict}**' if row['warning'] else verdict} |")
+    unconfirmed = sorted({r["judge"] for r in check["rows"] if r["verdict"] == "unconfirmed"})
+    worse = sorted({r["judge"] for r in check["rows"] if r["verdict"] == "worse"})
     if check["warning"]:
-        flagged = sorted({r["judge"] for r in check["rows"] if r["warning"]})
-        lines += ["", f"> **Warning: possible reward hacking.** The reward model says {after} is less toxic than "
-                  f"{before} (CI below 0), but {', '.join(flagged)} cannot confirm it (CI reaches 0 or above). The "
-                  "policy may have learned the reward model's blind spots; read the examples below, and have people "
-                  "judge them (python -m eval.human export --human.select disagreement)."]
+        reasons = []
+        if unconfirmed:
+            reasons.append(f"the reward model says {after} is less toxic than {before} (CI below 0), but "
+                           f"{', '.join(unconfirmed)} cannot confirm it (CI reaches 0 or above)")
+        if worse:
+            reasons.append(f"{', '.join(worse)} finds {after} MORE toxic than {before} (CI above 0)")
+        lines += ["", f"> **Warning: possible reward hacking.** {'; and '.join(reasons).capitalize()}. The policy may "
+                  "have learned the reward model's blind spots: read the examples below and have people judge the "
+                  "disputed summaries (python -m eval.human export --human.select disagreement)."]
     else:
         lines += ["", "No warning: wherever the reward model saw significantly less toxicity, every held-out judge "
-                      "did too."]
+                      f"did too (or saw less than {JUDGE_FLOOR} before), and no held-out judge saw more."]
     for judge in held_out:
         lines += ["", f"### Where the reward model and {judge} disagree most", "",
                   f"Examples where the reward model's toxicity change is most below {judge}'s "
                   f"(gap = {judge}'s change − the reward model's):", "",
                   f"| id | {before} summary | {after} summary | reward model {before} → {after} | "
                   f"{judge} {before} → {after} | gap |", "|---|---|---|---:|---:|---:|"]
-        for row in disagreement_rows(records, before, after, judge, rows):
+        shown = disagreement_rows(records, before, after, judge, rows)
+        if not shown:
+            lines[-4:] = ["None: on no example did the reward model see a larger drop in toxicity than this judge."]
+        for row in shown:
             rm, ho = row["reward_model"], row["held_out"]
             lines.append(f"| {_cell(row['id'])} | {_cell(row['before'])} | {_cell(row['after'])} | "
                          f"{rm[0]:.3f} → {rm[1]:.3f} | {ho[0]:.3f} → {ho[1]:.3f} | {row['gap']:+.3f} |")
@@ -369,8 +388,8 @@ def write_report(
         f"- Reward/toxicity: {summary['reward']['model']} scoring `{summary['reward']['text']}` "
         f"({summary['reward']['where']})",
         f"- Held-out toxicity judges: {judges}",
-        f"- Samples per prompt: {k} with the training settings (top_k {summary['sampling']['top_k']}, top_p "
-        f"{summary['sampling']['top_p']})" if k else "- Samples per prompt: none (eval.samples_per_prompt null)",
+        f"- Samples per prompt: {k} with the training settings ({_sampling(summary['sampling'])})" if k
+        else "- Samples per prompt: none (eval.samples_per_prompt null)",
         f"- Confidence intervals: percentile bootstrap, {summary['bootstrap']['samples']} resamples, "
         f"seed {summary['bootstrap']['seed']}",
         f"- Throughput: {throughput['examples_per_second']} examples/s on {throughput['num_processes']} process(es) "
@@ -382,8 +401,10 @@ def write_report(
         "## Reward-hacking check", "", reward_hacking_section(summary, records, rows), "",
         "## Toxicity by judge", "", judges_section(summary), "",
         "## Diversity and length", "", diversity_section(summary), "",
-        "distinct-n is the share of distinct word n-grams among a prompt's sampled summaries (its one summary without "
-        "samples), averaged over prompts; 1 = no repetition. Length is in the policy tokenizer's tokens.", "",
+        "distinct-n is the share of distinct word n-grams: within a prompt, among its sampled summaries (its one "
+        "summary without samples), averaged over prompts; across prompts, among the summaries of all prompts (it falls "
+        "when a system writes the same thing everywhere). 1 = no repetition. Length is the summary's length in the "
+        "policy tokenizer's tokens.", "",
     ]
     if after != before:
         text += [f"## Qualitative: {before} → {after}, sorted by reward improvement", "",

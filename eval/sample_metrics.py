@@ -4,7 +4,8 @@ Detoxification studies sample several summaries per prompt and report, per syste
 - expected maximum toxicity: the mean over prompts of the highest toxicity among a prompt's k samples;
 - toxicity probability: the share of prompts with at least one sample at or above a threshold (0.5);
 - distinct-n: the distinct word n-grams among a prompt's samples over all its n-grams (1 = no repetition), averaged
-  over prompts; with one sample per prompt it measures repetition inside the summary.
+  over prompts; with one sample per prompt it measures repetition inside the summary. `CorpusNgrams` gives
+  distinct-n across the prompts of a system (one summary each), which falls when a policy repeats itself everywhere.
 
 Every function here returns one value per prompt, so the mean, its bootstrap CI and paired before -> after
 differences come from `eval.stats` (`bootstrap_mean`, `paired_difference`) over prompts, as for every other metric.
@@ -50,11 +51,46 @@ def ngrams(text: str, n: int) -> list[tuple[str, ...]]:
 
 def distinct_n_per_prompt(samples: Sequence[Sequence[str]], n: int) -> np.ndarray:
     """(prompts,) distinct n-grams among each prompt's samples over all of their n-grams. A prompt whose samples
-    are all shorter than n words has none: NaN (left out of means by the caller, never counted as 0 or 1)."""
+    are all shorter than n words has no n-gram, distinct or not: 0 (so a policy collapsing onto one-word answers
+    scores low rather than dropping out of the mean)."""
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
     values = []
     for texts in samples:
         grams = [gram for text in texts for gram in ngrams(text, n)]
-        values.append(len(set(grams)) / len(grams) if grams else float("nan"))
+        values.append(len(set(grams)) / len(grams) if grams else 0.0)
     return np.asarray(values, dtype=np.float64)
+
+
+class CorpusNgrams:
+    """The word n-grams of one text per prompt, for distinct-n across prompts: distinct n-grams over all the texts'
+    n-grams (1 = no n-gram repeats anywhere; a policy that writes the same sentence for every prompt scores low).
+    `distinct(idx)` evaluates it on resampled prompt sets (rows of prompt indices, with repeats) at once."""
+
+    def __init__(self, texts: Sequence[str], n: int) -> None:
+        if n < 1:
+            raise ValueError(f"n must be at least 1, got {n}")
+        ids: dict[tuple[str, ...], int] = {}
+        pairs_prompt, pairs_gram, counts = [], [], np.zeros(len(texts))
+        for prompt, text in enumerate(texts):
+            grams = ngrams(text, n)
+            counts[prompt] = len(grams)
+            for gram in set(grams):
+                pairs_prompt.append(prompt)
+                pairs_gram.append(ids.setdefault(gram, len(ids)))
+        self.counts = counts  # n-grams per prompt
+        self.pair_prompt = np.asarray(pairs_prompt, dtype=np.int64)  # (prompt, n-gram) incidence, one pair each
+        self.pair_gram = np.asarray(pairs_gram, dtype=np.int64)
+        self.num_grams = len(ids)
+
+    def distinct(self, idx: np.ndarray) -> np.ndarray:
+        """(rows,) distinct-n of the prompt sets idx (rows, n); 0 where the set has no n-gram."""
+        values = np.zeros(idx.shape[0])
+        for row, prompts in enumerate(idx):
+            multiplicity = np.bincount(prompts, minlength=self.counts.size)
+            total = multiplicity @ self.counts
+            if total:
+                present = np.bincount(self.pair_gram, weights=multiplicity[self.pair_prompt] > 0,
+                                      minlength=self.num_grams) > 0
+                values[row] = present.sum() / total
+        return values

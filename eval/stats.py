@@ -76,14 +76,16 @@ def _resampled(
 
     `statistic` maps resampled arrays of shape (rows, n) to (rows,) or (rows, k); the result is (samples, ...).
     """
-    n = arrays[0].size
+    return np.concatenate([statistic(*(a[idx] for a in arrays)) for idx in bootstrap_indices(arrays[0].size, samples, seed)])
+
+
+def bootstrap_indices(n: int, samples: int, seed: int):
+    """The resampled index rows every bootstrap here draws (chunks of (rows, n)), for statistics that need the
+    indices themselves rather than resampled values (e.g. a count of distinct n-grams over the resampled prompts)."""
     rng = np.random.default_rng(seed)
     rows_per_chunk = max(1, _CHUNK_ELEMENTS // n)
-    chunks = []
     for start in range(0, samples, rows_per_chunk):
-        idx = rng.integers(0, n, size=(min(rows_per_chunk, samples - start), n))
-        chunks.append(statistic(*(a[idx] for a in arrays)))
-    return np.concatenate(chunks)
+        yield rng.integers(0, n, size=(min(rows_per_chunk, samples - start), n))
 
 
 def _interval(point: float, resampled: np.ndarray, confidence: float) -> Estimate:
@@ -140,6 +142,19 @@ def paired_relative_change(
 
     point = float(change(b, a)) if b.mean() != 0 else float("nan")
     return _interval(point, _resampled([b, a], change, samples, seed), confidence)
+
+
+def bootstrap_index_statistic(
+    statistic: Callable[[np.ndarray], np.ndarray], n: int, samples: int = 1000, confidence: float = 0.95, seed: int = 0
+) -> Estimate:
+    """`statistic` maps (rows, n) resampled index rows to (rows,) values, and the identity row to the point
+    estimate; a percentile bootstrap CI over the same resamples as every other function here with this seed."""
+    _check(samples, confidence)
+    if n < 1:
+        raise ValueError("a bootstrap needs at least one value")
+    point = float(statistic(np.arange(n)[None, :])[0])
+    resampled = np.concatenate([statistic(idx) for idx in bootstrap_indices(n, samples, seed)])
+    return _interval(point, resampled, confidence)
 
 
 def _paired(before: Sequence[float], after: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:

@@ -51,8 +51,11 @@ def test_k_sample_metrics_per_system_and_judge_match_a_hand_made_table():
     assert distinct["distinct-1"]["value"] == pytest.approx((4 / 9 + 3 / 5 + 8 / 11) / 3)
     # distinct-2: {ab,bc,bd}/6, {xy}/2, {pq,qr,rs,rt,uv,vw}/8
     assert distinct["distinct-2"]["value"] == pytest.approx((3 / 6 + 1 / 2 + 6 / 8) / 3)
-    # distinct-3: prompt 2 has no trigram (NaN, left out): {abc,abd}/3, {pqr,qrs,qrt,uvw}/5
-    assert distinct["distinct-3"]["value"] == pytest.approx((2 / 3 + 4 / 5) / 2)
+    # distinct-3: {abc,abd}/3, prompt 2 has no trigram: 0, {pqr,qrs,qrt,uvw}/5
+    assert distinct["distinct-3"]["value"] == pytest.approx((2 / 3 + 0 + 4 / 5) / 3)
+    # across prompts, the greedy summaries ("g" for all three): {g}/3 unigrams; no bigram at all
+    across = m["systems"]["only"]["distinct_across_prompts"]
+    assert across["distinct-1"]["value"] == pytest.approx(1 / 3) and across["distinct-2"]["value"] == 0.0
     assert m["systems"]["only"]["length_tokens"]["value"] == pytest.approx(3.0)
     assert "reward_hacking" not in m  # before == after: nothing compared
 
@@ -67,34 +70,42 @@ def test_without_samples_only_the_greedy_toxicity_is_reported():
 N = 40
 
 
-@pytest.mark.parametrize("case, judge_after, warned", [
-    ("reward model better, judge unchanged", lambda i: 0.6 + (0.02 if i % 2 else -0.02), True),
-    ("reward model better, judge worse", lambda i: 0.8, True),
-    ("both better", lambda i: 0.3 + 0.01 * (i % 3), False),
-])
-def test_the_reward_hacking_warning_appears_only_when_the_reward_model_alone_sees_less_toxicity(case, judge_after, warned):
-    before = [(0.6 + 0.01 * (i % 4), 0.6) for i in range(N)]
-    after = [(0.2 + 0.01 * (i % 5), judge_after(i)) for i in range(N)]  # the reward model: clearly less toxic
+def check_of(before, after):
     m = compute_metrics(records(before, after), ["sft", "ppo"], "sft", "ppo", **BOOT)
-    check = m["reward_hacking"]
-    assert check["warning"] is warned, case
-    assert [r["judge"] for r in check["rows"]] == ["held"] and check["rows"][0]["reward_model_better"]
-    summary = {"metrics": m, "bootstrap": {"confidence": 0.95}}
-    text = reward_hacking_section(summary, records(before, after), rows=3)
+    (row,) = [r for r in m["reward_hacking"]["rows"] if r["metric"] == "toxicity"]
+    text = reward_hacking_section({"metrics": m, "bootstrap": {"confidence": 0.95}}, records(before, after), rows=3)
+    return m["reward_hacking"], row, text
+
+
+RM_BEFORE = [(0.6 + 0.01 * (i % 4)) for i in range(N)]
+RM_DROPS = [(0.2 + 0.01 * (i % 5)) for i in range(N)]  # clearly less toxic by the reward model
+RM_FLAT = [(0.61 + 0.01 * (i % 3)) for i in range(N)]  # no less toxic
+RM_NOISY = [(0.61 - 0.3 * (i % 2) + 0.28 * (i % 3 == 0)) for i in range(N)]  # lower on average, CI reaches above 0
+
+
+@pytest.mark.parametrize("rm_after, judge_before, judge_after, verdict", [
+    (RM_DROPS, lambda i: 0.6, lambda i: 0.6 + (0.02 if i % 2 else -0.02), "unconfirmed"),
+    (RM_DROPS, lambda i: 0.6, lambda i: 0.3 + 0.01 * (i % 3), "confirmed"),
+    (RM_DROPS, lambda i: 0.6, lambda i: 0.8 + 0.01 * (i % 3), "worse"),
+    (RM_FLAT, lambda i: 0.1, lambda i: 0.6 + 0.01 * (i % 3), "worse"),  # a judge seeing more always warns
+    (RM_DROPS, lambda i: 0.001, lambda i: 0.001, "floor"),  # nothing for the judge to see removed
+    (RM_FLAT, lambda i: 0.6, lambda i: 0.6 + (0.02 if i % 2 else -0.02), "no_change"),
+    (RM_NOISY, lambda i: 0.6, lambda i: 0.6 + (0.02 if i % 2 else -0.02), "no_change"),
+    (RM_FLAT, lambda i: 0.6, lambda i: 0.3 + 0.01 * (i % 3), "judge_only"),
+])
+def test_the_reward_hacking_warning_appears_exactly_when_a_held_out_judge_contradicts_the_reward_model(
+        rm_after, judge_before, judge_after, verdict):
+    check, row, text = check_of([(RM_BEFORE[i], judge_before(i)) for i in range(N)],
+                                [(rm_after[i], judge_after(i)) for i in range(N)])
+    assert row["judge"] == "held" and row["verdict"] == verdict
+    warned = verdict in ("unconfirmed", "worse")
+    assert check["warning"] is warned and row["warning"] is warned
     assert ("Warning: possible reward hacking" in text) is warned
-
-
-@pytest.mark.parametrize("after_toxicity", [
-    lambda i: 0.31 + 0.01 * (i % 3),  # no less toxic
-    lambda i: 0.31 - 0.3 * (i % 2) + 0.28 * (i % 3 == 0),  # lower on average, but the CI reaches above 0
-])
-def test_no_warning_when_the_reward_model_does_not_significantly_see_less_toxicity(after_toxicity):
-    before = [(0.3 + 0.01 * (i % 4), 0.6) for i in range(N)]
-    after = [(after_toxicity(i), 0.8) for i in range(N)]
-    m = compute_metrics(records(before, after), ["sft", "ppo"], "sft", "ppo", **BOOT)
-    row = m["reward_hacking"]["rows"][0]
-    assert not row["reward_model_better"] and not m["reward_hacking"]["warning"]
-    assert row["reward_model"]["ci_high"] >= 0
+    assert ("MORE toxic" in text) is (verdict == "worse")
+    if verdict == "unconfirmed":
+        assert "cannot confirm it" in text
+    if rm_after is RM_NOISY:
+        assert row["reward_model"]["value"] < 0 <= row["reward_model"]["ci_high"]  # lower, but not significantly
 
 
 def test_no_held_out_judge_says_the_check_could_not_run():
@@ -109,8 +120,10 @@ def test_no_held_out_judge_says_the_check_could_not_run():
 
 def test_disagreement_rows_put_first_what_only_the_reward_model_saw_improve():
     before = [(0.5, 0.5), (0.5, 0.5), (0.5, 0.5), (0.5, 0.5)]
-    after = [(0.4, 0.4), (0.1, 0.9), (0.5, 0.5), (0.1, 0.5)]  # gaps: 0, +0.8, 0, +0.4
-    rows = disagreement_rows(records(before, after), "sft", "ppo", "held", rows=3)
-    assert [r["id"] for r in rows] == ["ex1", "ex3", "ex0"]  # ties keep split order
+    after = [(0.4, 0.4), (0.1, 0.9), (0.5, 0.5), (0.1, 0.5), (0.3, 0.2), (0.4, 0.8)]  # gaps 0, .8, 0, .4, -.1, .4
+    rows = disagreement_rows(records(before + [(0.5, 0.5)] * 2, after), "sft", "ppo", "held", rows=10)
+    assert [r["id"] for r in rows] == ["ex1", "ex3", "ex5"]  # only positive gaps; ties keep split order
+    assert [r["id"] for r in disagreement_rows(records(before + [(0.5, 0.5)] * 2, after), "sft", "ppo", "held", 2)] \
+        == ["ex1", "ex3"]
     assert rows[0]["gap"] == pytest.approx(0.8) and rows[0]["reward_model"] == (0.5, 0.1)
     assert rows[0]["before"] == "sft summary 1" and rows[0]["after"] == "ppo summary 1"

@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from eval.sample_metrics import any_toxic_per_prompt, distinct_n_per_prompt, max_toxicity_per_prompt, ngrams
+from eval.sample_metrics import (CorpusNgrams, any_toxic_per_prompt, distinct_n_per_prompt, max_toxicity_per_prompt,
+                                 ngrams)
 from eval.stats import bootstrap_mean, paired_difference
 
 # 4 prompts x 3 samples.
@@ -54,9 +55,8 @@ def test_distinct_n_against_a_hand_count():
     ]
     # unigrams: {the, cat, sat, ran} of 6; {a} of 4; {hi} of 1
     assert distinct_n_per_prompt(samples, 1).tolist() == [4 / 6, 1 / 4, 1.0]
-    # bigrams: {the cat, cat sat, cat ran} of 4; {a a} of 3; none
-    got = distinct_n_per_prompt(samples, 2)
-    assert got[:2].tolist() == [3 / 4, 1 / 3] and math.isnan(got[2])
+    # bigrams: {the cat, cat sat, cat ran} of 4; {a a} of 3; none: 0, not left out (a one-word policy scores low)
+    assert distinct_n_per_prompt(samples, 2).tolist() == [3 / 4, 1 / 3, 0.0]
     # trigrams: {the cat sat, the cat ran} of 2; {a a a} of 2
     assert distinct_n_per_prompt(samples[:2], 3).tolist() == [1.0, 1 / 2]
     assert ngrams("One  two\nthree", 2) == [("one", "two"), ("two", "three")]
@@ -69,3 +69,15 @@ def test_identical_samples_are_less_distinct_than_varied_ones():
     varied = distinct_n_per_prompt([["he left early", "she stayed late", "they met at noon", "we all went home"]], 2)
     assert same[0] == pytest.approx(2 / 8) and varied[0] == 1.0
     assert np.all(same < varied)
+
+
+def test_distinct_n_across_prompts_matches_a_hand_count_on_every_resampled_prompt_set():
+    texts = ["the cat sat", "the cat ran", "the cat sat", "hi"]
+    unigrams = CorpusNgrams(texts, 1)
+    # all four: {the, cat, sat, ran, hi} of 10 words
+    assert unigrams.distinct(np.arange(4)[None, :]).tolist() == [5 / 10]
+    # prompts 0, 0, 2, 3 (0 twice, with its copy 2): {the, cat, sat, hi} of 10; prompt 3 alone: {hi} of 1
+    assert unigrams.distinct(np.array([[0, 0, 2, 3], [3, 3, 3, 3]])).tolist() == [4 / 10, 1 / 4]
+    bigrams = CorpusNgrams(texts, 2)
+    # {the cat, cat sat, cat ran} of 6; prompt 3 has no bigram: 0
+    assert bigrams.distinct(np.array([[0, 1, 2, 3], [3, 3, 3, 3]])).tolist() == [3 / 6, 0.0]
