@@ -48,7 +48,7 @@ import torch
 from tqdm.auto import tqdm
 
 from train.rouge import rouge_per_example
-from eval.judges import Judge, check_judges_before_loading, close_judges, load_judges
+from eval.judges import Judge, check_judges_available, close_judges, load_judges
 from eval.metrics import compute_metrics
 from train.atomic import write_text
 from train.cli import config_from_cli, run_cli
@@ -235,7 +235,10 @@ def generate_system(cfg: ExperimentConfig, model, tokenizer, prompts: list[str],
     if not k:
         return summaries, [[] for _ in prompts]
     seed_everything(seed + SAMPLE_SEED_OFFSET)
-    flat = generate_texts(model, tokenizer, [p for p in prompts for _ in range(k)], cfg.rollout,
+    # The training sampling settings, batched as evaluation batches: k rows per prompt, eval.generation.batch_size
+    # rows per generate call, whatever the number of processes.
+    sampling = dataclasses.replace(cfg.rollout, batch_size=cfg.eval.generation.batch_size)
+    flat = generate_texts(model, tokenizer, [p for p in prompts for _ in range(k)], sampling,
                           cfg.data.max_prompt_tokens, device, progress=False)
     return summaries, [flat[j * k : (j + 1) * k] for j in range(len(prompts))]
 
@@ -330,7 +333,11 @@ def evaluate(cfg: ExperimentConfig) -> dict[str, Any]:
     before, after = comparison_pair(systems, cfg.eval.before, cfg.eval.after)
     check_adapters(systems)
     ppo_log = resolve_ppo_log(cfg.eval.ppo_log, cfg.output_dir)
-    check_judges_before_loading(cfg.eval.judges)
+    check_judges_available(cfg.eval.judges)
+    if cfg.eval.samples_per_prompt and not cfg.rollout.do_sample:
+        raise ConfigError(f"eval.samples_per_prompt {cfg.eval.samples_per_prompt} samples with the rollout settings, but "
+                          "rollout.do_sample is false: the samples would be copies of one summary. Set "
+                          "--rollout.do_sample true or --eval.samples_per_prompt null")
     logging.getLogger("absl").setLevel(logging.WARNING)  # rouge_score logs a line per scorer it builds
 
     # 1. Data: every process reads the whole split and keeps its own batches.

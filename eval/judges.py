@@ -9,7 +9,9 @@ is placed like the reward model: in this process on `device`, or behind a reward
     toxicity = judges[0].toxicity(prompts, summaries)   # [len(summaries)] probabilities of the toxic class
 
 `check_judges_before_loading` finds a missing directory or a wrong label from the judge's config.json alone, before
-any model loads; hub ids are checked when they load.
+any model loads; hub ids and servers are checked when they load. A judge behind a reward server scores batches the
+server may join with other processes' requests, so its scores can differ from an in-process judge's by float rounding
+between 1 and N processes.
 """
 
 from __future__ import annotations
@@ -18,15 +20,17 @@ import dataclasses
 import os
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Any, Sequence
 
 from rewards.classifier import check_classifier_source, label_index
 from rewards.config import RewardConfig
 from rewards.errors import RewardError
+from rewards.hub import hub_access
 from rewards.scorer import scored_texts, scores_from_logits
 from train.config import JudgeConfig, judge_name
+
+if TYPE_CHECKING:
+    import torch
 
 
 def judge_key(index: int) -> str:
@@ -39,7 +43,7 @@ def judge_reward_config(judge: JudgeConfig, reward: RewardConfig, device: str) -
     return dataclasses.replace(
         reward, model_name_or_path=judge.model_name_or_path, revision=judge.revision, reward_label=judge.toxic_label,
         toxic_label=judge.toxic_label, toxicity_activation=judge.toxicity_activation,
-        text=judge.text or reward.text, device=device, dtype=judge.dtype, batch_size=judge.batch_size,
+        text=judge.text, device=device, dtype=judge.dtype, batch_size=judge.batch_size,
         max_length=judge.max_length, url=judge.url, token_env=judge.token_env,
         trust_remote_code=judge.trust_remote_code,
     )
@@ -64,6 +68,17 @@ def check_judges_before_loading(judges: Sequence[JudgeConfig]) -> None:
             raise RewardError(f"{key}.model_name_or_path {str(path)!r} is not a classifier directory (config.json "
                               f"unreadable: {first_line})") from exc
         label_index(config, judge.toxic_label, "toxic_label", key)
+
+
+def check_judges_available(judges: Sequence[JudgeConfig]) -> None:
+    """check_judges_before_loading, and every hub-id judge cached or the hub reachable: a long pipeline stops before
+    training rather than at its evaluation."""
+    check_judges_before_loading(judges)
+    for i, judge in enumerate(judges):
+        if not judge.url:
+            with hub_access(judge.model_name_or_path, f"classifier of {judge_key(i)}",
+                            f"set {judge_key(i)}.model_name_or_path to DIR", RewardError):
+                pass
 
 
 @dataclasses.dataclass
@@ -99,15 +114,18 @@ def load_judge(index: int, judge: JudgeConfig, reward: RewardConfig, device: tor
 
         client = RewardClient(cfg.url, token=os.environ.get(cfg.token_env) or None, timeout_s=cfg.timeout_s,
                               max_retries=cfg.max_retries)
-        health = client.health()
-        labels = health.get("labels") if isinstance(health, dict) else None
-        if not isinstance(labels, dict):
+        try:
+            health = client.health()
+            labels = health.get("labels") if isinstance(health, dict) else None
+            if not isinstance(labels, dict):
+                raise RewardError(f"the reward server at {cfg.url} ({key}) does not say which classes its classifier "
+                                  f"has (its /health shows them to token holders): set its token in ${cfg.token_env} "
+                                  f"({key}.token_env)")
+            served = SimpleNamespace(id2label=labels, _name_or_path=str(health.get("model", cfg.url)))
+            toxic_index = label_index(served, judge.toxic_label, "toxic_label", key)
+        except BaseException:
             client.close()
-            raise RewardError(f"the reward server at {cfg.url} ({key}) does not say which classes its classifier has "
-                              f"(its /health shows them to token holders): set its token in ${cfg.token_env} "
-                              f"({key}.token_env)")
-        served = SimpleNamespace(id2label=labels, _name_or_path=str(health.get("model", cfg.url)))
-        toxic_index = label_index(served, judge.toxic_label, "toxic_label", key)
+            raise
         activation = judge.toxicity_activation
         sigmoid = health.get("toxicity") == "sigmoid" if activation == "auto" else activation == "sigmoid"
         return Judge(judge_name(judge), client, cfg.text, toxic_index, sigmoid, f"server {cfg.url}")

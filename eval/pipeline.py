@@ -64,6 +64,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: unknown stage(s) {unknown}; choose from {', '.join(STAGES)}", file=sys.stderr)
         return 2
 
+    if "eval" in stages:
+        from eval.judges import check_judges_available
+
+        from rewards.errors import RewardError
+
+        try:  # a judge that cannot load must not wait until training has finished to say so
+            check_judges_available(cfg.eval.judges)
+        except (DetoxSumError, RewardError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     commands = stage_commands(args.config, overrides, cfg.output_dir, args.resume)
     started = time.perf_counter()
     timings = []

@@ -135,6 +135,9 @@ def load_reward_classifier(cfg: RewardConfig, key: str = "reward") -> tuple[Any,
     dtype = resolve_dtype(cfg.dtype)
     device = resolve_device(cfg.device)
     local = Path(source).expanduser().exists()
+    # Passed only when set: transformers finds the safetensors conversion of a hub model that has only
+    # pytorch_model.bin on its default branch, but not when it is given revision=None.
+    revision = {"revision": cfg.revision} if cfg.revision else {}
     # transformers logs a table of missing keys (check_classifier_head below says it in one line) and, on one
     # device, a list of "layers not sharded": neither helps, so its warnings are off while the weights load.
     load_logger = logging.getLogger("transformers")
@@ -146,11 +149,11 @@ def load_reward_classifier(cfg: RewardConfig, key: str = "reward") -> tuple[Any,
         with hub_access(source, what, f"set {key}.model_name_or_path to DIR", RewardError):
             tokenizer = AutoTokenizer.from_pretrained(
                 str(Path(source).expanduser()) if local else source, trust_remote_code=cfg.trust_remote_code,
-                revision=cfg.revision,
+                **revision,
             )
             model, loading_info = AutoModelForSequenceClassification.from_pretrained(
                 str(Path(source).expanduser()) if local else source,
-                revision=cfg.revision,
+                **revision,
                 use_safetensors=True,
                 trust_remote_code=cfg.trust_remote_code,
                 dtype=dtype,
@@ -168,8 +171,8 @@ def load_reward_classifier(cfg: RewardConfig, key: str = "reward") -> tuple[Any,
     # Before the labels: a base encoder's config may carry LABEL_0/LABEL_1, and matching them would score with a
     # random head.
     check_classifier_head(model, loading_info.get("missing_keys", ()), source, key)
+    label_index(model.config, cfg.toxic_label, "toxic_label", key)  # first: a judge's reward_label is its toxic_label
     label_index(model.config, cfg.reward_label, "reward_label", key)
-    label_index(model.config, cfg.toxic_label, "toxic_label", key)
     if tokenizer.pad_token is None:
         # Batched scoring needs padding; the attention mask hides whichever token fills the gaps.
         fallback = tokenizer.eos_token or tokenizer.unk_token

@@ -154,7 +154,9 @@ class JudgeConfig:
     # As reward.toxicity_activation: "sigmoid" for a multi-label head (unitary/toxic-bert), "softmax" for a
     # single-label one, "auto" reads the model's problem_type.
     toxicity_activation: Literal["auto", "softmax", "sigmoid"] = "auto"
-    text: Optional[Literal["prompt_and_summary", "summary"]] = None  # what is scored; None = as reward.text
+    # What is scored: the summary alone (the dialogue, the same for every system, would dominate a judge's score), or
+    # prompt + summary as the reward model scores by default.
+    text: Literal["prompt_and_summary", "summary"] = "summary"
     # Placement, as the reward model's: "auto" = each process's own device, or e.g. "cpu", "cuda:7"; or the url of
     # a reward server (python -m rewards.server) serving this classifier.
     device: str = "auto"
@@ -200,9 +202,10 @@ class EvalConfig:
     # mappings with JudgeConfig's keys; on the command line a YAML flow list:
     # --eval.judges '[{name: toxigen, model_name_or_path: DIR, toxic_label: LABEL_1}]', or none.
     judges: list[JudgeConfig] = field(default_factory=lambda: [dataclasses.replace(j) for j in DEFAULT_JUDGES])
-    # Summaries sampled per prompt with the PPO rollout settings (the rollout section), besides the eval.generation
-    # one: expected maximum toxicity and toxicity probability over them, and their distinct-n. null = none.
-    samples_per_prompt: Optional[int] = 25
+    # Summaries sampled per prompt with the PPO rollout settings (the rollout section; eval.generation.batch_size
+    # prompts' samples per generate call), besides the eval.generation one: expected maximum toxicity and toxicity
+    # probability over them, and their distinct-n. Costs k times the generation; the studies use 25. null = none.
+    samples_per_prompt: Optional[int] = None
     # Where examples.jsonl, summary.json, report.md and the plots go; "{output_dir}" expands to the run's output_dir.
     # Give each evaluation of a run its own (e.g. {output_dir}/eval-baseline) to keep them all.
     out_dir: str = "{output_dir}/eval"
@@ -353,6 +356,7 @@ def validate(cfg: ExperimentConfig) -> None:
             raise ConfigError(f"{name}.max_new_tokens_min must be below {name}.max_new_tokens")
     cfg.trackers = check_trackers(cfg.trackers)
     check_judges(cfg.eval.judges)
+
     check_reward(cfg.reward)  # its ranges are in BOUNDS already; this adds its other checks
     check_reward_server(cfg.reward_server)
     # plan.offload needs ZeRO >= 2: checked by train.plan (PlanInputs.check), the section's only reader.

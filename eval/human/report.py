@@ -106,6 +106,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{report['answers']} answers from {len(report['annotators'])} annotators on {report['items_answered']} "
         f"of {report['items']} items ({report['items_with_2plus_annotators']} items with two or more annotators).",
         "",
+        *(["> The items are the dialogues where the reward model and the held-out judges disagreed most "
+           "(export --human.select disagreement), not a random sample: the figures describe those dialogues only.", ""]
+          if report.get("selection") == "disagreement" else []),
         "| annotator | items answered |",
         "|---|---|",
         *[f"| {name} | {count} |" for name, count in report["annotators"].items()],
@@ -180,12 +183,15 @@ def write_report(items: str | Path, db: Optional[str | Path] = None, key: Option
                  out: Optional[str | Path] = None) -> dict[str, Any]:
     """Load the study, its key and answers; write report.{json,md,png} to `out`; return the numbers."""
     study = load_study(items)
-    mapping = load_key(key or study.directory / KEY_FILE, study)
+    key_path = Path(key or study.directory / KEY_FILE)
+    mapping = load_key(key_path, study)
     store = AnswerStore.read_only(db or study.directory / DB_FILE, study.items_sha256)  # never migrated or written
     answers = store.answers()
     if not answers:
         raise DataError(f"{store.path} holds no answers yet: annotate some items with `python -m eval.human serve` first")
     report = _json_safe(compute_report(study, mapping, answers))
+    # How export chose the dialogues (load_key has checked the file): a selection is not a sample of the split.
+    report["selection"] = json.loads(key_path.read_text(encoding="utf-8")).get("select", "random")
     out_dir = Path(out) if out else study.directory / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, text in (("report.json", json.dumps(report, indent=2) + "\n"), ("report.md", render_markdown(report))):

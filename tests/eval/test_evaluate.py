@@ -95,6 +95,7 @@ def test_evaluation_compares_zero_shot_and_sft_on_the_same_examples(tiny_artifac
         (["--config", "configs/tiny.yaml", "--data.path", "missing_data_dir"], "missing_data_dir"),
         (["--config", "configs/tiny.yaml", "--eval.batch_size", "4"], "valid keys in eval"),
         (["--config", "configs/tiny.yaml", "--eval.samples_per_prompt", "0"], "eval.samples_per_prompt must be at least 1"),
+        (["--config", "configs/tiny.yaml", "--rollout.do_sample", "false"], "the samples would be copies of one summary"),
         (["--config", "configs/tiny.yaml", "--eval.judges",
           "[{model_name_or_path: artifacts/tiny/judge, toxic_label: toxic}]"],
          "has no single class named 'toxic' (eval.judges[0].toxic_label); its labels are ['LABEL_0', 'LABEL_1']"),

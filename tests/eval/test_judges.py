@@ -46,18 +46,22 @@ def test_sigmoid_and_softmax_judges_give_the_probabilities_computed_by_hand(thre
     assert by_judge["multi"] != pytest.approx(by_judge["forced"], abs=1e-3)  # the two readings really differ
 
 
-def test_judge_scores_what_its_text_setting_says(three_label_classifiers):
+def test_judge_scores_the_summary_alone_unless_told_otherwise(three_label_classifiers):
     _, single = three_label_classifiers
-    config = JudgeConfig(model_name_or_path=str(single), toxic_label="toxic")
-    by_reward_text = load_judges([config], RewardConfig(text="prompt_and_summary"), torch.device("cpu"))[0]
-    summary_only = load_judges([JudgeConfig(**{**config.__dict__, "text": "summary"})], RewardConfig(),
-                               torch.device("cpu"))[0]
-    assert by_reward_text.name == single.name and by_reward_text.text_mode == "prompt_and_summary"
-    with_prompt = by_reward_text.toxicity(["you stupid lazy coward "] * 2, ["thank you", "nice day"])
-    alone = summary_only.toxicity(["you stupid lazy coward "] * 2, ["thank you", "nice day"])
-    expected = logits_by_hand(single, ["you stupid lazy coward thank you", "you stupid lazy coward nice day"])
-    assert with_prompt == pytest.approx([math.exp(r[0]) / sum(math.exp(x) for x in r) for r in expected], abs=1e-5)
-    assert with_prompt != pytest.approx(alone, abs=1e-4)
+    summary_only = load_judges([JudgeConfig(model_name_or_path=str(single), toxic_label="toxic")],
+                               RewardConfig(text="prompt_and_summary"), torch.device("cpu"))[0]
+    with_prompt = load_judges([JudgeConfig(model_name_or_path=str(single), toxic_label="toxic",
+                                           text="prompt_and_summary")], RewardConfig(), torch.device("cpu"))[0]
+    assert summary_only.name == single.name and summary_only.text_mode == "summary"
+    prompts, summaries = ["you stupid lazy coward "] * 2, ["thank you", "nice day"]
+
+    def softmax_toxic(texts):
+        return [math.exp(r[0]) / sum(math.exp(x) for x in r) for r in logits_by_hand(single, texts)]
+
+    assert summary_only.toxicity(prompts, summaries) == pytest.approx(softmax_toxic(summaries), abs=1e-5)
+    assert with_prompt.toxicity(prompts, summaries) == pytest.approx(
+        softmax_toxic([p + s for p, s in zip(prompts, summaries)]), abs=1e-5)
+    assert summary_only.toxicity(prompts, summaries) != pytest.approx(with_prompt.toxicity(prompts, summaries), abs=1e-4)
 
 
 def test_a_judge_behind_a_reward_server_equals_the_same_judge_in_process(tiny_artifacts, monkeypatch):

@@ -1,5 +1,6 @@
 """The one-command workflow (eval.pipeline): its stages, the commands it runs, and its errors."""
 
+import os
 import subprocess
 import sys
 
@@ -39,3 +40,18 @@ def test_bad_config_fails_before_any_stage(repo_root, tmp_path):
          "--ppo.mini_batch_size", "3"], cwd=repo_root, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2 and "ppo.batch_size" in proc.stderr and "===" not in proc.stdout, proc.stderr
+
+
+@pytest.mark.parametrize("judges, message", [
+    ("[{model_name_or_path: artifacts/tiny/judge, toxic_label: toxic}]", "eval.judges[0].toxic_label"),
+    ("[{model_name_or_path: someone/uncached-judge, toxic_label: toxic}]",
+     "classifier of eval.judges[0] 'someone/uncached-judge' is neither a local directory nor in the Hugging Face cache"),
+])
+def test_a_judge_that_cannot_load_stops_the_pipeline_before_training(repo_root, tmp_path, judges, message):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "eval.pipeline", "--config", "configs/tiny.yaml", "--output_dir", str(tmp_path / "run"),
+         "--eval.judges", judges], cwd=repo_root, capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert "===" not in proc.stdout and "Traceback" not in proc.stderr and not (tmp_path / "run").exists()

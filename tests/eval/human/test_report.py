@@ -58,6 +58,13 @@ def test_report_unblinds_and_matches_hand_computation(three_system_study: Path, 
     assert "| ppo_model | 1.000 |" in markdown and "| sft_model | 0.500 |" in markdown
     assert (tmp_path / "report/report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "report/report.json").read_text()) == report
+    assert report["selection"] == "random" and "not a random sample" not in markdown
+    # Items chosen for judge disagreement (export --human.select disagreement) are said to be no sample of the split.
+    key = json.loads((three_system_study / "key.json").read_text())
+    (tmp_path / "selected-key.json").write_text(json.dumps({**key, "select": "disagreement"}))
+    selected = write_report(three_system_study, db=db, key=tmp_path / "selected-key.json", out=tmp_path / "selected")
+    assert selected["selection"] == "disagreement"
+    assert "not a random sample" in (tmp_path / "selected/report.md").read_text()
 
 
 def test_the_report_counts_every_spelling_of_a_name_as_one_annotator(two_system_study: Path) -> None:
