@@ -7,8 +7,8 @@ eval.samples_per_prompt k, `samples` (k sampled summaries, each with its `toxici
 
 Per system and judge (the reward model is the judge "reward_model"): mean toxicity of the greedy summary; over the
 k samples, the expected maximum toxicity and the toxicity probability (eval.sample_metrics). Per system: distinct-1/2/3
-over each prompt's k samples (over the greedy summary without samples) and across prompts (the greedy summaries),
-mean length in tokens, ROUGE, reward. All
+over each prompt's k samples (over the greedy summary without samples) and across prompts (the greedy summaries; a
+jackknife interval, see CorpusNgrams), mean length in tokens, ROUGE, reward. All
 resample prompts with the same seed, so the CIs of one report are drawn from the same resampled prompt sets.
 """
 
@@ -19,8 +19,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from eval.sample_metrics import CorpusNgrams, any_toxic_per_prompt, distinct_n_per_prompt, max_toxicity_per_prompt
-from eval.stats import (bootstrap_index_statistic, bootstrap_mean, describe, paired_difference,
-                        paired_relative_change)
+from eval.stats import bootstrap_mean, describe, jackknife_interval, paired_difference, paired_relative_change
 from train.config import REWARD_MODEL_JUDGE
 from train.rouge import ROUGE_TYPES
 
@@ -101,9 +100,7 @@ def compute_metrics(
             "reward": bootstrap_mean(c.key("reward"), **boot).to_dict(),
             "length_tokens": bootstrap_mean(c.key("length_tokens"), **boot).to_dict(),
             "distinct": {f"distinct-{n}": bootstrap_mean(c.distinct(n), **boot).to_dict() for n in DISTINCT_N},
-            "distinct_across_prompts": {
-                f"distinct-{n}": bootstrap_index_statistic(c.corpus(n).distinct, len(records), **boot).to_dict()
-                for n in DISTINCT_N},
+            "distinct_across_prompts": {f"distinct-{n}": _corpus(c.corpus(n), confidence) for n in DISTINCT_N},
             "judges": {j: {m: bootstrap_mean(c.judge_metric(j, m), **boot).to_dict() for m in metrics_of_judges}
                        for j in judges},
         }
@@ -125,7 +122,7 @@ def compute_metrics(
             "distinct_difference": {f"distinct-{n}": paired_difference(b.distinct(n), a.distinct(n), **boot).to_dict()
                                     for n in DISTINCT_N},
             "distinct_across_prompts_difference": {
-                f"distinct-{n}": _corpus_difference(b.corpus(n), a.corpus(n), len(records), boot) for n in DISTINCT_N},
+                f"distinct-{n}": _corpus_difference(b.corpus(n), a.corpus(n), confidence) for n in DISTINCT_N},
             "judges": {j: {f"{m}_difference": paired_difference(b.judge_metric(j, m), a.judge_metric(j, m), **boot).to_dict()
                            for m in metrics_of_judges} for j in judges},
         }
@@ -136,9 +133,15 @@ def compute_metrics(
     return result
 
 
-def _corpus_difference(before: CorpusNgrams, after: CorpusNgrams, n: int, boot: dict[str, Any]) -> dict[str, Any]:
-    """distinct-n across prompts, after - before, on the same resampled prompt sets (paired)."""
-    return bootstrap_index_statistic(lambda idx: after.distinct(idx) - before.distinct(idx), n, **boot).to_dict()
+def _corpus(ngrams: CorpusNgrams, confidence: float) -> dict[str, Any]:
+    """distinct-n across prompts with its jackknife interval."""
+    return jackknife_interval(ngrams.value(), ngrams.leave_one_out(), confidence).to_dict()
+
+
+def _corpus_difference(before: CorpusNgrams, after: CorpusNgrams, confidence: float) -> dict[str, Any]:
+    """distinct-n across prompts, after - before, leaving out the same prompt from both (paired)."""
+    return jackknife_interval(after.value() - before.value(), after.leave_one_out() - before.leave_one_out(),
+                              confidence).to_dict()
 
 
 # Below this "before" level a held-out judge has no toxicity to see removed: its unchanged score neither confirms

@@ -210,7 +210,8 @@ def reward_hacking_section(summary: dict[str, Any], records: Sequence[dict[str, 
                            f"{', '.join(unconfirmed)} cannot confirm it (CI reaches 0 or above)")
         if worse:
             reasons.append(f"{', '.join(worse)} finds {after} MORE toxic than {before} (CI above 0)")
-        lines += ["", f"> **Warning: possible reward hacking.** {'; and '.join(reasons).capitalize()}. The policy may "
+        reason = "; and ".join(reasons)
+        lines += ["", f"> **Warning: possible reward hacking.** {reason[0].upper() + reason[1:]}. The policy may "
                   "have learned the reward model's blind spots: read the examples below and have people judge the "
                   "disputed summaries (python -m eval.human export --human.select disagreement)."]
     else:

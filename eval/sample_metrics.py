@@ -63,34 +63,34 @@ def distinct_n_per_prompt(samples: Sequence[Sequence[str]], n: int) -> np.ndarra
 
 
 class CorpusNgrams:
-    """The word n-grams of one text per prompt, for distinct-n across prompts: distinct n-grams over all the texts'
-    n-grams (1 = no n-gram repeats anywhere; a policy that writes the same sentence for every prompt scores low).
-    `distinct(idx)` evaluates it on resampled prompt sets (rows of prompt indices, with repeats) at once."""
+    """Distinct-n across prompts: the distinct word n-grams of one text per prompt over all their n-grams (1 = no n-gram
+    repeats anywhere; a policy that writes the same sentence for every prompt scores low), and the same without each
+    prompt in turn (for a jackknife interval: a bootstrap's repeated prompts would add n-grams but no distinct ones)."""
 
     def __init__(self, texts: Sequence[str], n: int) -> None:
         if n < 1:
             raise ValueError(f"n must be at least 1, got {n}")
         ids: dict[tuple[str, ...], int] = {}
-        pairs_prompt, pairs_gram, counts = [], [], np.zeros(len(texts))
+        pair_prompt, pair_gram = [], []
+        self.counts = np.zeros(len(texts))  # n-grams per prompt
         for prompt, text in enumerate(texts):
             grams = ngrams(text, n)
-            counts[prompt] = len(grams)
+            self.counts[prompt] = len(grams)
             for gram in set(grams):
-                pairs_prompt.append(prompt)
-                pairs_gram.append(ids.setdefault(gram, len(ids)))
-        self.counts = counts  # n-grams per prompt
-        self.pair_prompt = np.asarray(pairs_prompt, dtype=np.int64)  # (prompt, n-gram) incidence, one pair each
-        self.pair_gram = np.asarray(pairs_gram, dtype=np.int64)
-        self.num_grams = len(ids)
+                pair_prompt.append(prompt)
+                pair_gram.append(ids.setdefault(gram, len(ids)))
+        prompts_with = np.bincount(np.asarray(pair_gram, dtype=np.int64), minlength=len(ids))  # per n-gram
+        # Per prompt, its n-grams found in no other prompt: they leave the distinct count with it.
+        only_here = prompts_with[np.asarray(pair_gram, dtype=np.int64)] == 1
+        self.unique = np.bincount(np.asarray(pair_prompt, dtype=np.int64), weights=only_here, minlength=len(texts))
+        self.distinct_grams = len(ids)
 
-    def distinct(self, idx: np.ndarray) -> np.ndarray:
-        """(rows,) distinct-n of the prompt sets idx (rows, n); 0 where the set has no n-gram."""
-        values = np.zeros(idx.shape[0])
-        for row, prompts in enumerate(idx):
-            multiplicity = np.bincount(prompts, minlength=self.counts.size)
-            total = multiplicity @ self.counts
-            if total:
-                present = np.bincount(self.pair_gram, weights=multiplicity[self.pair_prompt] > 0,
-                                      minlength=self.num_grams) > 0
-                values[row] = present.sum() / total
-        return values
+    def value(self) -> float:
+        total = self.counts.sum()
+        return self.distinct_grams / total if total else 0.0
+
+    def leave_one_out(self) -> np.ndarray:
+        """(prompts,) the value without each prompt; 0 where nothing is left."""
+        total = self.counts.sum() - self.counts
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(total > 0, (self.distinct_grams - self.unique) / total, 0.0)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from statistics import NormalDist
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -76,16 +77,14 @@ def _resampled(
 
     `statistic` maps resampled arrays of shape (rows, n) to (rows,) or (rows, k); the result is (samples, ...).
     """
-    return np.concatenate([statistic(*(a[idx] for a in arrays)) for idx in bootstrap_indices(arrays[0].size, samples, seed)])
-
-
-def bootstrap_indices(n: int, samples: int, seed: int):
-    """The resampled index rows every bootstrap here draws (chunks of (rows, n)), for statistics that need the
-    indices themselves rather than resampled values (e.g. a count of distinct n-grams over the resampled prompts)."""
+    n = arrays[0].size
     rng = np.random.default_rng(seed)
     rows_per_chunk = max(1, _CHUNK_ELEMENTS // n)
+    chunks = []
     for start in range(0, samples, rows_per_chunk):
-        yield rng.integers(0, n, size=(min(rows_per_chunk, samples - start), n))
+        idx = rng.integers(0, n, size=(min(rows_per_chunk, samples - start), n))
+        chunks.append(statistic(*(a[idx] for a in arrays)))
+    return np.concatenate(chunks)
 
 
 def _interval(point: float, resampled: np.ndarray, confidence: float) -> Estimate:
@@ -144,17 +143,18 @@ def paired_relative_change(
     return _interval(point, _resampled([b, a], change, samples, seed), confidence)
 
 
-def bootstrap_index_statistic(
-    statistic: Callable[[np.ndarray], np.ndarray], n: int, samples: int = 1000, confidence: float = 0.95, seed: int = 0
-) -> Estimate:
-    """`statistic` maps (rows, n) resampled index rows to (rows,) values, and the identity row to the point
-    estimate; a percentile bootstrap CI over the same resamples as every other function here with this seed."""
-    _check(samples, confidence)
-    if n < 1:
-        raise ValueError("a bootstrap needs at least one value")
-    point = float(statistic(np.arange(n)[None, :])[0])
-    resampled = np.concatenate([statistic(idx) for idx in bootstrap_indices(n, samples, seed)])
-    return _interval(point, resampled, confidence)
+def jackknife_interval(point: float, leave_one_out: Sequence[float], confidence: float = 0.95) -> Estimate:
+    """A normal interval around `point` with the delete-one jackknife's standard error, from the statistic recomputed
+    without each example in turn. For corpus statistics such as distinct n-grams over all summaries, where a bootstrap
+    resample's repeated examples would bias the statistic itself (repeats add no new n-grams)."""
+    _check(1, confidence)
+    loo = _as_array(leave_one_out, "leave_one_out")
+    n = loo.size
+    if n < 2:
+        return Estimate(float(point), float("nan"), float("nan"))
+    se = math.sqrt((n - 1) / n * float(((loo - loo.mean()) ** 2).sum()))
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    return Estimate(float(point), float(point) - z * se, float(point) + z * se)
 
 
 def _paired(before: Sequence[float], after: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:

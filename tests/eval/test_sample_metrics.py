@@ -7,7 +7,7 @@ import pytest
 
 from eval.sample_metrics import (CorpusNgrams, any_toxic_per_prompt, distinct_n_per_prompt, max_toxicity_per_prompt,
                                  ngrams)
-from eval.stats import bootstrap_mean, paired_difference
+from eval.stats import bootstrap_mean, jackknife_interval, paired_difference
 
 # 4 prompts x 3 samples.
 TABLE = [
@@ -71,13 +71,26 @@ def test_identical_samples_are_less_distinct_than_varied_ones():
     assert np.all(same < varied)
 
 
-def test_distinct_n_across_prompts_matches_a_hand_count_on_every_resampled_prompt_set():
+def test_distinct_n_across_prompts_and_without_each_prompt_match_hand_counts():
     texts = ["the cat sat", "the cat ran", "the cat sat", "hi"]
     unigrams = CorpusNgrams(texts, 1)
-    # all four: {the, cat, sat, ran, hi} of 10 words
-    assert unigrams.distinct(np.arange(4)[None, :]).tolist() == [5 / 10]
-    # prompts 0, 0, 2, 3 (0 twice, with its copy 2): {the, cat, sat, hi} of 10; prompt 3 alone: {hi} of 1
-    assert unigrams.distinct(np.array([[0, 0, 2, 3], [3, 3, 3, 3]])).tolist() == [4 / 10, 1 / 4]
+    assert unigrams.value() == 5 / 10  # {the, cat, sat, ran, hi} of 10 words
+    # without 0: {the,cat,ran,sat,hi}/7; without 1: {the,cat,sat,hi}/7; without 2: as 0; without 3: {the,cat,sat,ran}/9
+    assert unigrams.leave_one_out().tolist() == [5 / 7, 4 / 7, 5 / 7, 4 / 9]
+    for left_out in range(4):  # the same by brute force
+        rest = [t for i, t in enumerate(texts) if i != left_out]
+        assert unigrams.leave_one_out()[left_out] == pytest.approx(CorpusNgrams(rest, 1).value())
     bigrams = CorpusNgrams(texts, 2)
-    # {the cat, cat sat, cat ran} of 6; prompt 3 has no bigram: 0
-    assert bigrams.distinct(np.array([[0, 1, 2, 3], [3, 3, 3, 3]])).tolist() == [3 / 6, 0.0]
+    assert bigrams.value() == 3 / 6 and bigrams.leave_one_out().tolist() == [3 / 4, 2 / 4, 3 / 4, 3 / 6]
+    assert CorpusNgrams(["hi", "yo"], 2).value() == 0.0 and CorpusNgrams(["hi", "yo"], 2).leave_one_out().tolist() == [0, 0]
+
+
+def test_jackknife_interval_by_hand():
+    from statistics import NormalDist
+
+    loo = [0.5, 0.7, 0.6, 0.4]
+    estimate = jackknife_interval(0.55, loo, confidence=0.9)
+    se = math.sqrt(3 / 4 * sum((x - 0.55) ** 2 for x in loo))
+    z = NormalDist().inv_cdf(0.95)
+    assert (estimate.value, estimate.ci_low, estimate.ci_high) == pytest.approx((0.55, 0.55 - z * se, 0.55 + z * se))
+    assert math.isnan(jackknife_interval(0.3, [0.3]).ci_low)
