@@ -78,6 +78,10 @@ class GenerationSettings:
     # like the original notebook's LengthSampler(100, 400). None = always max_new_tokens.
     max_new_tokens_min: Optional[int] = None
     num_beams: int = 1
+    # How a sampled token is drawn: "inverse_cdf" (one uniform number per row and step: train.generation.InverseCdfSampler)
+    # or "multinomial" (transformers' own, one random number per vocabulary entry: slower on a CPU). The same
+    # distribution; a seed gives other samples with each. Beam search always uses transformers'.
+    sampler: Literal["inverse_cdf", "multinomial"] = "inverse_cdf"
 
 
 @dataclass
@@ -137,6 +141,10 @@ class PPOConfig:
     # Rows per no-grad forward pass for the old and reference log-probs, per process; null = this process's
     # share of a mini-batch (TRL's choice). Larger is faster and needs more memory (the planner's logits).
     forward_batch_size: Optional[int] = None
+    # Rollouts generate with the LoRA adapter merged into the base weights (no adapter matmuls per decoding step; the
+    # base weights are restored exactly afterwards, at the cost of a copy of the adapted matrices meanwhile). Same
+    # samples up to float rounding. Ignored with a quantized base (merging would requantize it).
+    merge_adapter_for_rollout: bool = True
     save_every_steps: int = 5
     keep_checkpoints: int = 2  # newest complete checkpoints kept on disk; older ones are deleted
     log_every_steps: int = 1

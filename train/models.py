@@ -403,6 +403,36 @@ class Seq2SeqPolicy(nn.Module):
         return self.peft_model.generate(**kwargs)
 
 
+@contextmanager
+@torch.no_grad()
+def adapter_merged(peft_model: nn.Module) -> Iterator[None]:
+    """The active LoRA adapter merged into the base weights while the body runs (a rollout: every decoding step then
+    runs the base matmuls alone, none of the adapter's), and the base weights restored exactly afterwards.
+
+    peft's own unmerge subtracts the delta again, which leaves rounding errors in the base weights (in bf16, large
+    ones); the base is the KL reference and is loaded fresh on resume, so it must not drift: the weights the merge
+    changes are copied first and copied back. Costs one copy of the adapted base matrices while merged.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    active = peft_model.active_adapter
+    layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer) and active in m.lora_A]
+    saved: list[tuple[Any, list[tuple[torch.Tensor, torch.Tensor]]]] = []
+    try:
+        for layer in layers:
+            base = layer.get_base_layer()
+            # The bias too: a LoRA bias (lora_bias) is merged into it.
+            originals = [(p, p.detach().clone()) for p in (base.weight, getattr(base, "bias", None)) if p is not None]
+            saved.append((layer, originals))
+            layer.merge(adapter_names=[active])
+        yield
+    finally:
+        for layer, originals in saved:
+            for param, original in originals:
+                param.copy_(original)
+            layer.merged_adapters.clear()
+
+
 def save_policy(policy: Seq2SeqPolicy, directory: str | Path, tokenizer=None) -> Path:
     """Write `adapter_model.safetensors` + `adapter_config.json` and `value_head.safetensors` (and the tokenizer)."""
     from safetensors.torch import save_file

@@ -30,7 +30,7 @@ STAGE_SECTIONS = {"sft": ("seed", "data", "model", "lora", "sft"),
 # How a run is operated, not what it computes: free to change on any resume (prefixes of dotted keys).
 OPERATIONAL = ("sft.save_every_steps", "sft.keep_checkpoints", "sft.log_every_steps", "sft.eval_rouge_examples",
                "ppo.steps", "ppo.save_every_steps", "ppo.keep_checkpoints", "ppo.log_every_steps",
-               "ppo.forward_batch_size", "reward.device", "reward.batch_size", "reward.url", "reward.token_env",
+               "ppo.forward_batch_size", "ppo.merge_adapter_for_rollout", "reward.device", "reward.batch_size", "reward.url", "reward.token_env",
                "reward.timeout_s", "reward.max_retries")
 # Read by one stage only, or only when a run starts: a resumed SFT run takes its adapter from the checkpoint and has
 # no value head; a resumed PPO run takes its adapter from the checkpoint too, unless it is also the KL reference.

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Sequence
 
@@ -38,6 +38,7 @@ from train.config import ExperimentConfig, GenerationSettings
 from train.distributed import Collectives, zero_stage
 from train.errors import ConfigError, DataError
 from train.generation import generation_kwargs
+from train.models import adapter_merged
 from train.ppo_core import Trajectory, logprobs_from_logits, response_loss_mask, response_mask_from_ids
 
 log = logging.getLogger("train.ppo")
@@ -300,10 +301,12 @@ def make_experience(
     """
     device = accelerator.device if accelerator is not None else next(policy.parameters()).device
     started = time.perf_counter()
+    merge = cfg.ppo.merge_adapter_for_rollout and cfg.model.quantization is None
     with unwrap_for_generation(policy, accelerator) as model:
-        query_ids, query_mask, response_ids, response_mask = generate_responses(
-            model, tokenizer, prompts["input_ids"], cfg.rollout, device, rng
-        )
+        with adapter_merged(model.peft_model) if merge else nullcontext():
+            query_ids, query_mask, response_ids, response_mask = generate_responses(
+                model, tokenizer, prompts["input_ids"], cfg.rollout, device, rng
+            )
     summaries = [s.strip() for s in tokenizer.batch_decode(response_ids, skip_special_tokens=True)]
     time_generate = time.perf_counter() - started
 

@@ -94,3 +94,101 @@ def test_forward_trajectory_default_mask_keeps_the_first_generated_token(tiny_ar
     torch.testing.assert_close(ours.logprobs, trl.logprobs, atol=1e-5, rtol=0)
     _, _, kls = kl_penalized_rewards(ours.scores, ours.logprobs, ours.ref_logprobs, ours.masks, 0.2)
     assert kls[:, 0].abs().max() > 0  # the first token now carries a KL penalty
+
+
+# ----------------------------------------------------------------------------------------------------
+# Generating with the adapter merged (ppo.merge_adapter_for_rollout)
+
+
+def _snapshot(policy) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in policy.state_dict().items()}
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_merged_adapter_restores_every_weight_bit_for_bit(tiny_artifacts, dtype):
+    from peft.tuners.lora import LoraLayer
+
+    from train.models import adapter_merged
+
+    policy, _, _ = tiny_ppo_policy(tiny_artifacts)
+    policy.to(dtype)
+    before = _snapshot(policy)
+    layers = [m for m in policy.peft_model.modules() if isinstance(m, LoraLayer)]
+    with adapter_merged(policy.peft_model):
+        assert all(layer.merged for layer in layers)
+        changed = [n for n, t in policy.state_dict().items() if not torch.equal(t, before[n])]
+        assert changed and all("base_layer.weight" in n for n in changed)  # the merge really changed the base
+    assert not any(layer.merged for layer in layers)
+    after = policy.state_dict()
+    assert all(torch.equal(after[n], t) for n, t in before.items())
+    # An error inside leaves the weights as they were too.
+    with pytest.raises(RuntimeError, match="inside"):
+        with adapter_merged(policy.peft_model):
+            raise RuntimeError("inside")
+    assert all(torch.equal(policy.state_dict()[n], t) for n, t in before.items())
+    if dtype == torch.bfloat16:  # what the copies are for: peft's own merge + unmerge leaves the base changed
+        for layer in layers:
+            layer.merge()
+            layer.unmerge()
+        assert any(not torch.equal(policy.state_dict()[n], t) for n, t in before.items())
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_rollout_with_the_merged_adapter_equals_the_plain_one(tiny_artifacts):
+    from train.models import adapter_merged
+    from train.config import GenerationSettings
+
+    policy, tokenizer, ppo = tiny_ppo_policy(tiny_artifacts)
+    policy.eval()
+    prompts = [tokenizer(f"#Person1#: hello number {i}. #Person2#: hi, how are you?").input_ids for i in range(6)]
+    enc = tokenizer([f"#Person1#: hello number {i}." for i in range(6)], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        plain_logits = policy(enc.input_ids, enc.attention_mask, enc.input_ids[:, :5])[0]
+        with adapter_merged(policy.peft_model):
+            merged_logits = policy(enc.input_ids, enc.attention_mask, enc.input_ids[:, :5])[0]
+    torch.testing.assert_close(merged_logits, plain_logits, atol=1e-5, rtol=1e-5)
+    assert (plain_logits - policy.reference_logits(enc.input_ids, enc.attention_mask, enc.input_ids[:, :5])).abs().max() > 1e-3
+
+    for settings in (GenerationSettings(batch_size=4, do_sample=False, max_new_tokens=12),
+                     GenerationSettings(batch_size=4, max_new_tokens=12, min_length=5)):
+        torch.manual_seed(7)
+        plain = generate_responses(policy, tokenizer, prompts, settings, "cpu")
+        torch.manual_seed(7)
+        with adapter_merged(policy.peft_model):
+            merged = generate_responses(policy, tokenizer, prompts, settings, "cpu")
+        for a, b in zip(plain, merged):
+            assert torch.equal(a, b)
+        rollout = dict(query_ids=plain[0], query_mask=plain[1], response_ids=plain[2], response_mask=plain[3],
+                       scores=torch.zeros(6))
+        trajectory = rollout_trajectory(policy, rollout, ppo)  # after the merge: the plain adapter again
+        again = rollout_trajectory(policy, {**rollout, "response_ids": merged[2]}, ppo)
+        torch.testing.assert_close(trajectory.logprobs, again.logprobs, atol=0, rtol=0)
+
+
+def test_make_experience_generates_merged_unless_told_not_to_or_the_base_is_quantized(tiny_artifacts, monkeypatch):
+    import train.rollout as rollout
+
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_generate(model, *args, **kwargs):
+        from peft.tuners.lora import LoraLayer
+
+        calls.append(any(m.merged for m in model.peft_model.modules() if isinstance(m, LoraLayer)))
+        raise Stop
+
+    monkeypatch.setattr(rollout, "generate_responses", fake_generate)
+    policy, tokenizer, _ = tiny_ppo_policy(tiny_artifacts)
+    prompts = {"input_ids": [[5, 6, 1]], "query": ["q"], "id": ["x"]}
+    for overrides, merged in (([], True), (["--ppo.merge_adapter_for_rollout", "false"], False)):
+        cfg = load_config(None, overrides)
+        with pytest.raises(Stop):
+            rollout.make_experience(policy, tokenizer, prompts, None, cfg)
+        assert calls[-1] is merged
+    cfg = load_config(None, ["--model.quantization", "4bit"])
+    with pytest.raises(Stop):
+        rollout.make_experience(policy, tokenizer, prompts, None, cfg)
+    assert calls[-1] is False

@@ -1,0 +1,375 @@
+"""Time one PPO step of TRL 0.11.4's classic `PPOTrainer` against ours, on the same model, in one run.
+
+    python bench/ppo_vs_trl.py [--config configs/tiny.yaml] [--steps 5] [--notebook-lengths] [--append bench/RESULTS.md]
+    python bench/ppo_vs_trl.py --device cuda --model-size base --dtype bfloat16 --notebook-lengths
+    python bench/ppo_vs_trl.py --ppo.merge_adapter_for_rollout false      # any --section.key value config override
+
+Three variants of one PPO step, each on its own fresh copy of the same seeded policy (base + LoRA + value head,
+identical initial weights), with the same prompts in the same order, the same reward model, sampling settings
+(top_k 0, top_p 1.0, min_length 5, do_sample) and PPO settings (the config's: batch 16, mini-batch 4, 1 epoch,
+lr 1.41e-5 in configs/tiny.yaml):
+
+* TRL notebook loop: the original notebook's loop, `ppo_trainer.generate(prompt_tensor, **kwargs)` once per prompt
+  (max_new_tokens drawn per prompt by TRL's LengthSampler when the lengths are sampled), then the reward model on
+  the decoded summaries in batches of 16 (the notebook's pipeline batch_size), then `ppo_trainer.step`;
+* TRL batched: TRL used as well as it allows, `ppo_trainer.generate(prompt_tensors, batch_size=rollout.batch_size,
+  length_sampler=..., **kwargs)` (padded batches with attention masks; sampled lengths are drawn once per
+  generate() call from the same seeded draws as ours, so both make the same lengths), then the same scoring and
+  `ppo_trainer.step`;
+* ours: `train.rollout.make_experience` (batched generation, one reward call, no-grad forward passes of
+  `ppo.forward_batch_size` rows) then `train.ppo.ppo_step` (the same update math as TRL's `step`).
+
+The TRL trainers wrap the policy's own PEFT model (`AutoModelForSeq2SeqLMWithValueHead`, value head weights copied
+from ours, its KL reference the adapter switched off, as ours), with TRL's own Adam over the trainable parameters.
+TRL is left as it runs: it samples with transformers' own sampling (none of our rollout levers) with the model in
+training mode (LoRA dropout on, a cost per decoding step that ours, sampling in eval mode, does not pay), and does
+its no-grad forward passes one mini-batch at a time. Config overrides (`--section.key value`) reach every variant;
+the rollout levers among them change only ours.
+All variants score with one `rewards` scorer (the config's classifier, e.g. artifacts/tiny/roberta-hate, reward =
+the nothate logit) placed on `--device`, on summaries decoded with special tokens skipped.
+
+Each variant runs one warm-up step, then `--steps` timed steps; each phase is the median over the timed steps:
+generation (generate() calls + decoding the summaries), scoring (reward calls) and update (TRL: `ppo_trainer.step`,
+its no-grad forward passes included, which its own time/ppo/forward_pass stat reports; ours: the no-grad forward
+passes of make_experience + `ppo_step`). Total is the median of the per-step totals. Rows are measured for the
+config's rollout lengths and, with `--notebook-lengths`, for the notebook's LengthSampler(100, 400) too.
+
+`--model-size small|base`: the shipped flan-t5-small/-base architecture (configs/architectures/) with random
+weights, the original notebook's LoRA (configs/flan_t5_base.yaml: r 32 on q, v), the config's tokenizer, prompts
+and reward model (tiny prompt ids are valid flan-t5 ids; generated ids beyond the tiny vocabulary decode to nothing,
+which only changes what the reward model reads).
+
+Everything is seeded from the config's seed, so a run repeats the same samples (timings aside). `time_ours` and
+`time_trl` are importable: time a policy prepared by the caller, e.g. with a rollout lever set in `cfg`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import random
+import statistics
+import sys
+import time
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+import datasets  # noqa: E402
+import transformers  # noqa: E402
+
+from rewards.reward_fn import make_reward_fn  # noqa: E402
+from train.config import load_config  # noqa: E402
+from train.data import build_ppo_datasets  # noqa: E402
+from train.errors import ConfigError  # noqa: E402
+from train.ppo import ppo_step  # noqa: E402
+from train.ppo_core import ScoreShaper, make_kl_controller  # noqa: E402
+from train.rollout import PromptStream, make_experience  # noqa: E402
+from machine import machine_line, versions_line  # bench/machine.py
+
+NOTEBOOK_REWARD_BATCH = 16  # the notebook's sentiment pipeline batch_size
+NOTEBOOK_LENGTHS = (100, 400)  # LengthSampler(100, 400)
+VARIANTS = {
+    "trl_loop": "TRL 0.11.4, notebook loop (1 prompt per generate)",
+    "trl_batched": "TRL 0.11.4, batched generate",
+    "ours": "ours (make_experience + ppo_step)",
+}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)  # TRL's LengthSampler and mini-batch order draw from numpy
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def _now(device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()  # CUDA work is asynchronous: time what has finished
+    return time.perf_counter()
+
+
+def load_policy_for(cfg, model_size: str, device: str):
+    """(policy, tokenizer), seeded: `load_policy(cfg)` for "tiny"; for "small"/"base" that FLAN-T5 architecture
+    with random weights in `cfg.model.dtype`, a fresh `cfg.lora` adapter and a value head."""
+    from train.models import (Seq2SeqPolicy, ValueHead, apply_lora, build_from_architecture, load_policy,
+                              load_tokenizer, torch_dtype)
+
+    seed_everything(cfg.seed)
+    if model_size == "tiny":
+        policy, tokenizer = load_policy(cfg)
+        return policy.to(device), tokenizer
+    base = build_from_architecture(f"google/flan-t5-{model_size}", device=device).to(torch_dtype(cfg.model.dtype))
+    value_head = ValueHead(base.config.d_model, dropout=cfg.model.value_head_dropout).to(device)
+    return Seq2SeqPolicy(apply_lora(base, cfg.lora), value_head), load_tokenizer(cfg.model)
+
+
+def _medians(records: list[dict[str, float]]) -> dict[str, float]:
+    # Per-phase medians; the total is the median of per-step totals, not the sum of the medians.
+    return {key: statistics.median(r[key] for r in records) for key in records[0]}
+
+
+def time_ours(policy, tokenizer, prompts, reward_fn, cfg, steps: int, device: str) -> dict[str, float]:
+    """Medians over `steps` timed PPO steps (after one warm-up) of ours on `policy` (trained in place):
+    generation, scoring, update (= forward + ppo_step), forward (the no-grad passes), ppo_step, total (seconds),
+    summaries and response_tokens (eos included) per step. `prompts`: rows of the PPO dataset."""
+    seed_everything(cfg.seed)
+    stream = PromptStream(len(prompts), cfg.ppo.batch_size, cfg.seed)
+    optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=cfg.ppo.learning_rate)
+    p = cfg.ppo
+    kl_ctl, shaper = make_kl_controller(p.init_kl_coef, p.adaptive_kl, p.kl_target, p.kl_horizon), ScoreShaper()
+    generator, rng = torch.Generator().manual_seed(cfg.seed), random.Random(cfg.seed)
+    records = []
+    for i in range(steps + 1):
+        batch = prompts.select(stream.next_rows())
+        started = _now(device)
+        trajectory, info = make_experience(policy, tokenizer, batch, reward_fn, cfg, None, rng)
+        made = _now(device)
+        ppo_step(policy, optimizer, trajectory, kl_ctl, shaper, cfg.ppo, generator=generator)
+        done = _now(device)
+        if i == 0:
+            continue  # the warm-up step: allocators, kernels, lazy imports
+        # RolloutInfo's forward time is not synchronised with the device: take it as the rest of make_experience.
+        forward = made - started - info.time_generate - info.time_score
+        records.append({
+            "generation": info.time_generate, "scoring": info.time_score, "update": forward + done - made,
+            "forward": forward, "ppo_step": done - made, "total": done - started,
+            "summaries": len(trajectory), "response_tokens": float(info.response_lengths.sum()),
+        })
+    return _medians(records)
+
+
+def trl_trainer(policy, tokenizer, cfg, device: str):
+    """TRL's classic PPOTrainer on `policy`'s own PEFT model (trained in place), value head copied from ours."""
+    from trl import AutoModelForSeq2SeqLMWithValueHead, PPOConfig, PPOTrainer
+
+    p = cfg.ppo
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the classic trainer's deprecation notices and "no dataset" notes
+        config = PPOConfig(
+            learning_rate=p.learning_rate, batch_size=p.batch_size, mini_batch_size=p.mini_batch_size,
+            ppo_epochs=p.ppo_epochs, gradient_accumulation_steps=p.gradient_accumulation_steps,
+            init_kl_coef=p.init_kl_coef, adap_kl_ctrl=p.adaptive_kl, target=p.kl_target, horizon=p.kl_horizon,
+            gamma=p.gamma, lam=p.lam, cliprange=p.cliprange, cliprange_value=p.cliprange_value, vf_coef=p.vf_coef,
+            whiten_rewards=p.whiten_rewards, ratio_threshold=p.ratio_threshold, max_grad_norm=p.max_grad_norm,
+            use_score_scaling=p.score_normalization != "none", use_score_norm=p.score_normalization == "standardize",
+            score_clip=p.score_clip, seed=cfg.seed,
+            # Its Accelerator would otherwise pick a visible GPU whatever --device says.
+            accelerator_kwargs={"cpu": device == "cpu"},
+        )
+        model = AutoModelForSeq2SeqLMWithValueHead.from_pretrained(
+            policy.peft_model, summary_dropout_prob=cfg.model.value_head_dropout)
+        model.v_head.summary.load_state_dict(policy.value_head.summary.state_dict())
+        return PPOTrainer(config, model.to(device), None, tokenizer)
+
+
+def notebook_generation_kwargs(settings) -> dict:
+    """The notebook's generate() keyword arguments from `settings`: transformers' own sampling, none of our rollout
+    levers (`train.generation.generation_kwargs` may add those); sampled lengths are drawn by TRL, per call."""
+    kwargs = dict(max_new_tokens=settings.max_new_tokens, min_length=settings.min_length, num_beams=settings.num_beams,
+                  do_sample=settings.do_sample)
+    if settings.do_sample:
+        kwargs.update(top_k=settings.top_k, top_p=settings.top_p, temperature=settings.temperature)
+    return kwargs
+
+
+def time_trl(policy, tokenizer, prompts, reward_fn, cfg, steps: int, device: str, batched: bool) -> dict[str, float]:
+    """As `time_ours`, for TRL 0.11.4's PPOTrainer: one generate() per prompt (the notebook loop) or, with
+    `batched`, `rollout.batch_size` prompts per generate(); forward = its own time/ppo/forward_pass stat."""
+    from trl.core import LengthSampler
+
+    trainer = trl_trainer(policy, tokenizer, cfg, device)
+    seed_everything(cfg.seed)
+    stream = PromptStream(len(prompts), cfg.ppo.batch_size, cfg.seed)
+    settings = cfg.rollout
+    kwargs = notebook_generation_kwargs(settings)
+    sampler = None
+    if settings.max_new_tokens_min is not None:
+        low, high = settings.max_new_tokens_min, settings.max_new_tokens
+        if batched:
+            # One length per generate() call drawn as ours draws it (random.Random(seed).randrange), so that the
+            # batched variant and ours get the same lengths step by step, not just the same distribution.
+            rng = random.Random(cfg.seed)
+            sampler = lambda: rng.randrange(low, high)  # noqa: E731
+        else:
+            sampler = LengthSampler(low, high)  # the notebook's: one numpy draw per prompt
+    records = []
+    for i in range(steps + 1):
+        batch = prompts.select(stream.next_rows())
+        query_tensors = [torch.tensor(ids, device=device) for ids in batch["input_ids"]]
+        started = _now(device)
+        if batched:
+            responses = trainer.generate(query_tensors, batch_size=settings.batch_size, length_sampler=sampler,
+                                         **kwargs)
+        else:
+            responses = []
+            for query in query_tensors:
+                if sampler is not None:
+                    kwargs["max_new_tokens"] = sampler()
+                responses.append(trainer.generate(query, **kwargs).squeeze(0))
+        summaries = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in responses]
+        generated = _now(device)
+        queries, rewards = list(batch["query"]), []
+        for start in range(0, len(summaries), NOTEBOOK_REWARD_BATCH):
+            end = start + NOTEBOOK_REWARD_BATCH
+            rewards.extend(reward_fn(queries[start:end], summaries[start:end]).rewards)
+        scored = _now(device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            stats = trainer.step(query_tensors, responses, rewards)
+        done = _now(device)
+        if i == 0:
+            continue
+        # A row's tokens after its decoder start token, up to and including its eos (as RolloutInfo counts them).
+        tokens = sum(_response_length(r, tokenizer.eos_token_id) for r in responses)
+        records.append({
+            "generation": generated - started, "scoring": scored - generated, "update": done - scored,
+            "forward": float(stats["time/ppo/forward_pass"]), "total": done - started,
+            "summaries": len(responses), "response_tokens": float(tokens),
+        })
+    return _medians(records)
+
+
+def _response_length(response: torch.Tensor, eos_id: int) -> int:
+    eos = (response[1:] == eos_id).nonzero()
+    return int(eos[0, 0]) + 1 if len(eos) else len(response) - 1
+
+
+def measure(cfg, model_size: str, device: str, steps: int) -> dict[str, dict[str, float]]:
+    """{variant: medians} for the three variants, each on a fresh copy of the seeded policy."""
+    reward_fn = make_reward_fn(dataclasses.replace(cfg.reward, device=device))
+    results = {}
+    try:
+        for variant in VARIANTS:
+            policy, tokenizer = load_policy_for(cfg, model_size, device)
+            prompts = build_ppo_datasets(cfg.data, tokenizer)["train"]
+            if variant == "ours":
+                results[variant] = time_ours(policy, tokenizer, prompts, reward_fn, cfg, steps, device)
+            else:
+                results[variant] = time_trl(policy, tokenizer, prompts, reward_fn, cfg, steps, device,
+                                            batched=variant == "trl_batched")
+            del policy
+    finally:
+        reward_fn.close()
+    return results
+
+
+def lengths_label(settings) -> str:
+    if settings.max_new_tokens_min is not None:
+        return f"{settings.max_new_tokens_min}-{settings.max_new_tokens} (sampled)"
+    return str(settings.max_new_tokens)
+
+
+def table(rows: list[tuple[str, dict[str, dict[str, float]]]], rollout_batch: int) -> list[str]:
+    """Markdown rows: per regime, the three variants and how much faster ours is than each."""
+    lines = [
+        "| max_new_tokens | variant | generation s | scoring s | update s (of which no-grad forward) | total s/step "
+        "| summaries/step | response tokens/step | ours faster by |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for lengths, results in rows:
+        ours = results["ours"]["total"]
+        for variant, label in VARIANTS.items():
+            r = results[variant]
+            if variant == "trl_batched":
+                label += f" (batch_size {rollout_batch})"
+            lines.append(
+                f"| {lengths} | {label} | {r['generation']:.3f} | {r['scoring']:.3f} | {r['update']:.3f} "
+                f"({r['forward']:.3f}) | {r['total']:.3f} | {r['summaries']:.0f} | {r['response_tokens']:.0f} "
+                f"| {r['total'] / ours:.2f}x |")
+    return lines
+
+
+def build_configs(args, overrides: list[str]) -> list[tuple[str, Any]]:
+    """[(lengths label, config)] for each measured rollout-length regime."""
+    if args.model_size != "tiny":
+        # The original notebook's adapter for a real FLAN-T5 size; later (user) overrides still win.
+        lora = load_config(REPO_ROOT / "configs" / "flan_t5_base.yaml").lora
+        overrides = ["--lora.r", str(lora.r), "--lora.alpha", str(lora.alpha), "--lora.dropout", str(lora.dropout),
+                     "--lora.target_modules", "[" + ", ".join(lora.target_modules) + "]", *overrides]
+    if args.dtype:
+        overrides = ["--model.dtype", args.dtype, *overrides]
+    cfg = load_config(args.config, overrides)
+    configs = [(lengths_label(cfg.rollout), cfg)]
+    if args.notebook_lengths:
+        low, high = NOTEBOOK_LENGTHS
+        rollout = dataclasses.replace(cfg.rollout, max_new_tokens_min=low, max_new_tokens=high)
+        configs.append((lengths_label(rollout), dataclasses.replace(cfg, rollout=rollout)))
+    return configs
+
+
+def main(argv: list[str] | None = None) -> list[str]:
+    """Runs the benchmark, prints the table (and appends it to --append); returns the table's lines."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     epilog="Other --section.key value arguments override the config.")
+    parser.add_argument("--config", default="configs/tiny.yaml")
+    parser.add_argument("--model-size", choices=["tiny", "small", "base"], default="tiny",
+                        help="small/base: that FLAN-T5 architecture with random weights and the notebook's LoRA")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="model dtype (default: the config's)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per variant (after one warm-up)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads; 1 is stable on a shared 2-core VM")
+    parser.add_argument("--notebook-lengths", action="store_true",
+                        help="also measure with the notebook's LengthSampler(100, 400) for max_new_tokens")
+    parser.add_argument("--append", type=Path, help="append a results section to this Markdown file")
+    args, overrides = parser.parse_known_args(argv)
+    if args.steps < 1:
+        parser.error("--steps must be at least 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA GPU is visible here; run on a GPU machine or use --device cpu")
+    torch.set_num_threads(args.threads)
+    # peft's note on the tiny recipe's adapter over a tied lm_head: about merging and export, not what is timed.
+    warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*", category=UserWarning)
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+
+    try:
+        configs = build_configs(args, overrides)
+    except ConfigError as e:  # e.g. a mistyped option, taken for a config override
+        parser.error(str(e))
+    rows = []
+    for lengths, cfg in configs:
+        results = measure(cfg, args.model_size, args.device, args.steps)
+        rows.append((lengths, results))
+        ours, loop, batched = (results[v]["total"] for v in ("ours", "trl_loop", "trl_batched"))
+        print(f"max_new_tokens {lengths}: ours {ours:.3f} s/step; vs TRL batched {batched:.3f} s/step: "
+              f"{batched / ours:.2f}x; vs TRL notebook loop {loop:.3f} s/step: {loop / ours:.2f}x", flush=True)
+    cfg = configs[0][1]
+    lines = table(rows, cfg.rollout.batch_size)
+    print("\n".join(lines))
+
+    if args.append:
+        command = "python bench/ppo_vs_trl.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        model = ("tiny model" if args.model_size == "tiny"
+                 else f"flan-t5-{args.model_size}-sized random weights")
+        header = [
+            "",
+            f"## One PPO step: ours vs TRL 0.11.4's PPOTrainer ({model}, {cfg.model.dtype}, on {args.device})",
+            "",
+            f"- Command: `{command}`",
+            f"- Machine: {machine_line(f'torch threads {args.threads}')}",
+            f"- Versions: {versions_line(('torch', 'transformers', 'peft', 'trl'))}",
+            f"- Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+            f"- Config {args.config}: ppo.batch_size {cfg.ppo.batch_size}, mini_batch_size {cfg.ppo.mini_batch_size}, "
+            f"ppo_epochs {cfg.ppo.ppo_epochs}, rollout.batch_size {cfg.rollout.batch_size}, "
+            f"forward_batch_size {cfg.ppo.forward_batch_size}, LoRA r {cfg.lora.r} on {', '.join(cfg.lora.target_modules)}"
+            f"{'; overrides ' + ' '.join(overrides) if overrides else ''}; median of {args.steps} steps after one warm-up",
+            "",
+            "Seconds per step: generation (generate + decoding), scoring (reward model), update (TRL: "
+            "`ppo_trainer.step`; ours: no-grad forward passes + `ppo_step`), total. Ours faster by: the variant's total / "
+            "ours.",
+            "",
+        ]
+        with open(args.append, "a") as f:
+            f.write("\n".join(header + lines) + "\n")
+    return lines
+
+
+if __name__ == "__main__":
+    main()

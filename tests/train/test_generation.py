@@ -1,0 +1,69 @@
+"""train/generation.py: the inverse-CDF sampler draws from the distribution transformers' sampling draws from
+(temperature, top-k, top-p applied as transformers applies them), and generate() takes the token it draws."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from train.config import GenerationSettings
+from train.generation import InverseCdfSampler, generation_kwargs
+
+LOGITS = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, float("-inf")]])  # the last token can never be drawn
+DRAWS = 40_000
+
+
+def frequencies(sampler: InverseCdfSampler) -> torch.Tensor:
+    torch.manual_seed(0)
+    scores = sampler(torch.zeros(DRAWS, 1, dtype=torch.long), LOGITS.expand(DRAWS, -1).clone())
+    assert torch.all(torch.isfinite(scores).sum(dim=1) == 1)  # exactly one selectable token per row
+    return torch.bincount(scores.argmax(dim=1), minlength=LOGITS.shape[1]).double() / DRAWS
+
+
+def expected(logits: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(logits.double(), dim=-1)[0]
+
+
+@pytest.mark.parametrize("top_k, top_p, temperature, reference", [
+    (0, 1.0, 1.0, LOGITS),
+    (0, 1.0, 0.5, LOGITS / 0.5),
+    (2, 1.0, 1.0, torch.tensor([[2.0, 1.0] + [float("-inf")] * 4])),
+    # top-p 0.8 keeps the smallest set of most likely tokens whose mass reaches 0.8: 0.55 + 0.20 + 0.12 = 0.87
+    (0, 0.8, 1.0, torch.tensor([[2.0, 1.0, 0.5] + [float("-inf")] * 3])),
+])
+def test_draws_follow_the_warped_softmax(top_k, top_p, temperature, reference):
+    got = frequencies(InverseCdfSampler(top_k, top_p, temperature))
+    want = expected(reference)
+    sigma = torch.sqrt(want * (1 - want) / DRAWS)
+    assert torch.all((got - want).abs() <= 5 * sigma + 1e-12), (got, want)
+    assert got[-1] == 0 and torch.all(got[want == 0] == 0)  # never a token of zero probability
+    chi2 = float((((got - want) ** 2) / want.clamp_min(1e-12))[want > 0].sum() * DRAWS)
+    assert chi2 < 30.0  # 5 degrees of freedom at most: p < 1e-5 beyond this
+
+
+def test_generate_takes_the_drawn_token_and_respects_min_length(tiny_artifacts):
+    from transformers import AutoTokenizer, T5ForConditionalGeneration
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_artifacts.t5))
+    model = T5ForConditionalGeneration.from_pretrained(str(tiny_artifacts.t5)).eval()
+    assert len(tokenizer) == model.config.vocab_size == 1811
+    enc = tokenizer(["#Person1#: hello there. #Person2#: hi."] * 8, return_tensors="pt")
+    settings = GenerationSettings(max_new_tokens=10, min_length=6)
+    kwargs = generation_kwargs(settings)
+    assert kwargs["do_sample"] is False and isinstance(kwargs["logits_processor"][0], InverseCdfSampler)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        with torch.no_grad():
+            runs.append(model.generate(**enc, **generation_kwargs(settings)))
+    assert torch.equal(runs[0], runs[1])  # seeded
+    assert len({tuple(row.tolist()) for row in runs[0]}) > 1  # sampled: rows differ although the prompts are equal
+    eos = tokenizer.eos_token_id
+    assert all(eos not in row[1:6].tolist() for row in runs[0])  # min_length 6 counts the start token
+    # The slower multinomial path and beams stay transformers' own.
+    assert generation_kwargs(GenerationSettings(sampler="multinomial"))["do_sample"] is True
+    assert generation_kwargs(GenerationSettings(num_beams=2))["do_sample"] is True
+    assert "logits_processor" not in generation_kwargs(GenerationSettings(do_sample=False))
+    assert math.isclose(generation_kwargs(GenerationSettings(sampler="multinomial"))["top_p"], 1.0)
