@@ -10,7 +10,9 @@ Each step is a subprocess with its own time limit, so a failure costs only its o
    (bitsandbytes). From each log.jsonl: the median s/step of steps 2-4, the first mini-batch's ratio (1 up to
    bf16 rounding) and torch.cuda.max_memory_allocated against the planner's estimate for the same settings;
 3. `bench/ppo_step_vs_notebook.py --device cuda --model-size base --dtype bfloat16 --steps 1`: s/step against the
-   original notebook's one-sample-at-a-time loop. (Against TRL 0.11.4 itself once bench/ppo_vs_trl.py exists.)
+   original notebook's one-sample-at-a-time loop;
+4. `bench/ppo_vs_trl.py --device cuda --model-size base --dtype bfloat16 --steps 2`: s/step against TRL 0.11.4
+   itself (its notebook loop and its batched generate), split into generation, scoring and update.
 
 Writes OUT/gpu_check.md. `--dry-run` runs steps 2-3 on the CPU with the tiny model, to check this script.
 """
@@ -169,6 +171,13 @@ def main() -> None:
     if ok:
         results = [line for line in (out / "notebook.log").read_text().splitlines() if "s/step" in line]
         lines += ["", "```", *results, "```"]
+    trl = ["--device", "cpu", "--steps", "1"] if args.dry_run else [
+        "--device", "cuda", "--model-size", "base", "--dtype", "bfloat16", "--steps", "2"]
+    ok, status = run("trl", [sys.executable, "bench/ppo_vs_trl.py", *trl], out, budget, 240)
+    lines += ["", f"`bench/ppo_vs_trl.py {' '.join(trl)}`: {status}"]
+    if ok:
+        results = [line for line in (out / "trl.log").read_text().splitlines() if line.startswith("|") or "faster" in line]
+        lines += ["", *results]
     report = "\n".join(lines) + "\n"
     (out / "gpu_check.md").write_text(report)
     print(report)
