@@ -2,7 +2,7 @@
 
     python bench/ppo_vs_trl.py [--config configs/tiny.yaml] [--steps 5] [--notebook-lengths] [--append bench/RESULTS.md]
     python bench/ppo_vs_trl.py --device cuda --model-size base --dtype bfloat16 --notebook-lengths
-    python bench/ppo_vs_trl.py --ppo.merge_adapter_for_rollout false      # any --section.key value config override
+    python bench/ppo_vs_trl.py --ppo.merge_adapter_for_rollout never      # any --section.key value config override
 
 Three variants of one PPO step, each on its own fresh copy of the same seeded policy (base + LoRA + value head,
 identical initial weights), with the same prompts in the same order, the same reward model, sampling settings
@@ -363,7 +363,9 @@ def main(argv: list[str] | None = None) -> list[str]:
             "",
             "Seconds per step: generation (generate + decoding), scoring (reward model), update (TRL: "
             "`ppo_trainer.step`; ours: no-grad forward passes + `ppo_step`), total. Ours faster by: the variant's total / "
-            "ours.",
+            "ours. TRL runs as it does for its users: it generates in training mode (LoRA dropout on, which costs it "
+            "time per decoding step), and its notebook loop draws a length per prompt, so its response tokens per "
+            "step differ from the batched variants' (compare per token there).",
             "",
         ]
         with open(args.append, "a") as f:

@@ -142,9 +142,11 @@ class PPOConfig:
     # share of a mini-batch (TRL's choice). Larger is faster and needs more memory (the planner's logits).
     forward_batch_size: Optional[int] = None
     # Rollouts generate with the LoRA adapter merged into the base weights (no adapter matmuls per decoding step; the
-    # base weights are restored exactly afterwards, at the cost of a copy of the adapted matrices meanwhile). Same
-    # samples up to float rounding. Ignored with a quantized base (merging would requantize it).
-    merge_adapter_for_rollout: bool = True
+    # base weights are restored exactly afterwards, at the cost of a copy of the merged matrices meanwhile). "auto":
+    # with a float32 base only (same samples up to float rounding); in bf16/fp16 the merged weights round differently
+    # enough to sample from a slightly other policy than PPO's old log-probs ("always" accepts that). Never with a
+    # quantized base. See train.models.merges_for_rollout.
+    merge_adapter_for_rollout: Literal["auto", "always", "never"] = "auto"
     save_every_steps: int = 5
     keep_checkpoints: int = 2  # newest complete checkpoints kept on disk; older ones are deleted
     log_every_steps: int = 1

@@ -19,7 +19,7 @@ class InverseCdfSampler:
     transformers samples with `torch.multinomial`, which on a CPU draws one exponential variate per vocabulary entry,
     row and step: a quarter of a small model's decoding time. The inverse of the cumulative distribution needs one
     uniform variate per row and step. Same distribution, other random stream: a seed gives other samples than
-    transformers' sampling would.
+    transformers' sampling would. (generate's `output_scores` then holds this processor's 0/-inf mask.)
     """
 
     def __init__(self, top_k: int, top_p: float, temperature: float) -> None:
@@ -33,10 +33,17 @@ class InverseCdfSampler:
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         probs = torch.softmax(self.warpers(input_ids, scores).float(), dim=-1)
-        cdf = probs.cumsum(dim=-1)
-        # u in [0, total): the first index whose cumulative mass exceeds u, never a token of zero probability.
-        u = torch.rand(probs.shape[0], 1, device=probs.device) * cdf[:, -1:]
+        # float64: past half the mass float32 steps are 6e-8, which would zero (or double) the chance of rare tokens.
+        cdf = probs.double().cumsum(dim=-1)
+        total = cdf[:, -1:]
+        # As torch.multinomial does, refuse rows that are no distribution (NaN logits, every token filtered out),
+        # without waiting for the device.
+        torch._assert_async(torch.isfinite(total).all() & (total > 0).all(),
+                            "the next-token probabilities contain NaN or no mass at all: the model's logits are broken")
+        # u in [0, total): the first index whose cumulative mass exceeds u; a zero-probability token is never taken.
+        u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device) * total
         tokens = torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1)
+        tokens = torch.where(probs.gather(1, tokens) > 0, tokens, probs.argmax(dim=-1, keepdim=True))
         return torch.full_like(scores, float("-inf")).scatter_(1, tokens, 0.0)
 
 

@@ -18,6 +18,7 @@ import json
 import logging
 import re
 import warnings
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -403,6 +404,17 @@ class Seq2SeqPolicy(nn.Module):
         return self.peft_model.generate(**kwargs)
 
 
+def merges_for_rollout(cfg) -> bool:
+    """Whether rollouts generate with the adapter merged (ppo.merge_adapter_for_rollout): "auto" = a float32 base only.
+    In bf16/fp16 the merged matrices round differently from the adapter's own path, enough that the sampling policy
+    drifts from the one PPO's old log-probs come from (a KL of ~1e-4 per token); a quantized base cannot be merged
+    into without requantizing it."""
+    setting = cfg.ppo.merge_adapter_for_rollout
+    if cfg.model.quantization is not None:
+        return False
+    return setting == "always" or (setting == "auto" and cfg.model.dtype == "float32")
+
+
 @contextmanager
 @torch.no_grad()
 def adapter_merged(peft_model: nn.Module) -> Iterator[None]:
@@ -411,25 +423,31 @@ def adapter_merged(peft_model: nn.Module) -> Iterator[None]:
 
     peft's own unmerge subtracts the delta again, which leaves rounding errors in the base weights (in bf16, large
     ones); the base is the KL reference and is loaded fresh on resume, so it must not drift: the weights the merge
-    changes are copied first and copied back. Costs one copy of the adapted base matrices while merged.
+    changes are copied first and copied back (through .data, as peft writes them: an in-place op on the parameter
+    would bump the version counter DeepSpeed ZeRO-3 checks). A layer whose weight another module shares (an lm_head
+    tied to the embeddings) keeps its adapter path: merging it would change the shared matrix for every user. Costs
+    one copy of the merged base matrices while merged.
     """
     from peft.tuners.lora import LoraLayer
 
     active = peft_model.active_adapter
+    users = Counter(id(p) for _, p in peft_model.named_parameters(remove_duplicate=False))
     layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer) and active in m.lora_A]
     saved: list[tuple[Any, list[tuple[torch.Tensor, torch.Tensor]]]] = []
     try:
         for layer in layers:
             base = layer.get_base_layer()
             # The bias too: a LoRA bias (lora_bias) is merged into it.
-            originals = [(p, p.detach().clone()) for p in (base.weight, getattr(base, "bias", None)) if p is not None]
-            saved.append((layer, originals))
+            params = [p for p in (base.weight, getattr(base, "bias", None)) if p is not None]
+            if any(users[id(p)] > 1 for p in params):
+                continue
+            saved.append((layer, [(p, p.detach().clone()) for p in params]))
             layer.merge(adapter_names=[active])
         yield
     finally:
         for layer, originals in saved:
             for param, original in originals:
-                param.copy_(original)
+                param.data.copy_(original)
             layer.merged_adapters.clear()
 
 

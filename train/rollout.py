@@ -38,7 +38,7 @@ from train.config import ExperimentConfig, GenerationSettings
 from train.distributed import Collectives, zero_stage
 from train.errors import ConfigError, DataError
 from train.generation import generation_kwargs
-from train.models import adapter_merged
+from train.models import adapter_merged, merges_for_rollout
 from train.ppo_core import Trajectory, logprobs_from_logits, response_loss_mask, response_mask_from_ids
 
 log = logging.getLogger("train.ppo")
@@ -301,9 +301,8 @@ def make_experience(
     """
     device = accelerator.device if accelerator is not None else next(policy.parameters()).device
     started = time.perf_counter()
-    merge = cfg.ppo.merge_adapter_for_rollout and cfg.model.quantization is None
     with unwrap_for_generation(policy, accelerator) as model:
-        with adapter_merged(model.peft_model) if merge else nullcontext():
+        with adapter_merged(model.peft_model) if merges_for_rollout(cfg) else nullcontext():
             query_ids, query_mask, response_ids, response_mask = generate_responses(
                 model, tokenizer, prompts["input_ids"], cfg.rollout, device, rng
             )

@@ -67,3 +67,19 @@ def test_generate_takes_the_drawn_token_and_respects_min_length(tiny_artifacts):
     assert generation_kwargs(GenerationSettings(num_beams=2))["do_sample"] is True
     assert "logits_processor" not in generation_kwargs(GenerationSettings(do_sample=False))
     assert math.isclose(generation_kwargs(GenerationSettings(sampler="multinomial"))["top_p"], 1.0)
+
+
+def test_rare_tokens_keep_their_chance_and_broken_rows_are_refused(monkeypatch):
+    sampler = InverseCdfSampler(0, 1.0, 1.0)
+    # Token 1 holds 1e-9 of the mass after 0.6 of it: in a float32 CDF 0.6 and 0.6 + 1e-9 are one number and it could
+    # never be drawn; u just inside its interval must draw it.
+    probs = torch.tensor([[0.6, 1e-9, 0.4 - 1e-9]], dtype=torch.float64)
+    logits = probs.log().float()
+    mass = torch.softmax(logits.float(), dim=-1).double().cumsum(dim=-1)
+    u = (mass[0, 0] + (mass[0, 1] - mass[0, 0]) / 2) / mass[0, -1]
+    monkeypatch.setattr(torch, "rand", lambda *shape, **kw: torch.full(shape, float(u), dtype=kw.get("dtype")))
+    assert sampler(torch.zeros(1, 1, dtype=torch.long), logits.clone()).argmax().item() == 1
+    monkeypatch.undo()
+    for broken in ([[1.0, float("nan"), 0.0]], [[float("-inf")] * 3]):
+        with pytest.raises(RuntimeError, match="NaN or no mass"):
+            sampler(torch.zeros(1, 1, dtype=torch.long), torch.tensor(broken))

@@ -166,7 +166,7 @@ def test_a_rollout_with_the_merged_adapter_equals_the_plain_one(tiny_artifacts):
         torch.testing.assert_close(trajectory.logprobs, again.logprobs, atol=0, rtol=0)
 
 
-def test_make_experience_generates_merged_unless_told_not_to_or_the_base_is_quantized(tiny_artifacts, monkeypatch):
+def test_make_experience_merges_a_float32_base_by_default_and_never_a_quantized_one(tiny_artifacts, monkeypatch):
     import train.rollout as rollout
 
     calls = []
@@ -183,12 +183,43 @@ def test_make_experience_generates_merged_unless_told_not_to_or_the_base_is_quan
     monkeypatch.setattr(rollout, "generate_responses", fake_generate)
     policy, tokenizer, _ = tiny_ppo_policy(tiny_artifacts)
     prompts = {"input_ids": [[5, 6, 1]], "query": ["q"], "id": ["x"]}
-    for overrides, merged in (([], True), (["--ppo.merge_adapter_for_rollout", "false"], False)):
+    for overrides, merged in (
+        (["--model.dtype", "float32"], True),
+        (["--model.dtype", "bfloat16"], False),  # "auto": the merged bf16 weights would sample another policy
+        (["--model.dtype", "bfloat16", "--ppo.merge_adapter_for_rollout", "always"], True),
+        (["--model.dtype", "float32", "--ppo.merge_adapter_for_rollout", "never"], False),
+        (["--model.quantization", "4bit", "--ppo.merge_adapter_for_rollout", "always"], False),
+    ):
         cfg = load_config(None, overrides)
         with pytest.raises(Stop):
             rollout.make_experience(policy, tokenizer, prompts, None, cfg)
-        assert calls[-1] is merged
-    cfg = load_config(None, ["--model.quantization", "4bit"])
-    with pytest.raises(Stop):
-        rollout.make_experience(policy, tokenizer, prompts, None, cfg)
-    assert calls[-1] is False
+        assert calls[-1] is merged, overrides
+
+
+def test_a_head_tied_to_the_embeddings_keeps_its_adapter_path():
+    """Merging a LoRA on an lm_head that shares its matrix with the embeddings would change the embeddings too."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from train.models import adapter_merged
+
+    torch.manual_seed(0)
+    base = T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=16, d_kv=4, num_heads=2, num_layers=1,
+                                               d_ff=32, tie_word_embeddings=True, decoder_start_token_id=0))
+    assert base.lm_head.weight is base.shared.weight
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=4, target_modules=["q", "v", "lm_head"]))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.3)
+    model.eval()
+    ids = torch.randint(2, 64, (3, 7))
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    with torch.no_grad():
+        plain = model(input_ids=ids, decoder_input_ids=ids[:, :4]).logits
+        with adapter_merged(model):
+            merged = model(input_ids=ids, decoder_input_ids=ids[:, :4]).logits
+            head = model.base_model.model.lm_head
+            assert not head.merged and model.base_model.model.encoder.block[0].layer[0].SelfAttention.q.merged
+    torch.testing.assert_close(merged, plain, atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(model.state_dict()[n], t) for n, t in before.items())
