@@ -28,7 +28,7 @@ written.
 Metrics (main process, eval/metrics.py): ROUGE, toxicity by every judge, expected maximum toxicity and toxicity
 probability over the k samples, distinct-1/2/3, length, reward, each with a bootstrap CI; every system against the
 "before" one with paired bootstrap CIs, and the reward-hacking check. Writes `<output_dir>/eval/`: `examples.jsonl`,
-`summary.json`, `report.md`, `toxicity.png` and, given a PPO log, `ppo_curves.png`.
+`summary.json`, `report.md`, `toxicity.png`, `judges.png` and, given a PPO log, `ppo_curves.png`.
 """
 
 from __future__ import annotations

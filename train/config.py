@@ -373,7 +373,7 @@ def validate(cfg: ExperimentConfig) -> None:
 
 
 # Ranges of a judge's numeric keys (checked per list entry, as eval.judges[i].KEY).
-JUDGE_BOUNDS = {"batch_size": "> 0", "max_length": "> 0"}
+JUDGE_BOUNDS = {key: REWARD_BOUNDS[key] for key in ("batch_size", "max_length")}  # a judge is scored like the reward model
 REWARD_MODEL_JUDGE = "reward_model"  # the reward classifier's name among the judges of a report
 
 
