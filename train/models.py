@@ -348,8 +348,14 @@ class Seq2SeqPolicy(nn.Module):
         return self.peft_model.config
 
     def _model_outputs(
-        self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, hidden: bool, **peft_kwargs
+        self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, hidden: bool,
+        encoder_hidden_states: Optional[torch.Tensor] = None, **peft_kwargs
     ):
+        if encoder_hidden_states is not None:
+            from transformers.modeling_outputs import BaseModelOutput
+
+            # The encoder's output was computed already (by `encode`): the model runs its decoder only.
+            peft_kwargs["encoder_outputs"] = BaseModelOutput(last_hidden_state=encoder_hidden_states)
         return self.peft_model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -361,15 +367,23 @@ class Seq2SeqPolicy(nn.Module):
             **peft_kwargs,
         )
 
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The policy's encoder output (B, Q, d) for prompts: what `forward` and `generate` compute first."""
+        encoder = self.peft_model.get_encoder()
+        return encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
+
     def forward(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         decoder_input_ids: torch.Tensor,
         decoder_attention_mask: Optional[torch.Tensor] = None,
+        encoder_hidden_states: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits (B, T, V) and float32 values (B, T) for each decoder position."""
-        out = self._model_outputs(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, hidden=True)
+        """Logits (B, T, V) and float32 values (B, T) for each decoder position. `encoder_hidden_states` (B, Q, d):
+        this policy's `encode` of the prompts, computed earlier with the same weights; the encoder then does not run."""
+        out = self._model_outputs(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, hidden=True,
+                                  encoder_hidden_states=encoder_hidden_states)
         values = self.value_head(out.decoder_hidden_states[-1])
         return out.logits, values
 

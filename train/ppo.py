@@ -30,6 +30,7 @@ from typing import Any, Optional
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from torch.profiler import record_function
 from tqdm.auto import tqdm
 
 from rewards.reward_fn import make_reward_fn
@@ -259,21 +260,24 @@ def ppo_epochs(policy, optimizer, trajectory: Trajectory, values: torch.Tensor, 
             # accumulate() skips the gradient all-reduce until the last mini-batch of an accumulation.
             with loop.accumulate(policy):
                 part = trajectory.select(mine).trimmed()
-                logits, logprobs, vpreds, _ = policy_forward(policy, part, cfg.trl_first_token_mask)
-                t = logprobs.shape[1]  # this share's own width; the columns after it are masked out
-                loss, stats = ppo_loss(
-                    part.logprobs, values[mine, :t], logprobs, vpreds, logits, part.masks, advantages[mine, :t],
-                    returns[mine, :t], cliprange=cfg.cliprange, cliprange_value=cfg.cliprange_value,
-                    vf_coef=cfg.vf_coef, ratio_threshold=cfg.ratio_threshold,
-                    token_count=float(trajectory.masks[rows].sum()), all_reduce_sum=collectives.all_reduce_sum,
-                    gradient_averaged_over=collectives.world_size,
-                )
-                loop.backward(loss)  # divides by the accumulation steps
-                if loop.sync_gradients and cfg.max_grad_norm is not None:  # DeepSpeed clips in its own step
-                    loop.clip_grad_norm_(params, cfg.max_grad_norm)
-                if loop.sync_gradients:
-                    optimizer.step()
-                    optimizer.zero_grad()
+                with record_function("ppo/forward"):
+                    logits, logprobs, vpreds, _ = policy_forward(policy, part, cfg.trl_first_token_mask)
+                    t = logprobs.shape[1]  # this share's own width; the columns after it are masked out
+                    loss, stats = ppo_loss(
+                        part.logprobs, values[mine, :t], logprobs, vpreds, logits, part.masks, advantages[mine, :t],
+                        returns[mine, :t], cliprange=cfg.cliprange, cliprange_value=cfg.cliprange_value,
+                        vf_coef=cfg.vf_coef, ratio_threshold=cfg.ratio_threshold,
+                        token_count=float(trajectory.masks[rows].sum()), all_reduce_sum=collectives.all_reduce_sum,
+                        gradient_averaged_over=collectives.world_size,
+                    )
+                with record_function("ppo/backward"):
+                    loop.backward(loss)  # divides by the accumulation steps
+                with record_function("ppo/optimizer_step"):
+                    if loop.sync_gradients and cfg.max_grad_norm is not None:  # DeepSpeed clips in its own step
+                        loop.clip_grad_norm_(params, cfg.max_grad_norm)
+                    if loop.sync_gradients:
+                        optimizer.step()
+                        optimizer.zero_grad()
             stats.update(trajectory_minibatch_stats(values[rows], advantages[rows], returns[rows], trajectory.masks[rows]))
             all_stats.append(stats)
     policy.train(was_training)

@@ -10,14 +10,19 @@
 * `PromptStream`: a seeded order over the PPO prompts, one permutation per epoch; each step takes the next
   `ppo.batch_size` prompts and each process its contiguous slice of them, so the gathered rows are in the order a
   single process would have had. Its state (epoch, position) goes into checkpoints.
+* `encode_prompts`: the policy's encoder on the prompts, once: `generate()` and the old log-probs and values both
+  start from it, so neither runs the encoder again (on prompts several times longer than the summaries, the
+  encoder is most of a forward pass).
 * `generate_responses`: `rollout.batch_size` prompts per `generate()` call with attention masks, the sampling
   settings of `cfg.rollout` (LengthSampler included); the decoder start token stays at position 0 and
   everything after the first eos becomes padding, masked out by `response_mask`.
 * `score_responses`: the reward model on the decoded summaries; missing or non-finite scores stop the run.
-* `forward_trajectory`: old log-probs and values of the policy and the KL reference's log-probs, in no-grad chunks
-  of `ppo.forward_batch_size` rows, dropout off; each chunk trimmed to its own padding.
+* `forward_trajectory`: old log-probs and values of the policy (its decoder on the encoded prompts) and the KL
+  reference's log-probs (its own encoder and decoder), in no-grad chunks of `ppo.forward_batch_size` rows, dropout
+  off; each chunk trimmed to its own padding.
 
-Shapes: B = rows on this process, Q = prompt length, R = decoder length (start token included), T = R - 1.
+Shapes: B = rows on this process, Q = prompt length, R = decoder length (start token included), T = R - 1,
+d = the model width.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from rewards.errors import RewardError
 from rewards.scorer import RewardScores
@@ -156,6 +162,22 @@ def pad_right(rows: Sequence[torch.Tensor], pad_id: int, mask_rows: Optional[Seq
     return ids, mask
 
 
+@torch.no_grad()
+def encode_prompts(model: Any, query_ids: Sequence[Sequence[int]], batch_size: int, pad_id: int,
+                   device: torch.device | str) -> torch.Tensor:
+    """The policy's encoder output (B, Q, d) for the prompts, `batch_size` at a time and each batch padded as
+    `generate_responses` pads it (so its generate() calls see what they would have computed themselves); columns
+    past a batch's own width are zeros, masked out like the padding they stand for."""
+    queries = [torch.tensor(q, dtype=torch.long) for q in query_ids]
+    width = max(len(q) for q in queries)
+    states = []
+    for start in range(0, len(queries), batch_size):
+        ids, mask = pad_right(queries[start : start + batch_size], pad_id)
+        hidden = model.encode(ids.to(device), mask.to(device))
+        states.append(F.pad(hidden, (0, 0, 0, width - hidden.shape[1])))
+    return torch.cat(states)
+
+
 @torch.no_grad()  # not inference_mode: the ids feed the PPO forward passes that are back-propagated
 def generate_responses(
     model: Any,
@@ -164,22 +186,31 @@ def generate_responses(
     settings: GenerationSettings,
     device: torch.device | str,
     rng: Optional[random.Random] = None,
+    encoder_hidden_states: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sample a response for each prompt, `settings.batch_size` prompts per `generate()` call.
 
     Returns query_ids, query_mask (B, Q) and response_ids, response_mask (B, R), all right-padded and on `device`.
     response_ids[:, 0] is the decoder start token; every position after a row's first eos is padding (pad id,
     mask 0). `rng` draws max_new_tokens per call when `settings.max_new_tokens_min` is set.
+    `encoder_hidden_states` (B, Q, d): `encode_prompts` of the same prompts and batch size; generate() then
+    decodes from it instead of running the encoder.
     """
+    from transformers.modeling_outputs import BaseModelOutput
+
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     queries = [torch.tensor(q, dtype=torch.long) for q in query_ids]
     responses: list[torch.Tensor] = []
     response_masks: list[torch.Tensor] = []
     for start in range(0, len(queries), settings.batch_size):
         ids, mask = pad_right(queries[start : start + settings.batch_size], pad_id)
+        encoded = {}
+        if encoder_hidden_states is not None:
+            hidden = encoder_hidden_states[start : start + settings.batch_size, : ids.shape[1]]
+            encoded["encoder_outputs"] = BaseModelOutput(last_hidden_state=hidden)
         out = model.generate(
             input_ids=ids.to(device), attention_mask=mask.to(device), pad_token_id=pad_id, eos_token_id=eos_id,
-            **generation_kwargs(settings, rng),
+            **encoded, **generation_kwargs(settings, rng),
         ).cpu()
         out_mask = response_mask_from_ids(out, eos_id)
         out = out.masked_fill(out_mask == 0, pad_id)
@@ -217,10 +248,13 @@ def score_responses(reward_fn: Any, prompts: Sequence[str], summaries: Sequence[
 # Forward passes and the trajectory
 
 
-def policy_forward(policy: Any, rows: Trajectory, trl_first_token_mask: bool = False):
+def policy_forward(policy: Any, rows: Trajectory, trl_first_token_mask: bool = False,
+                   encoder_hidden_states: Optional[torch.Tensor] = None):
     """The policy (or its accelerator wrapper) on `rows` -> logits (b, T, V), log-probs (b, T), float32 values
-    (b, T) of the predicted positions, and their loss mask (b, T)."""
-    logits, values = policy(rows.query_ids, rows.query_mask, rows.response_ids, rows.response_mask)
+    (b, T) of the predicted positions, and their loss mask (b, T). `encoder_hidden_states` (b, Q, d): the rows'
+    prompts already encoded by this policy (no gradient flows into them)."""
+    logits, values = policy(rows.query_ids, rows.query_mask, rows.response_ids, rows.response_mask,
+                            encoder_hidden_states)
     logits = logits[:, :-1].float()
     logprobs = logprobs_from_logits(logits, rows.response_ids[:, 1:])
     return logits, logprobs, values[:, :-1].float(), response_loss_mask(rows.response_mask, trl_first_token_mask)
@@ -238,10 +272,12 @@ def forward_trajectory(
     chunk_size: int,
     trl_first_token_mask: bool = False,
     accelerator: Any = None,
+    encoder_hidden_states: Optional[torch.Tensor] = None,
 ) -> Trajectory:
     """The `Trajectory` of generated rows: old log-probs and values of the policy and the reference log-probs
     (adapter off, or the frozen starting adapter: `Seq2SeqPolicy.reference_logits`), in eval mode (no dropout, as
-    TRL), `chunk_size` rows at a time. Under ZeRO-3 every process must make the same number of calls."""
+    TRL), `chunk_size` rows at a time. `encoder_hidden_states` (B, Q, d): the policy's `encode_prompts` of
+    `query_ids`, reused for the policy's pass. Under ZeRO-3 every process must make the same number of calls."""
     unwrapped = accelerator.unwrap_model(policy) if accelerator is not None else policy
     width = response_ids.shape[1] - 1  # predicted positions
     rows = Trajectory(query_ids, query_mask, response_ids, response_mask, scores.float(),
@@ -252,9 +288,14 @@ def forward_trajectory(
     policy.eval()
     for start in range(0, len(rows), chunk_size):
         chunk = rows.select(slice(start, start + chunk_size)).trimmed()
-        _, logprobs, values, masks = policy_forward(policy, chunk, trl_first_token_mask)
-        ref_logits = unwrapped.reference_logits(chunk.query_ids, chunk.query_mask, chunk.response_ids,
-                                                chunk.response_mask)
+        encoded = None
+        if encoder_hidden_states is not None:
+            encoded = encoder_hidden_states[start : start + chunk_size, : chunk.query_ids.shape[1]]
+        with record_function("rollout/policy_forward"):
+            _, logprobs, values, masks = policy_forward(policy, chunk, trl_first_token_mask, encoded)
+        with record_function("rollout/reference_forward"):
+            ref_logits = unwrapped.reference_logits(chunk.query_ids, chunk.query_mask, chunk.response_ids,
+                                                    chunk.response_mask)
         ref_logprobs = logprobs_from_logits(ref_logits[:, :-1], chunk.response_ids[:, 1:])
         for key, value in zip(parts, (logprobs, ref_logprobs, values, masks)):
             parts[key].append(F.pad(value, (0, width - value.shape[1])))  # back to the batch width, masked out
@@ -302,15 +343,21 @@ def make_experience(
     device = accelerator.device if accelerator is not None else next(policy.parameters()).device
     started = time.perf_counter()
     with unwrap_for_generation(policy, accelerator) as model:
-        with adapter_merged(model.peft_model) if merges_for_rollout(cfg) else nullcontext():
+        # Before any merge: the old log-probs' encoder output must be the plain policy's.
+        with record_function("rollout/encode"):
+            encoded = encode_prompts(model, prompts["input_ids"], cfg.rollout.batch_size, tokenizer.pad_token_id,
+                                     device)
+        with adapter_merged(model.peft_model) if merges_for_rollout(cfg) else nullcontext(), \
+                record_function("rollout/generate"):
             query_ids, query_mask, response_ids, response_mask = generate_responses(
-                model, tokenizer, prompts["input_ids"], cfg.rollout, device, rng
+                model, tokenizer, prompts["input_ids"], cfg.rollout, device, rng, encoded
             )
     summaries = [s.strip() for s in tokenizer.batch_decode(response_ids, skip_special_tokens=True)]
     time_generate = time.perf_counter() - started
 
     started = time.perf_counter()
-    scores = score_responses(reward_fn, prompts["query"], summaries)
+    with record_function("rollout/score"):
+        scores = score_responses(reward_fn, prompts["query"], summaries)
     time_score = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -319,6 +366,7 @@ def make_experience(
     trajectory = forward_trajectory(
         policy, query_ids, query_mask, response_ids, response_mask, scores.rewards.float().to(device),
         chunk_size=chunk, trl_first_token_mask=cfg.ppo.trl_first_token_mask, accelerator=accelerator,
+        encoder_hidden_states=encoded,
     )
     info = RolloutInfo(
         prompt_ids=list(prompts["id"]),

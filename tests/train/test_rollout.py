@@ -223,3 +223,35 @@ def test_a_head_tied_to_the_embeddings_keeps_its_adapter_path():
             assert not head.merged and model.base_model.model.encoder.block[0].layer[0].SelfAttention.q.merged
     torch.testing.assert_close(merged, plain, atol=1e-5, rtol=1e-5)
     assert all(torch.equal(model.state_dict()[n], t) for n, t in before.items())
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_the_encoded_prompts_give_the_plain_rollout_and_trajectory(tiny_artifacts):
+    """make_experience encodes the prompts once: generate() and the policy's old log-probs and values reuse it."""
+    from train.config import GenerationSettings
+    from train.rollout import encode_prompts, forward_trajectory
+
+    policy, tokenizer, ppo = tiny_ppo_policy(tiny_artifacts)
+    policy.eval()
+    # Prompts of different lengths, so generation batches and forward chunks are each padded to their own width.
+    prompts = [tokenizer(f"#Person1#: hello number {i}. " + "#Person2#: hi, how are you? " * (i % 4)).input_ids
+               for i in range(7)]
+    encoded = encode_prompts(policy, prompts, 3, tokenizer.pad_token_id, "cpu")
+    assert encoded.shape == (7, max(len(p) for p in prompts), policy.config.d_model)
+    for settings in (GenerationSettings(batch_size=3, do_sample=False, max_new_tokens=12),
+                     GenerationSettings(batch_size=3, max_new_tokens=12, min_length=5)):
+        torch.manual_seed(7)
+        plain = generate_responses(policy, tokenizer, prompts, settings, "cpu")
+        torch.manual_seed(7)
+        reused = generate_responses(policy, tokenizer, prompts, settings, "cpu", encoder_hidden_states=encoded)
+        for a, b in zip(plain, reused):
+            assert torch.equal(a, b)
+        rollout = dict(query_ids=plain[0], query_mask=plain[1], response_ids=plain[2], response_mask=plain[3],
+                       scores=torch.zeros(7))
+        expected = rollout_trajectory(policy, rollout, ppo, chunk_size=2)
+        got = forward_trajectory(policy, **rollout, chunk_size=2, encoder_hidden_states=encoded)
+        for key in ("logprobs", "ref_logprobs", "values", "masks"):
+            torch.testing.assert_close(getattr(got, key), getattr(expected, key), atol=1e-5, rtol=1e-5)
+    # The encoder output really is what the policy decodes from: another one gives other log-probs.
+    other = forward_trajectory(policy, **rollout, chunk_size=2, encoder_hidden_states=encoded.roll(1, dims=0))
+    assert (other.logprobs - expected.logprobs).abs().max() > 1e-3
