@@ -115,24 +115,35 @@ def _medians(records: list[dict[str, float]]) -> dict[str, float]:
     return {key: statistics.median(r[key] for r in records) for key in records[0]}
 
 
-def time_ours(policy, tokenizer, prompts, reward_fn, cfg, steps: int, device: str) -> dict[str, float]:
-    """Medians over `steps` timed PPO steps (after one warm-up) of ours on `policy` (trained in place):
-    generation, scoring, update (= forward + ppo_step), forward (the no-grad passes), ppo_step, total (seconds),
-    summaries and response_tokens (eos included) per step. `prompts`: rows of the PPO dataset."""
+def ours_steps(policy, tokenizer, prompts, reward_fn, cfg, device: str):
+    """A function running one of our PPO steps on `policy` (trained in place) per call, seeded from the config:
+    returns (trajectory, rollout info, and the `_now` times at its start, after make_experience, after ppo_step)."""
     seed_everything(cfg.seed)
     stream = PromptStream(len(prompts), cfg.ppo.batch_size, cfg.seed)
     optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=cfg.ppo.learning_rate)
     p = cfg.ppo
     kl_ctl, shaper = make_kl_controller(p.init_kl_coef, p.adaptive_kl, p.kl_target, p.kl_horizon), ScoreShaper()
     generator, rng = torch.Generator().manual_seed(cfg.seed), random.Random(cfg.seed)
-    records = []
-    for i in range(steps + 1):
+
+    def step():
         batch = prompts.select(stream.next_rows())
         started = _now(device)
         trajectory, info = make_experience(policy, tokenizer, batch, reward_fn, cfg, None, rng)
         made = _now(device)
         ppo_step(policy, optimizer, trajectory, kl_ctl, shaper, cfg.ppo, generator=generator)
-        done = _now(device)
+        return trajectory, info, started, made, _now(device)
+
+    return step
+
+
+def time_ours(policy, tokenizer, prompts, reward_fn, cfg, steps: int, device: str) -> dict[str, float]:
+    """Medians over `steps` timed PPO steps (after one warm-up) of ours on `policy` (trained in place):
+    generation, scoring, update (= forward + ppo_step), forward (the no-grad passes), ppo_step, total (seconds),
+    summaries and response_tokens (eos included) per step. `prompts`: rows of the PPO dataset."""
+    step = ours_steps(policy, tokenizer, prompts, reward_fn, cfg, device)
+    records = []
+    for i in range(steps + 1):
+        trajectory, info, started, made, done = step()
         if i == 0:
             continue  # the warm-up step: allocators, kernels, lazy imports
         # RolloutInfo's forward time is not synchronised with the device: take it as the rest of make_experience.
@@ -143,6 +154,56 @@ def time_ours(policy, tokenizer, prompts, reward_fn, cfg, steps: int, device: st
             "summaries": len(trajectory), "response_tokens": float(info.response_lengths.sum()),
         })
     return _medians(records)
+
+
+# The profiler ranges of one of our PPO steps (train/rollout.py, train/ppo.py), in the order they run.
+PHASES = {
+    "rollout/encode": "encoder on the prompts (once: generation and old log-probs share it)",
+    "rollout/generate": "generate() decoding steps",
+    "rollout/score": "reward model",
+    "rollout/policy_forward": "no-grad policy decoder pass (old log-probs, values)",
+    "rollout/reference_forward": "no-grad reference pass (encoder + decoder, adapter off)",
+    "ppo/forward": "PPO mini-batch forward passes + loss",
+    "ppo/backward": "PPO mini-batch backward passes",
+    "ppo/optimizer_step": "gradient clipping + Adam",
+}
+
+
+def profile_ours(cfg, model_size: str, device: str, top: int = 10) -> list[str]:
+    """Markdown: where one of our PPO steps (after a warm-up step) spends its time, by phase (the profiler ranges in
+    PHASES, inclusive times; "other" is the rest of the step's wall time: decoding summaries, advantages, stats)
+    and by operator (self time, the `top` largest), under `torch.profiler`, which slows small operators down."""
+    from torch.profiler import ProfilerActivity, profile
+
+    reward_fn = make_reward_fn(dataclasses.replace(cfg.reward, device=device))
+    try:
+        policy, tokenizer = load_policy_for(cfg, model_size, device)
+        step = ours_steps(policy, tokenizer, build_ppo_datasets(cfg.data, tokenizer)["train"], reward_fn, cfg, device)
+        step()  # warm-up
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        with profile(activities=activities) as prof:
+            _, _, started, _, done = step()
+        wall = done - started
+    finally:
+        reward_fn.close()
+    events = prof.key_averages()
+    on_device = device == "cuda"
+    phase_ms = {e.key: (e.device_time_total if on_device else e.cpu_time_total) / 1e3 for e in events if e.key in PHASES}
+    unit = "CUDA" if on_device else "CPU"
+    lines = [f"One step of ours under torch.profiler ({lengths_label(cfg.rollout)} new tokens): {wall:.3f} s wall.",
+             "", f"| phase | what runs | {unit} ms | share of the step |", "|---|---|---:|---:|"]
+    for key, what in PHASES.items():
+        ms = phase_ms.get(key, 0.0)
+        lines.append(f"| {key} | {what} | {ms:.1f} | {ms / (wall * 1e3):.0%} |")
+    other = wall * 1e3 - sum(phase_ms.values())
+    lines += [f"| other | decoding summaries, advantages, statistics | {other:.1f} | {other / (wall * 1e3):.0%} |", "",
+              f"| operator (self time) | {unit} ms | calls | share of the step |", "|---|---:|---:|---:|"]
+    self_ms = lambda e: (e.self_device_time_total if on_device else e.self_cpu_time_total) / 1e3  # noqa: E731
+    ops = sorted((e for e in events if e.key not in PHASES and not e.key.startswith("ProfilerStep")), key=self_ms,
+                 reverse=True)
+    for e in ops[:top]:
+        lines.append(f"| `{e.key}` | {self_ms(e):.1f} | {e.count} | {self_ms(e) / (wall * 1e3):.0%} |")
+    return lines
 
 
 def trl_trainer(policy, tokenizer, cfg, device: str):
@@ -317,6 +378,8 @@ def main(argv: list[str] | None = None) -> list[str]:
     parser.add_argument("--threads", type=int, default=1, help="torch threads; 1 is stable on a shared 2-core VM")
     parser.add_argument("--notebook-lengths", action="store_true",
                         help="also measure with the notebook's LengthSampler(100, 400) for max_new_tokens")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one step of ours (torch.profiler) per length regime: time by phase and operator")
     parser.add_argument("--append", type=Path, help="append a results section to this Markdown file")
     args, overrides = parser.parse_known_args(argv)
     if args.steps < 1:
@@ -333,15 +396,17 @@ def main(argv: list[str] | None = None) -> list[str]:
         configs = build_configs(args, overrides)
     except ConfigError as e:  # e.g. a mistyped option, taken for a config override
         parser.error(str(e))
-    rows = []
+    rows, profiles = [], []
     for lengths, cfg in configs:
+        if args.profile:
+            profiles += ["", *profile_ours(cfg, args.model_size, args.device)]
         results = measure(cfg, args.model_size, args.device, args.steps)
         rows.append((lengths, results))
         ours, loop, batched = (results[v]["total"] for v in ("ours", "trl_loop", "trl_batched"))
         print(f"max_new_tokens {lengths}: ours {ours:.3f} s/step; vs TRL batched {batched:.3f} s/step: "
               f"{batched / ours:.2f}x; vs TRL notebook loop {loop:.3f} s/step: {loop / ours:.2f}x", flush=True)
     cfg = configs[0][1]
-    lines = table(rows, cfg.rollout.batch_size)
+    lines = table(rows, cfg.rollout.batch_size) + profiles
     print("\n".join(lines))
 
     if args.append:

@@ -3,9 +3,14 @@ table (one timed step here; the figures in bench/RESULTS.md come from the full c
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from helpers import run_bench_script
+
+PHASES = ("rollout/encode", "rollout/generate", "rollout/score", "rollout/policy_forward", "rollout/reference_forward",
+          "ppo/forward", "ppo/backward", "ppo/optimizer_step")
 
 VARIANTS = ("TRL 0.11.4, notebook loop", "TRL 0.11.4, batched generate", "ours (make_experience + ppo_step)")
 BATCH = 16  # ppo.batch_size of configs/tiny.yaml
@@ -43,19 +48,32 @@ def _check(rows, lengths: str, max_tokens: int) -> None:
         assert r["faster"] == pytest.approx(r["total"] / ours["total"], rel=0.02, abs=0.01), variant
 
 
+def _profile(text: str) -> tuple[float, dict[str, float]]:
+    """(wall seconds, {phase: ms}) of the --profile section."""
+    (wall,) = re.findall(r"One step of ours under torch.profiler \(32 new tokens\): ([0-9.]+) s wall", text)
+    phases = dict(re.findall(r"^\| ((?:rollout|ppo)/\w+|other) \| [^|]+ \| (-?[0-9.]+) \|", text, re.MULTILINE))
+    return float(wall), {k: float(v) for k, v in phases.items()}
+
+
 def test_recipe_lengths_table_has_the_three_variants(repo_root, tiny_artifacts, tmp_path):
     results = tmp_path / "RESULTS.md"
     results.write_text("# Benchmark results\n")
-    proc = run_bench_script(repo_root, "bench/ppo_vs_trl.py", "--steps", "1", "--append", str(results))
+    proc = run_bench_script(repo_root, "bench/ppo_vs_trl.py", "--steps", "1", "--profile", "--append", str(results))
     text = results.read_text()
     assert text.startswith("# Benchmark results\n")  # appended, not overwritten
-    assert "- Command: `python bench/ppo_vs_trl.py --steps 1 --append" in text
+    assert "- Command: `python bench/ppo_vs_trl.py --steps 1 --profile --append" in text
     assert "trl 0.11.4" in text  # the versions line names the TRL it ran against
     rows = _rows(text)
     assert set(rows) == {("32", v) for v in VARIANTS}
     _check(rows, "32", 32)
     assert _rows(proc.stdout) == rows  # the printed table is the appended one
     assert "vs TRL batched" in proc.stdout and "vs TRL notebook loop" in proc.stdout
+    # The profile: every phase of our step ran, and the phases and the rest add up to the step's wall time.
+    wall, phases = _profile(text)
+    assert set(phases) == {*PHASES, "other"}
+    assert all(phases[p] > 0 for p in PHASES), phases
+    assert sum(phases.values()) == pytest.approx(wall * 1e3, abs=1.0)
+    assert "| `aten::" in text  # the operator table
 
 
 def test_sampled_lengths_and_config_overrides(repo_root, tiny_artifacts, tmp_path):
