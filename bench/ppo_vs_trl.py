@@ -171,8 +171,9 @@ PHASES = {
 
 def profile_ours(cfg, model_size: str, device: str, top: int = 10) -> list[str]:
     """Markdown: where one of our PPO steps (after a warm-up step) spends its time, by phase (the profiler ranges in
-    PHASES, inclusive times; "other" is the rest of the step's wall time: decoding summaries, advantages, stats)
-    and by operator (self time, the `top` largest), under `torch.profiler`, which slows small operators down."""
+    PHASES, inclusive times; "other" is the rest of the step's wall time: adapter merge, decoding summaries,
+    advantages, stats) and by operator (self time, the `top` largest), under `torch.profiler`, which slows small
+    operators down."""
     from torch.profiler import ProfilerActivity, profile
 
     reward_fn = make_reward_fn(dataclasses.replace(cfg.reward, device=device))
@@ -188,7 +189,8 @@ def profile_ours(cfg, model_size: str, device: str, top: int = 10) -> list[str]:
         reward_fn.close()
     events = prof.key_averages()
     on_device = device == "cuda"
-    phase_ms = {e.key: (e.device_time_total if on_device else e.cpu_time_total) / 1e3 for e in events if e.key in PHASES}
+    phase_ms = {e.key: (e.device_time_total if on_device else e.cpu_time_total) / 1e3
+                for e in events if e.key in PHASES}
     unit = "CUDA" if on_device else "CPU"
     lines = [f"One step of ours under torch.profiler ({lengths_label(cfg.rollout)} new tokens): {wall:.3f} s wall.",
              "", f"| phase | what runs | {unit} ms | share of the step |", "|---|---|---:|---:|"]
@@ -196,7 +198,8 @@ def profile_ours(cfg, model_size: str, device: str, top: int = 10) -> list[str]:
         ms = phase_ms.get(key, 0.0)
         lines.append(f"| {key} | {what} | {ms:.1f} | {ms / (wall * 1e3):.0%} |")
     other = wall * 1e3 - sum(phase_ms.values())
-    lines += [f"| other | decoding summaries, advantages, statistics | {other:.1f} | {other / (wall * 1e3):.0%} |", "",
+    lines += [f"| other | adapter merge and restore, decoding summaries, advantages, statistics | {other:.1f} "
+              f"| {other / (wall * 1e3):.0%} |", "",
               f"| operator (self time) | {unit} ms | calls | share of the step |", "|---|---:|---:|---:|"]
     self_ms = lambda e: (e.self_device_time_total if on_device else e.self_cpu_time_total) / 1e3  # noqa: E731
     ops = sorted((e for e in events if e.key not in PHASES and not e.key.startswith("ProfilerStep")), key=self_ms,
@@ -379,7 +382,8 @@ def main(argv: list[str] | None = None) -> list[str]:
     parser.add_argument("--notebook-lengths", action="store_true",
                         help="also measure with the notebook's LengthSampler(100, 400) for max_new_tokens")
     parser.add_argument("--profile", action="store_true",
-                        help="also profile one step of ours (torch.profiler) per length regime: time by phase and operator")
+                        help="also profile one step of ours (torch.profiler) per length regime: time by phase and "
+                        "operator")
     parser.add_argument("--append", type=Path, help="append a results section to this Markdown file")
     args, overrides = parser.parse_known_args(argv)
     if args.steps < 1:

@@ -162,17 +162,23 @@ def pad_right(rows: Sequence[torch.Tensor], pad_id: int, mask_rows: Optional[Seq
     return ids, mask
 
 
+def prompt_batches(query_ids: Sequence[Sequence[int]], batch_size: int, pad_id: int):
+    """(first row, ids, mask) for each run of `batch_size` prompts, right-padded to that run's own width: the batches
+    generate() sees."""
+    queries = [torch.tensor(q, dtype=torch.long) for q in query_ids]
+    for start in range(0, len(queries), batch_size):
+        yield (start, *pad_right(queries[start : start + batch_size], pad_id))
+
+
 @torch.no_grad()
 def encode_prompts(model: Any, query_ids: Sequence[Sequence[int]], batch_size: int, pad_id: int,
                    device: torch.device | str) -> torch.Tensor:
     """The policy's encoder output (B, Q, d) for the prompts, `batch_size` at a time and each batch padded as
     `generate_responses` pads it (so its generate() calls see what they would have computed themselves); columns
     past a batch's own width are zeros, masked out like the padding they stand for."""
-    queries = [torch.tensor(q, dtype=torch.long) for q in query_ids]
-    width = max(len(q) for q in queries)
+    width = max(len(q) for q in query_ids)
     states = []
-    for start in range(0, len(queries), batch_size):
-        ids, mask = pad_right(queries[start : start + batch_size], pad_id)
+    for _, ids, mask in prompt_batches(query_ids, batch_size, pad_id):
         hidden = model.encode(ids.to(device), mask.to(device))
         states.append(F.pad(hidden, (0, 0, 0, width - hidden.shape[1])))
     return torch.cat(states)
@@ -199,11 +205,9 @@ def generate_responses(
     from transformers.modeling_outputs import BaseModelOutput
 
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-    queries = [torch.tensor(q, dtype=torch.long) for q in query_ids]
     responses: list[torch.Tensor] = []
     response_masks: list[torch.Tensor] = []
-    for start in range(0, len(queries), settings.batch_size):
-        ids, mask = pad_right(queries[start : start + settings.batch_size], pad_id)
+    for start, ids, mask in prompt_batches(query_ids, settings.batch_size, pad_id):
         encoded = {}
         if encoder_hidden_states is not None:
             hidden = encoder_hidden_states[start : start + settings.batch_size, : ids.shape[1]]
@@ -218,7 +222,7 @@ def generate_responses(
             length = int(row_mask.sum())  # the mask is 1 on a prefix of each row
             responses.append(row[:length])
             response_masks.append(row_mask[:length])
-    query_ids_t, query_mask = pad_right(queries, pad_id)
+    query_ids_t, query_mask = pad_right([torch.tensor(q, dtype=torch.long) for q in query_ids], pad_id)
     response_ids, response_mask = pad_right(responses, pad_id)
     return query_ids_t.to(device), query_mask.to(device), response_ids.to(device), response_mask.to(device)
 
