@@ -53,7 +53,7 @@ from rewards.reward_fn import make_reward_fn  # noqa: E402
 from train.config import load_config  # noqa: E402
 from train.data import build_ppo_datasets  # noqa: E402
 from train.generation import generation_kwargs  # noqa: E402
-from train.ppo import ppo_step  # noqa: E402
+from train.ppo import estimator_for, ppo_step  # noqa: E402
 from train.ppo_core import ScoreShaper, Trajectory, make_kl_controller, response_mask_from_ids  # noqa: E402
 from train.rollout import PromptStream, forward_trajectory, make_experience, pad_right  # noqa: E402
 from bench_policy import load_bench_policy  # bench/bench_policy.py
@@ -122,7 +122,7 @@ def time_steps(
         else:
             trajectory, decode_steps = notebook_rollout(policy, tokenizer, batch, reward_fn, cfg, device)
         made = _now(device)
-        ppo_step(policy, optimizer, trajectory, kl_ctl, shaper, cfg.ppo, generator=generator)
+        ppo_step(policy, optimizer, trajectory, kl_ctl, shaper, cfg.ppo, estimator_for(cfg.ppo), generator=generator)
         if i > 0:  # the first step warms up allocators and kernels
             seconds.append((made - started, _now(device) - made, decode_steps))
     reward_fn.close()

@@ -69,7 +69,7 @@ from rewards.reward_fn import make_reward_fn  # noqa: E402
 from train.config import load_config  # noqa: E402
 from train.data import build_ppo_datasets  # noqa: E402
 from train.errors import ConfigError  # noqa: E402
-from train.ppo import ppo_step  # noqa: E402
+from train.ppo import estimator_for, ppo_step  # noqa: E402
 from train.ppo_core import ScoreShaper, make_kl_controller  # noqa: E402
 from train.rollout import PromptStream, make_experience  # noqa: E402
 from machine import machine_line, versions_line  # bench/machine.py
@@ -119,7 +119,8 @@ def ours_steps(policy, tokenizer, prompts, reward_fn, cfg, device: str):
     """A function running one of our PPO steps on `policy` (trained in place) per call, seeded from the config:
     returns (trajectory, rollout info, and the `_now` times at its start, after make_experience, after ppo_step)."""
     seed_everything(cfg.seed)
-    stream = PromptStream(len(prompts), cfg.ppo.batch_size, cfg.seed)
+    k = cfg.rollout.samples_per_prompt
+    stream, estimator = PromptStream(len(prompts), cfg.ppo.batch_size // k, cfg.seed), estimator_for(cfg.ppo, k)
     optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=cfg.ppo.learning_rate)
     p = cfg.ppo
     kl_ctl, shaper = make_kl_controller(p.init_kl_coef, p.adaptive_kl, p.kl_target, p.kl_horizon), ScoreShaper()
@@ -130,7 +131,7 @@ def ours_steps(policy, tokenizer, prompts, reward_fn, cfg, device: str):
         started = _now(device)
         trajectory, info = make_experience(policy, tokenizer, batch, reward_fn, cfg, None, rng)
         made = _now(device)
-        ppo_step(policy, optimizer, trajectory, kl_ctl, shaper, cfg.ppo, generator=generator)
+        ppo_step(policy, optimizer, trajectory, kl_ctl, shaper, cfg.ppo, estimator, generator=generator)
         return trajectory, info, started, made, _now(device)
 
     return step

@@ -72,7 +72,7 @@ def worker(args) -> None:
     from train.data import build_eval_dataset
     from train.generation import generate_texts
     from train.distributed import Collectives
-    from train.ppo import ppo_step
+    from train.ppo import estimator_for, ppo_step
     from train.ppo_core import ScoreShaper, make_kl_controller
     from train.rollout import forward_trajectory, gather_trajectory
     from train.rouge import compute_rouge
@@ -138,7 +138,8 @@ def worker(args) -> None:
         trajectory = gather_trajectory(local, collectives, 0)
         timing["forward"] = time.perf_counter() - started
         started = time.perf_counter()
-        ppo_step(prepared, optimizer, trajectory, kl_ctl, ScoreShaper(), p, accelerator=accelerator, generator=generator)
+        ppo_step(prepared, optimizer, trajectory, kl_ctl, ScoreShaper(), p, estimator_for(p, cfg.rollout.samples_per_prompt),
+                 accelerator=accelerator, generator=generator)
         timing["update"] = time.perf_counter() - started
 
     step()  # warm-up

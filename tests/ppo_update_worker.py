@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from train.config import load_config  # noqa: E402
 from train.distributed import Collectives, configure_deepspeed, fix_deepspeed_cpu_ranks, gathered_trainable, use_cpu  # noqa: E402
 from train.models import load_policy  # noqa: E402
-from train.ppo import ppo_step  # noqa: E402
+from train.ppo import estimator_for, ppo_step  # noqa: E402
 from train.ppo_core import ScoreShaper, make_kl_controller  # noqa: E402
 from train.rollout import forward_trajectory, gather_trajectory, pad_right  # noqa: E402
 
@@ -97,7 +97,7 @@ def run(t5: str, out: Path, make_accelerator=None, accumulation: int = 1, max_gr
         step_cfg = dataclasses.replace(cfg.ppo, **settings)
         local = forward_trajectory(policy, *(t[share].to(device) for t in rollout), chunk_size=2, accelerator=accelerator)
         trajectory = gather_trajectory(local, collectives, tokenizer.pad_token_id)
-        stats = ppo_step(policy, optimizer, trajectory, kl_ctl, shaper, step_cfg, accelerator=accelerator,
+        stats = ppo_step(policy, optimizer, trajectory, kl_ctl, shaper, step_cfg, estimator_for(step_cfg), accelerator=accelerator,
                          generator=generator)
         all_stats.append({k: v for k, v in stats.items() if not k.startswith("time/")})
         save_weights(policy, accelerator, collectives, out / f"weights-{step}.safetensors")

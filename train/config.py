@@ -85,6 +85,14 @@ class GenerationSettings:
 
 
 @dataclass
+class RolloutSettings(GenerationSettings):
+    # Summaries sampled per prompt in a PPO step (k): one generate() call samples all k, the prompt's encoder runs
+    # once for them, and the k rows of a prompt stay on one process. ppo.batch_size counts rows (prompts x k).
+    # The critic-free estimators (ppo.advantage_estimator rloo / group) compare a prompt's samples: k >= 2.
+    samples_per_prompt: int = 1
+
+
+@dataclass
 class SFTConfig:
     # Defaults follow the original notebook's adapter training (AdamW, lr 1e-3, one epoch).
     learning_rate: float = 1e-3
@@ -107,6 +115,15 @@ class SFTConfig:
 @dataclass
 class PPOConfig:
     # Defaults reproduce the original notebook; the rest are the classic TRL PPOTrainer's defaults.
+    # The advantage estimator (train/ppo_core.py, `make_estimator`): "gae" (PPO: a value head, GAE over the response
+    # tokens, advantages whitened over the batch), "rloo" (REINFORCE leave-one-out: a summary's reward minus the mean
+    # reward of its prompt's other k - 1 samples) or "group" (GRPO: the reward standardised within its prompt's k
+    # samples). rloo and group build no value head and need rollout.samples_per_prompt >= 2.
+    advantage_estimator: Literal["gae", "rloo", "group"] = "gae"
+    # Where the KL to the reference enters: "reward" (a per-token penalty -kl_coef * (logp - logp_ref) on the reward,
+    # as classic PPO and RLOO), "loss" (kl_coef times the k3 estimator exp(r) - r - 1, r = logp_ref - logp, per token
+    # in the loss, as GRPO), or "auto": "loss" for group, else "reward". kl_coef: init_kl_coef and the controller.
+    kl_penalty: Literal["auto", "reward", "loss"] = "auto"
     learning_rate: float = 1.41e-5
     batch_size: int = 16  # global rollout batch
     mini_batch_size: int = 4
@@ -272,7 +289,7 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
-    rollout: GenerationSettings = field(default_factory=GenerationSettings)  # PPO sampling
+    rollout: RolloutSettings = field(default_factory=RolloutSettings)  # PPO sampling
     sft: SFTConfig = field(default_factory=SFTConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
@@ -330,6 +347,7 @@ BOUNDS = {
                                    "ppo_epochs", "steps", "kl_target", "kl_horizon", "cliprange", "cliprange_value",
                                    "score_clip", "ratio_threshold", "max_grad_norm", "forward_batch_size",
                                    "save_every_steps", "keep_checkpoints", "log_every_steps")},
+    "rollout.samples_per_prompt": ">= 1",
     "ppo.init_kl_coef": ">= 0", "ppo.gamma": "[0, 1]", "ppo.lam": "[0, 1]", "ppo.vf_coef": ">= 0",
     **{f"reward.{k}": v for k, v in REWARD_BOUNDS.items()},
     **{f"reward_server.{k}": v for k, v in REWARD_SERVER_BOUNDS.items()},
@@ -361,6 +379,16 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(
             f"ppo.batch_size ({p.batch_size}) must be a multiple of ppo.mini_batch_size ({p.mini_batch_size})"
         )
+    k = cfg.rollout.samples_per_prompt
+    if p.advantage_estimator in ("rloo", "group") and k < 2:
+        raise ConfigError(f"ppo.advantage_estimator {p.advantage_estimator} compares the summaries of a prompt with "
+                          f"each other: set rollout.samples_per_prompt to 2 or more (it is {k})")
+    if p.batch_size % k:
+        raise ConfigError(f"ppo.batch_size ({p.batch_size}) counts summaries, rollout.samples_per_prompt ({k}) per "
+                          f"prompt: make it a multiple of {k}")
+    if k > 1 and not cfg.rollout.do_sample:
+        raise ConfigError(f"rollout.samples_per_prompt {k} needs rollout.do_sample: true (greedy decoding would give "
+                          "the same summary k times)")
     for name, g in (("rollout", cfg.rollout), ("eval.generation", cfg.eval.generation)):
         if g.max_new_tokens_min is not None and not g.max_new_tokens_min < g.max_new_tokens:
             raise ConfigError(f"{name}.max_new_tokens_min must be below {name}.max_new_tokens")

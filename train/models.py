@@ -334,9 +334,10 @@ class ValueHead(nn.Module):
 
 
 class Seq2SeqPolicy(nn.Module):
-    """A PEFT seq2seq model plus a value head: `forward` returns (logits, values)."""
+    """A PEFT seq2seq model plus a value head (None for the critic-free estimators): `forward` returns
+    (logits, values)."""
 
-    def __init__(self, peft_model: nn.Module, value_head: ValueHead):
+    def __init__(self, peft_model: nn.Module, value_head: Optional[ValueHead]):
         super().__init__()
         self.peft_model = peft_model
         self.value_head = value_head
@@ -379,13 +380,14 @@ class Seq2SeqPolicy(nn.Module):
         decoder_input_ids: torch.Tensor,
         decoder_attention_mask: Optional[torch.Tensor] = None,
         encoder_hidden_states: Optional[torch.Tensor] = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits (B, T, V) and float32 values (B, T) for each decoder position. `encoder_hidden_states` (B, Q, d):
-        this policy's `encode` of the prompts, computed earlier with the same weights; the encoder then does not run."""
-        out = self._model_outputs(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, hidden=True,
-                                  encoder_hidden_states=encoder_hidden_states)
-        values = self.value_head(out.decoder_hidden_states[-1])
-        return out.logits, values
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Logits (B, T, V) and float32 values (B, T) for each decoder position (None without a value head).
+        `encoder_hidden_states` (B, Q, d): this policy's `encode` of the prompts, computed earlier with the same
+        weights; the encoder then does not run."""
+        has_values = self.value_head is not None  # only then are the decoder's hidden states kept
+        out = self._model_outputs(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
+                                  hidden=has_values, encoder_hidden_states=encoder_hidden_states)
+        return out.logits, self.value_head(out.decoder_hidden_states[-1]) if has_values else None
 
     @contextmanager
     def adapter_disabled(self) -> Iterator[None]:
@@ -466,7 +468,8 @@ def adapter_merged(peft_model: nn.Module) -> Iterator[None]:
 
 
 def save_policy(policy: Seq2SeqPolicy, directory: str | Path, tokenizer=None) -> Path:
-    """Write `adapter_model.safetensors` + `adapter_config.json` and `value_head.safetensors` (and the tokenizer)."""
+    """Write `adapter_model.safetensors` + `adapter_config.json`, `value_head.safetensors` when the policy has a
+    value head, and the tokenizer when given."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -478,8 +481,9 @@ def save_policy(policy: Seq2SeqPolicy, directory: str | Path, tokenizer=None) ->
         str(directory), safe_serialization=True, save_embedding_layers=False,
         selected_adapters=[policy.peft_model.active_adapter],
     )
-    state = {k: v.detach().contiguous().cpu() for k, v in policy.value_head.state_dict().items()}
-    save_file(state, str(directory / VALUE_HEAD_FILE))
+    if policy.value_head is not None:
+        state = {k: v.detach().contiguous().cpu() for k, v in policy.value_head.state_dict().items()}
+        save_file(state, str(directory / VALUE_HEAD_FILE))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
     return directory
@@ -504,8 +508,10 @@ def load_value_head(value_head: ValueHead, directory: str | Path) -> ValueHead:
     return value_head
 
 
-def load_policy(cfg, trainable: bool = True, device_map: Any = None) -> tuple[Seq2SeqPolicy, Any]:
-    """Base model + LoRA (fresh, or `cfg.model.adapter`) + value head, and the tokenizer.
+def load_policy(cfg, trainable: bool = True, device_map: Any = None,
+                with_value_head: bool = True) -> tuple[Seq2SeqPolicy, Any]:
+    """Base model + LoRA (fresh, or `cfg.model.adapter`) + value head (unless `with_value_head` is false: the
+    critic-free estimators), and the tokenizer.
 
     `cfg` is an ExperimentConfig (or anything with `.model` and `.lora`). An adapter directory written by
     `save_policy` also restores its value head; otherwise the value head starts fresh.
@@ -513,6 +519,8 @@ def load_policy(cfg, trainable: bool = True, device_map: Any = None) -> tuple[Se
     tokenizer = load_tokenizer(cfg.model)
     base = load_base_model(cfg.model, device_map=device_map)
     peft_model = apply_lora(base, cfg.lora, cfg.model.adapter, trainable=trainable)
+    if not with_value_head:
+        return Seq2SeqPolicy(peft_model, None), tokenizer
     value_head = ValueHead(base.config.d_model, dropout=cfg.model.value_head_dropout)
     value_head.to(base.get_output_embeddings().weight.device)
     adapter = cfg.model.adapter

@@ -9,10 +9,16 @@ Usage:
 3. advantages, 4. PPO epochs over mini-batches, 5. KL controller (2-5 are `ppo_step`; the math is in
 train/ppo_core.py), 6. log, 7. checkpoint (also on SIGUSR1/SIGTERM, then exit with status 3).
 
+The advantage estimator (`ppo.advantage_estimator`, resolved once by `estimator_for`): "gae" is PPO with a value
+head; "rloo" and "group" (GRPO) are critic-free: no value head is built or saved, and each prompt is sampled
+`rollout.samples_per_prompt` (k) times so that its summaries are each other's baseline. The same clipped update
+runs for all three; the KL to the reference enters the reward or, as the k3 term, the loss (`ppo.kl_penalty`).
+
 The global batch: `ppo.batch_size` and `ppo.mini_batch_size` count rows over all processes, and N processes
 compute the 1-process update of the same rows (up to float rounding): the mini-batches do not depend on N, and
 every statistic over the batch (score shaping, whitening, loss normalisation, the skip decision, logged stats) is
-global. Only sampling differs: each process samples its own rows with its own seed.
+global. Only sampling differs: each process samples its own rows with its own seed. With k samples per prompt a
+process samples all k of each of its prompts, so the batch has ppo.batch_size / k prompts.
 
 Writes `<output_dir>/ppo/`: `checkpoints/checkpoint-<step>/`, `adapter/` (final LoRA adapter + value head),
 `config.yaml`, `log.jsonl`, and the trackers' `tensorboard/` or `wandb/` (`trackers`; train/trackers.py).
@@ -48,8 +54,8 @@ from train.errors import ConfigError
 from train.models import add_reference_adapter, load_policy, save_policy
 from train.param_report import parameter_report
 from train.ppo_core import (
-    ScoreShaper, Trajectory, check_batch_sizes, gae_advantages, kl_penalized_rewards, make_kl_controller, ppo_loss,
-    step_stats, trajectory_minibatch_stats,
+    Advantages, Estimator, ScoreShaper, Trajectory, check_batch_sizes, make_estimator, make_kl_controller, ppo_loss,
+    select_rows, step_stats, trajectory_minibatch_stats,
 )
 from train.preemption import PREEMPTED_EXIT_CODE, StopSignal
 from train.rollout import PromptStream, gather_trajectory, log_samples, make_experience, policy_forward, rollout_stats
@@ -59,6 +65,12 @@ from train.trackers import check_tracker_packages, make_trackers, start_trackers
 
 log = logging.getLogger("train.ppo")
 POLICY_DIR = "policy"  # adapter + value head inside a checkpoint
+
+
+def estimator_for(p: PPOConfig, samples_per_prompt: int = 1) -> Estimator:
+    """The run's advantage estimator and loss parts, from ppo.advantage_estimator / kl_penalty and
+    rollout.samples_per_prompt."""
+    return make_estimator(p.advantage_estimator, p.kl_penalty, samples_per_prompt, p.gamma, p.lam, p.whiten_rewards)
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, float]:
@@ -92,26 +104,32 @@ class PPORun:
             log_with=make_trackers(cfg, "ppo", resume_from))
         fix_deepspeed_cpu_ranks(accelerator)
         check_same_checkpoint(accelerator, resume_from)
-        check_batch_sizes(p.batch_size, p.mini_batch_size, p.gradient_accumulation_steps, accelerator.num_processes)
+        k = cfg.rollout.samples_per_prompt
+        check_batch_sizes(p.batch_size, p.mini_batch_size, p.gradient_accumulation_steps, accelerator.num_processes,
+                          samples_per_prompt=k)
+        self.estimator = estimator_for(p, k)
         if accelerator.is_main_process:
             log.info("reward model %s (%s)", cfg.reward.model_name_or_path, self.reward_fn.where)
             save_config(cfg, self.out / "config.yaml")
         start_trackers(accelerator, cfg, "ppo")
         set_seed(cfg.seed)  # the same initial weights on every process
 
-        # The policy: base + LoRA + value head; on resume the adapter and value head come from the checkpoint. The
-        # KL reference: the base (adapter off), or a frozen copy of the adapter this run started from (on resume too).
+        # The policy: base + LoRA + value head (gae only); on resume the adapter and value head come from the
+        # checkpoint. The KL reference: the base (adapter off), or a frozen copy of the adapter this run started from.
         model = cfg.model if resume_from is None else dataclasses.replace(cfg.model, adapter=str(resume_from / POLICY_DIR))
-        policy, self.tokenizer = load_policy(dataclasses.replace(cfg, model=model))
+        policy, self.tokenizer = load_policy(dataclasses.replace(cfg, model=model),
+                                             with_value_head=self.estimator.uses_value_head)
         if p.reference == "initial_adapter" and cfg.model.adapter is not None:
             add_reference_adapter(policy, cfg.model.adapter)
         with accelerator.main_process_first():  # the main process fills the datasets cache first
             self.prompts = build_ppo_datasets(cfg.data, self.tokenizer)["train"]
-        self.stream = PromptStream(len(self.prompts), p.batch_size, cfg.seed, accelerator.process_index,
+        self.stream = PromptStream(len(self.prompts), p.batch_size // k, cfg.seed, accelerator.process_index,
                                    accelerator.num_processes)
         if accelerator.is_main_process:
-            log.info("KL reference: %s; %d PPO prompts; %s", f"the initial adapter {cfg.model.adapter}"
-                     if policy.reference_adapter else "the base model (adapter off)", len(self.prompts),
+            log.info("advantages: %s (%d summaries per prompt, KL in the %s); KL reference: %s; %d PPO prompts; %s",
+                     self.estimator.name, k, "loss" if self.estimator.kl_in_loss else "reward",
+                     f"the initial adapter {cfg.model.adapter}" if policy.reference_adapter
+                     else "the base model (adapter off)", len(self.prompts),
                      parameter_report(policy).format().replace("\n", "; "))
 
         # TRL's optimizer (Adam on the trainable parameters, constant rate); DeepSpeed gets our batch and clipping.
@@ -151,7 +169,7 @@ class PPORun:
 
             # 2-5. Rewards, advantages, PPO epochs over mini-batches, KL controller.
             update_started = time.perf_counter()
-            stats = ppo_step(policy, self.optimizer, trajectory, self.kl_ctl, self.shaper, cfg.ppo,
+            stats = ppo_step(policy, self.optimizer, trajectory, self.kl_ctl, self.shaper, cfg.ppo, self.estimator,
                              accelerator=accelerator, generator=self.shuffle)
 
             # 6. Log.
@@ -210,27 +228,29 @@ class PPORun:
             end_training(self.accelerator)
 
 
-def ppo_step(policy: Any, optimizer: Any, trajectory: Trajectory, kl_ctl: Any, shaper: ScoreShaper, cfg: PPOConfig, *,
-             accelerator: Any = None, generator: Optional[torch.Generator] = None) -> dict[str, float]:
-    """Steps 2-5 on the global batch `trajectory` (the same on every process); returns TRL-named stats. Without
-    an accelerator it runs as one plain process."""
+def ppo_step(policy: Any, optimizer: Any, trajectory: Trajectory, kl_ctl: Any, shaper: ScoreShaper, cfg: PPOConfig,
+             estimator: Estimator, *, accelerator: Any = None,
+             generator: Optional[torch.Generator] = None) -> dict[str, float]:
+    """Steps 2-5 on the global batch `trajectory` (the same on every process; a prompt's k samples in consecutive
+    rows); returns TRL-named stats. Without an accelerator it runs as one plain process."""
     collectives = Collectives.of(accelerator)
     check_batch_sizes(cfg.batch_size, cfg.mini_batch_size, cfg.gradient_accumulation_steps, collectives.world_size,
                       len(trajectory))
     if accelerator is not None and accelerator.gradient_accumulation_steps != cfg.gradient_accumulation_steps:
         raise ConfigError("build the Accelerator with gradient_accumulation_steps=ppo.gradient_accumulation_steps")
+    if (trajectory.values is not None) != estimator.uses_value_head:
+        raise ConfigError(f"the {estimator.name} estimator {'needs' if estimator.uses_value_head else 'builds no'} "
+                          "value head, but the trajectory's policy " + ("has none" if trajectory.values is None
+                                                                        else "has one"))
     started, kl_coef = time.perf_counter(), kl_ctl.value
-    # 2. Rewards: shaped scores, the KL penalty per token, the score on the last response token.
+    # 2-3. Rewards (shaped scores, the KL penalty unless it is in the loss) and advantages: GAE whitened over the
+    # whole batch, or a summary's reward against its prompt's other samples (rloo, group).
     scores = shaper(trajectory.scores)
-    rewards, non_score_rewards, kls = kl_penalized_rewards(
-        scores, trajectory.logprobs, trajectory.ref_logprobs, trajectory.masks, kl_coef)
-    # 3. Advantages: GAE, whitened over the whole batch.
-    values, advantages, returns = gae_advantages(trajectory.values, rewards, trajectory.masks, cfg.gamma, cfg.lam,
-                                                 cfg.whiten_rewards)
+    targets = estimator.advantages(trajectory, scores, kl_coef)
     # 4. PPO epochs over mini-batches.
-    minibatch_stats = ppo_epochs(policy, optimizer, trajectory, values, advantages, returns, cfg, accelerator,
+    minibatch_stats = ppo_epochs(policy, optimizer, trajectory, targets, estimator, kl_coef, cfg, accelerator,
                                  collectives, generator)
-    stats = step_stats(trajectory, scores, kls, non_score_rewards, kl_coef, minibatch_stats)
+    stats = step_stats(trajectory, scores, targets.kls, targets.non_score_rewards, kl_coef, minibatch_stats)
     # 5. The KL controller, counting the global batch.
     kl_ctl.update(stats["objective/kl"], cfg.batch_size)
     stats["ppo/learning_rate"] = optimizer.param_groups[0]["lr"]
@@ -238,12 +258,13 @@ def ppo_step(policy: Any, optimizer: Any, trajectory: Trajectory, kl_ctl: Any, s
     return stats
 
 
-def ppo_epochs(policy, optimizer, trajectory: Trajectory, values: torch.Tensor, advantages: torch.Tensor,
-               returns: torch.Tensor, cfg: PPOConfig, accelerator: Any, collectives: Collectives,
+def ppo_epochs(policy, optimizer, trajectory: Trajectory, targets: Advantages, estimator: Estimator, kl_coef: float,
+               cfg: PPOConfig, accelerator: Any, collectives: Collectives,
                generator: Optional[torch.Generator]) -> list[dict[str, torch.Tensor]]:
     """Step 4: `ppo_epochs` passes over the global batch in an order shared by every process; each mini-batch of
     `mini_batch_size` rows is cut into equal contiguous shares and process p computes share p. The loss is the
-    mini-batch's global token mean (`ppo_loss`). Dropout is off, as in TRL, so the first ratio is exactly 1."""
+    mini-batch's global token mean (`ppo_loss`, with the estimator's parts). Dropout is off, as in TRL, so the first
+    ratio is exactly 1."""
     if generator is None and collectives.world_size > 1:
         raise ConfigError("several processes need one mini-batch order: pass a generator seeded alike on every process")
     share, rank = cfg.mini_batch_size // collectives.world_size, collectives.rank
@@ -262,13 +283,14 @@ def ppo_epochs(policy, optimizer, trajectory: Trajectory, values: torch.Tensor, 
                 part = trajectory.select(mine).trimmed()
                 with record_function("ppo/forward"):
                     logits, logprobs, vpreds, _ = policy_forward(policy, part, cfg.trl_first_token_mask)
-                    t = logprobs.shape[1]  # this share's own width; the columns after it are masked out
+                    columns = (mine, slice(logprobs.shape[1]))  # this share's own width; the rest is masked out
                     loss, stats = ppo_loss(
-                        part.logprobs, values[mine, :t], logprobs, vpreds, logits, part.masks, advantages[mine, :t],
-                        returns[mine, :t], cliprange=cfg.cliprange, cliprange_value=cfg.cliprange_value,
-                        vf_coef=cfg.vf_coef, ratio_threshold=cfg.ratio_threshold,
+                        part.logprobs, select_rows(targets.values, columns), logprobs, vpreds, logits, part.masks,
+                        targets.advantages[columns], select_rows(targets.returns, columns), cliprange=cfg.cliprange,
+                        cliprange_value=cfg.cliprange_value, vf_coef=cfg.vf_coef, ratio_threshold=cfg.ratio_threshold,
                         token_count=float(trajectory.masks[rows].sum()), all_reduce_sum=collectives.all_reduce_sum,
                         gradient_averaged_over=collectives.world_size,
+                        ref_logprobs=part.ref_logprobs if estimator.kl_in_loss else None, kl_coef=kl_coef,
                     )
                 with record_function("ppo/backward"):
                     loop.backward(loss)  # divides by the accumulation steps
@@ -278,7 +300,8 @@ def ppo_epochs(policy, optimizer, trajectory: Trajectory, values: torch.Tensor, 
                     if loop.sync_gradients:
                         optimizer.step()
                         optimizer.zero_grad()
-            stats.update(trajectory_minibatch_stats(values[rows], advantages[rows], returns[rows], trajectory.masks[rows]))
+            stats.update(trajectory_minibatch_stats(select_rows(targets.values, rows), targets.advantages[rows],
+                                                    select_rows(targets.returns, rows), trajectory.masks[rows]))
             all_stats.append(stats)
     policy.train(was_training)
     return all_stats

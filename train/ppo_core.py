@@ -69,7 +69,7 @@ class Trajectory:
     scores: torch.Tensor  # (B,) float reward-model scores, before any shaping
     logprobs: torch.Tensor  # (B, T) float old policy log-probs of the decoder tokens
     ref_logprobs: torch.Tensor  # (B, T) float KL reference log-probs
-    values: torch.Tensor  # (B, T) float old value estimates
+    values: Optional[torch.Tensor]  # (B, T) float old value estimates; None without a value head
     masks: torch.Tensor  # (B, T) long: predicted positions that count (`response_loss_mask`)
 
     def __len__(self) -> int:
@@ -77,7 +77,7 @@ class Trajectory:
 
     def select(self, index: torch.Tensor | slice) -> "Trajectory":
         """The rows `index` (a slice or a 1-D index tensor)."""
-        return Trajectory(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+        return Trajectory(**{f.name: select_rows(getattr(self, f.name), index) for f in fields(self)})
 
     def trimmed(self) -> "Trajectory":
         """The same rows without the trailing columns that are padding in every row.
@@ -89,9 +89,14 @@ class Trajectory:
         q, r = _used_width(self.query_mask, 1), _used_width(self.response_mask, 2)
         cut = {"query_ids": q, "query_mask": q, "response_ids": r, "response_mask": r}
         return Trajectory(**{
-            f.name: (getattr(self, f.name) if f.name == "scores" else getattr(self, f.name)[:, : cut.get(f.name, r - 1)])
+            f.name: (getattr(self, f.name) if f.name == "scores" else select_rows(getattr(self, f.name),
+                                                                            (slice(None), slice(cut.get(f.name, r - 1)))))
             for f in fields(self)
         })
+
+
+def select_rows(tensor: Optional[torch.Tensor], index) -> Optional[torch.Tensor]:
+    return None if tensor is None else tensor[index]
 
 
 def _used_width(mask: torch.Tensor, minimum: int) -> int:
@@ -101,8 +106,14 @@ def _used_width(mask: torch.Tensor, minimum: int) -> int:
 
 
 def check_batch_sizes(batch_size: int, mini_batch_size: int, accumulation: int, processes: int,
-                      rows: Optional[int] = None) -> None:
-    """One clear error for global batch sizes that do not split evenly over mini-batches and processes."""
+                      rows: Optional[int] = None, samples_per_prompt: int = 1) -> None:
+    """One clear error for global batch sizes that do not split evenly over mini-batches and processes (and, with
+    k samples per prompt, whole prompts over processes)."""
+    k = samples_per_prompt
+    if k > 1 and batch_size % (k * processes):
+        raise ConfigError(f"ppo.batch_size ({batch_size}) is {batch_size / k:g} prompts x {k} samples "
+                          f"(rollout.samples_per_prompt); a prompt's samples stay on one process, so it must be a "
+                          f"multiple of {k} x the number of processes ({processes})")
     if batch_size % processes or mini_batch_size % processes:
         raise ConfigError(f"ppo.batch_size ({batch_size}) and ppo.mini_batch_size ({mini_batch_size}) are global "
                           f"and must be multiples of the number of processes ({processes})")
@@ -246,20 +257,127 @@ def gae_advantages(
     return values, advantages, returns
 
 
-# The token sums `ppo_loss` all-reduces, in this order; each stat is its sum over the global token count.
-_TOKEN_SUMS = ("loss/policy", "loss/value", "policy/entropy", "policy/approxkl", "policy/policykl", "policy/clipfrac",
-               "policy/ratio_mean", "val/vpred", "val/error", "val/clipfrac")
+# ----------------------------------------------------------------------------------------------------
+# Critic-free advantages: a prompt's k samples in k consecutive rows (rollout.samples_per_prompt)
+
+
+def _groups(rewards: torch.Tensor, k: int) -> torch.Tensor:
+    """(B,) -> (B / k, k): row g holds prompt g's k samples."""
+    if rewards.ndim != 1 or k < 2 or len(rewards) % k:
+        raise ValueError(f"{tuple(rewards.shape)} rewards do not make groups of k = {k} >= 2 samples per prompt")
+    return rewards.view(-1, k)
+
+
+def _differences(groups: torch.Tensor) -> torch.Tensor:
+    """(G, k) -> (G, k, k): [g, i, j] = r_gi - r_gj, exactly 0 where two rewards are equal (a mean would round)."""
+    return groups[:, :, None] - groups[:, None, :]
+
+
+def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
+    """(B,) sequence rewards -> (B,) REINFORCE leave-one-out advantages: r_i minus the mean of the k - 1 other
+    rewards of its prompt, i.e. the mean of r_i - r_j over j != i (exactly 0 in a group of equal rewards)."""
+    return (_differences(_groups(rewards, k)).sum(dim=2) / (k - 1)).flatten()
+
+
+GROUP_STD_EPS = 1e-4  # as TRL's GRPO: (r - mean) / (std + eps), so a group of equal rewards gets 0, not 0 / 0
+
+
+def group_advantages(rewards: torch.Tensor, k: int, eps: float = GROUP_STD_EPS) -> torch.Tensor:
+    """(B,) sequence rewards -> (B,) group-relative (GRPO) advantages: (r_i - mean) / (std + eps) over its
+    prompt's k rewards, with the unbiased standard deviation (TRL's GRPO)."""
+    centred = _differences(_groups(rewards, k)).mean(dim=2)  # r_i - mean, exactly 0 in a group of equal rewards
+    std = torch.sqrt((centred**2).sum(dim=1, keepdim=True) / (k - 1))
+    return (centred / (std + eps)).flatten()
+
+
+def sequence_rewards(
+    scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, kl_coef: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A summary as one action: its score minus `kl_coef` times its summed per-token KL (RLOO's KL penalty).
+
+    scores (B,), logprobs / ref_logprobs / mask (B, T) -> rewards (B,), non_score_rewards (B, T), kls (B, T).
+    """
+    rewards, non_score_rewards, kls = kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_coef)
+    return (rewards * mask).sum(dim=1), non_score_rewards, kls
+
+
+# ----------------------------------------------------------------------------------------------------
+# The estimator: rewards -> advantages, and which parts the loss has
+
+
+@dataclass
+class Advantages:
+    """What the update needs besides the trajectory, each (B, T) and zero at masked positions, except `kls` and
+    `non_score_rewards` (raw, for the statistics). `values` and `returns` (the value loss's targets) are None for a
+    critic-free estimator."""
+
+    advantages: torch.Tensor
+    values: Optional[torch.Tensor]
+    returns: Optional[torch.Tensor]
+    kls: torch.Tensor  # logprobs - ref_logprobs per token
+    non_score_rewards: torch.Tensor  # the KL penalty in the reward per token (0 when the KL is in the loss)
+
+
+@dataclass(frozen=True)
+class Estimator:
+    """`ppo.advantage_estimator`, resolved once (`make_estimator`): `advantages(trajectory, shaped scores, kl_coef)`
+    and the loss's parts: a value loss when `uses_value_head`, the k3 KL term when `kl_in_loss`."""
+
+    name: str
+    uses_value_head: bool
+    kl_in_loss: bool
+    advantages: Callable[[Trajectory, torch.Tensor, float], Advantages]
+
+
+ESTIMATORS = ("gae", "rloo", "group")
+
+
+def make_estimator(name: str, kl_penalty: str, samples_per_prompt: int, gamma: float, lam: float,
+                   whiten_rewards: bool) -> Estimator:
+    """The estimator `name` (gae, rloo, group) with the KL to the reference in the reward or the loss (`kl_penalty`:
+    reward, loss, or auto = loss for group, else reward)."""
+    if name not in ESTIMATORS:
+        raise ConfigError(f"ppo.advantage_estimator must be one of {', '.join(ESTIMATORS)}, got {name!r}")
+    if kl_penalty not in ("auto", "reward", "loss"):
+        raise ConfigError(f"ppo.kl_penalty must be auto, reward or loss, got {kl_penalty!r}")
+    if name != "gae" and samples_per_prompt < 2:
+        raise ConfigError(f"ppo.advantage_estimator {name} compares the summaries of a prompt with each other: set "
+                          f"rollout.samples_per_prompt to 2 or more (it is {samples_per_prompt})")
+    kl_in_loss = kl_penalty == "loss" or (kl_penalty == "auto" and name == "group")
+    k = samples_per_prompt
+
+    if name == "gae":
+        def advantages(trajectory: Trajectory, scores: torch.Tensor, kl_coef: float) -> Advantages:
+            # Per-token rewards (the KL penalty, the score on the last token), then GAE whitened over the batch.
+            rewards, non_score, kls = kl_penalized_rewards(scores, trajectory.logprobs, trajectory.ref_logprobs,
+                                                           trajectory.masks, 0.0 if kl_in_loss else kl_coef)
+            values, advantage, returns = gae_advantages(trajectory.values, rewards, trajectory.masks, gamma, lam,
+                                                        whiten_rewards)
+            return Advantages(advantage, values, returns, kls, non_score)
+
+        return Estimator(name, True, kl_in_loss, advantages)
+
+    baseline = rloo_advantages if name == "rloo" else group_advantages
+
+    def advantages(trajectory: Trajectory, scores: torch.Tensor, kl_coef: float) -> Advantages:
+        # One reward per summary, compared within its prompt's k samples; every response token gets the summary's.
+        rewards, non_score, kls = sequence_rewards(scores, trajectory.logprobs, trajectory.ref_logprobs,
+                                                   trajectory.masks, 0.0 if kl_in_loss else kl_coef)
+        per_token = baseline(rewards, k)[:, None] * trajectory.masks
+        return Advantages(per_token, None, None, kls, non_score)
+
+    return Estimator(name, False, kl_in_loss, advantages)
 
 
 def ppo_loss(
     old_logprobs: torch.Tensor,
-    old_values: torch.Tensor,
+    old_values: Optional[torch.Tensor],
     logprobs: torch.Tensor,
-    vpreds: torch.Tensor,
+    vpreds: Optional[torch.Tensor],
     logits: torch.Tensor,
     mask: torch.Tensor,
     advantages: torch.Tensor,
-    returns: torch.Tensor,
+    returns: Optional[torch.Tensor],
     *,
     cliprange: float,
     cliprange_value: float,
@@ -268,49 +386,68 @@ def ppo_loss(
     token_count: Optional[float] = None,
     all_reduce_sum: Optional[AllReduceSum] = None,
     gradient_averaged_over: int = 1,
+    ref_logprobs: Optional[torch.Tensor] = None,
+    kl_coef: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped policy loss + `vf_coef` * clipped value loss for this process's rows of one mini-batch.
+    """Clipped policy loss [+ `vf_coef` * clipped value loss] [+ `kl_coef` * k3 KL] for this process's rows of one
+    mini-batch.
 
-    All (b, T) except logits (b, T, V). The losses are token means over the WHOLE mini-batch: per-token terms are
-    summed here, the sums are added up over processes with `all_reduce_sum`, and divided by `token_count` (the
-    mini-batch's unmasked tokens on all processes; default: `mask.sum()`, one process). The returned loss is this
-    process's share, multiplied by `gradient_averaged_over` (the number of processes whose gradients DDP or
-    DeepSpeed average), so the averaged gradient is the gradient of the global token mean.
+    All (b, T) except logits (b, T, V). Critic-free estimators pass `old_values`, `vpreds` and `returns` as None: no
+    value loss and no val/* stats. `ref_logprobs` (b, T) puts the KL to the reference into the loss (GRPO): per token
+    k3 = exp(r) - r - 1 with r = ref_logprobs - logprobs, an unbiased, non-negative estimate of KL(policy || ref)
+    whose gradient pulls towards the reference; "loss/kl" is its token mean, before `kl_coef`.
+
+    The losses are token means over the WHOLE mini-batch: per-token terms are summed here, the sums are added up
+    over processes with `all_reduce_sum`, and divided by `token_count` (the mini-batch's unmasked tokens on all
+    processes; default: `mask.sum()`, one process). The returned loss is this process's share, multiplied by
+    `gradient_averaged_over` (the number of processes whose gradients DDP or DeepSpeed average), so the averaged
+    gradient is the gradient of the global token mean.
 
     Returns the loss to back-propagate and detached scalar stats with TRL's keys (without "ppo/"), each a global
     token mean; "loss/value" is before `vf_coef`, as in TRL. Ratio guard: when the global mean ratio exceeds
     `ratio_threshold` (or is NaN) every process skips the mini-batch: the loss is 0 with all-zero gradients (so
     the gradient all-reduce still runs) and "policy/skipped" is 1.
     """
-    vpred_clipped = clip_by_value(vpreds, old_values - cliprange_value, old_values + cliprange_value)
-    vf_losses1 = (vpreds - returns) ** 2
-    vf_losses2 = (vpred_clipped - returns) ** 2
-    vf_token = 0.5 * torch.max(vf_losses1, vf_losses2)
-
     ratio = torch.exp(logprobs - old_logprobs)
     pg_losses = -advantages * ratio
     pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
     pg_token = torch.max(pg_losses, pg_losses2)
+    losses = {"loss/policy": (pg_token, 1.0)}  # name: (per-token loss, its weight in the total)
+    stats_terms = {"policy/entropy": lambda: entropy_from_logits(logits),  # computed under no_grad below
+                   "policy/approxkl": lambda: 0.5 * (logprobs - old_logprobs) ** 2,
+                   "policy/policykl": lambda: old_logprobs - logprobs,
+                   "policy/clipfrac": lambda: torch.gt(pg_losses2, pg_losses).float(),
+                   "policy/ratio_mean": lambda: ratio}
+    if vpreds is not None:
+        vpred_clipped = clip_by_value(vpreds, old_values - cliprange_value, old_values + cliprange_value)
+        vf_losses1 = (vpreds - returns) ** 2
+        vf_losses2 = (vpred_clipped - returns) ** 2
+        losses["loss/value"] = (0.5 * torch.max(vf_losses1, vf_losses2), vf_coef)
+        stats_terms.update({"val/vpred": lambda: vpreds, "val/error": lambda: (vpreds - returns) ** 2,
+                            "val/clipfrac": lambda: torch.gt(vf_losses2, vf_losses1).float()})
+    if ref_logprobs is not None:
+        log_ratio = ref_logprobs - logprobs
+        losses["loss/kl"] = (torch.exp(log_ratio) - log_ratio - 1, kl_coef)
 
     real = mask.bool()  # `where`, not a product: an overflowing ratio at a padded position must not give inf * 0
 
     def masked_sum(values: torch.Tensor) -> torch.Tensor:
         return torch.where(real, values, torch.zeros_like(values)).sum()
 
-    pg_sum, vf_sum = masked_sum(pg_token), masked_sum(vf_token)
+    loss_sums = {name: masked_sum(token) for name, (token, _) in losses.items()}
     with torch.no_grad():
-        terms = (pg_token, vf_token, entropy_from_logits(logits), 0.5 * (logprobs - old_logprobs) ** 2,
-                 old_logprobs - logprobs, torch.gt(pg_losses2, pg_losses).float(), ratio, vpreds,
-                 (vpreds - returns) ** 2, torch.gt(vf_losses2, vf_losses1).float())
-        sums = torch.stack([masked_sum(t.float()) for t in terms])
+        # One all-reduce for every statistic: the loss terms' sums, then the other token sums, in a fixed order.
+        names = list(loss_sums) + list(stats_terms)
+        sums = torch.stack([*(v.detach().float() for v in loss_sums.values()),
+                            *(masked_sum(term().float()) for term in stats_terms.values())])
         if token_count is None:
             token_count = float(real.sum())
         if all_reduce_sum is not None:
             sums = all_reduce_sum(sums)
-        stats = dict(zip(_TOKEN_SUMS, sums / token_count))
+        stats = dict(zip(names, sums / token_count))
 
     scale = gradient_averaged_over / token_count
-    loss = (pg_sum + vf_coef * vf_sum) * scale
+    loss = sum(weight * loss_sums[name] for name, (_, weight) in losses.items()) * scale
     avg_ratio = stats["policy/ratio_mean"].item()
     skipped = not avg_ratio <= ratio_threshold  # NaN ratios are skipped too
     if skipped:
@@ -318,26 +455,28 @@ def ppo_loss(
             f"The average ratio of batch ({avg_ratio:.2f}) exceeds threshold {ratio_threshold:.2f}. Skipping batch."
         )
         # Zero gradients that do not flow through exp(ratio) (0 * inf would be NaN).
-        loss = (logprobs * 0.0).sum() + (vpreds * 0.0).sum()
-        stats["loss/policy"] = torch.zeros_like(stats["loss/policy"])
-        stats["loss/value"] = torch.zeros_like(stats["loss/value"])
-    stats["loss/total"] = stats["loss/policy"] + vf_coef * stats["loss/value"]
+        loss = (logprobs * 0.0).sum() + (0.0 if vpreds is None else (vpreds * 0.0).sum())
+        for name in losses:
+            stats[name] = torch.zeros_like(stats[name])
+    stats["loss/total"] = sum(weight * stats[name] for name, (_, weight) in losses.items())
     stats["policy/skipped"] = torch.tensor(float(skipped))
     return loss, stats
 
 
 def trajectory_minibatch_stats(
-    old_values: torch.Tensor, advantages: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor
+    old_values: Optional[torch.Tensor], advantages: torch.Tensor, returns: Optional[torch.Tensor], mask: torch.Tensor
 ) -> dict[str, torch.Tensor]:
     """The mini-batch stats that need no new forward pass, over ALL its rows (b, T): TRL's advantage, return and
-    old-value statistics."""
-    return {
-        "policy/advantages_mean": masked_mean(advantages, mask),
-        "returns/mean": masked_mean(returns, mask),
-        "returns/var": masked_var(returns, mask),
-        "val/mean": masked_mean(old_values, mask),
-        "val/var": masked_var(old_values, mask),
-    }
+    old-value statistics (the latter two only with a value head)."""
+    stats = {"policy/advantages_mean": masked_mean(advantages, mask)}
+    if old_values is not None:
+        stats.update({
+            "returns/mean": masked_mean(returns, mask),
+            "returns/var": masked_var(returns, mask),
+            "val/mean": masked_mean(old_values, mask),
+            "val/var": masked_var(old_values, mask),
+        })
+    return stats
 
 
 def step_stats(
@@ -372,7 +511,8 @@ def step_stats(
     # Old and new policy are the same model on the first mini-batch: its ratio is 1 up to the precision's rounding.
     stats["ppo/policy/first_ratio"] = minibatch_stats[0]["policy/ratio_mean"]
     out = {"objective/kl_coef": float(kl_coef), **{k: float(v) for k, v in stats.items()}}
-    out["ppo/val/var_explained"] = 1 - out["ppo/val/error"] / out["ppo/returns/var"]
+    if "ppo/val/error" in out:
+        out["ppo/val/var_explained"] = 1 - out["ppo/val/error"] / out["ppo/returns/var"]
     return out
 
 

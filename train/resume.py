@@ -37,7 +37,8 @@ OPERATIONAL = ("sft.save_every_steps", "sft.keep_checkpoints", "sft.log_every_st
 NOT_READ_ON_RESUME = {"sft": ("model.adapter", "model.value_head_dropout"), "ppo": ("model.adapter",)}
 # What defines the run: the data order, the adapter's shape, the model under it and SFT's position in its epoch.
 FIXED = ("seed", "data", "lora", "model.name_or_path", "model.revision", "model.quantization", "model.adapter",
-         "sft.batch_size", "sft.gradient_accumulation_steps")
+         "sft.batch_size", "sft.gradient_accumulation_steps",
+         "ppo.advantage_estimator")  # whether the policy has a value head (and the optimizer its parameters)
 PATH_KEYS = ("data.path", "model.name_or_path", "model.adapter", "reward.model_name_or_path")
 UNORDERED_KEYS = ("lora.target_modules",)
 

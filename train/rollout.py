@@ -54,7 +54,7 @@ log = logging.getLogger("train.ppo")
 class RolloutInfo:
     """What the loop logs about a rollout besides its `Trajectory` (this process's rows)."""
 
-    prompt_ids: list[str]  # dataset ids of the prompts
+    prompt_ids: list[str]  # dataset ids of the rows' prompts (each k times: rollout.samples_per_prompt)
     summaries: list[str]  # decoded responses
     toxicity: torch.Tensor  # (B,) probability of the toxic class
     response_lengths: torch.Tensor  # (B,) generated tokens (eos included, start token excluded)
@@ -70,20 +70,22 @@ class RolloutInfo:
 class PromptStream:
     """Seeded, resumable order over `num_prompts` prompts, sharded over processes.
 
-    Epoch e uses the permutation `randperm(num_prompts, seed + e)`. A step takes the next `batch_size` (global)
-    positions of it; process p takes its contiguous slice of `batch_size / num_processes`. A partial batch at
+    Epoch e uses the permutation `randperm(num_prompts, seed + e)`. A step takes the next `batch_size` (global prompts:
+    ppo.batch_size / rollout.samples_per_prompt) positions of it; process p takes its contiguous slice of `batch_size / num_processes`. A partial batch at
     the end of an epoch is skipped (like drop_last), so every step sees a full, fresh batch.
     """
 
     def __init__(self, num_prompts: int, batch_size: int, seed: int, process_index: int = 0, num_processes: int = 1):
+        # batch_size: prompts per step, ppo.batch_size / rollout.samples_per_prompt
         if batch_size % num_processes:
             raise ConfigError(
-                f"ppo.batch_size ({batch_size}) must be a multiple of the number of processes ({num_processes})"
+                f"{batch_size} prompts per step (ppo.batch_size / rollout.samples_per_prompt) must be a multiple of "
+                f"the number of processes ({num_processes})"
             )
         if num_prompts < batch_size:
             raise DataError(
-                f"only {num_prompts} PPO training prompts for ppo.batch_size {batch_size}: "
-                "raise data.max_examples or lower ppo.batch_size"
+                f"only {num_prompts} PPO training prompts for {batch_size} prompts per step (ppo.batch_size / "
+                "rollout.samples_per_prompt): raise data.max_examples or lower ppo.batch_size"
             )
         self.num_prompts, self.batch_size, self.seed = num_prompts, batch_size, seed
         self.process_index, self.num_processes = process_index, num_processes
@@ -193,10 +195,12 @@ def generate_responses(
     device: torch.device | str,
     rng: Optional[random.Random] = None,
     encoder_hidden_states: Optional[torch.Tensor] = None,
+    samples_per_prompt: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sample a response for each prompt, `settings.batch_size` prompts per `generate()` call.
+    """Sample `samples_per_prompt` (k) responses for each prompt, `settings.batch_size` prompts per `generate()` call.
 
-    Returns query_ids, query_mask (B, Q) and response_ids, response_mask (B, R), all right-padded and on `device`.
+    Returns query_ids, query_mask (B, Q) and response_ids, response_mask (B, R), all right-padded and on `device`,
+    where B = prompts x k: prompt i's samples are rows i k ... i k + k - 1 (its query repeated).
     response_ids[:, 0] is the decoder start token; every position after a row's first eos is padding (pad id,
     mask 0). `rng` draws max_new_tokens per call when `settings.max_new_tokens_min` is set.
     `encoder_hidden_states` (B, Q, d): `encode_prompts` of the same prompts and batch size; generate() then
@@ -214,7 +218,7 @@ def generate_responses(
             encoded["encoder_outputs"] = BaseModelOutput(last_hidden_state=hidden)
         out = model.generate(
             input_ids=ids.to(device), attention_mask=mask.to(device), pad_token_id=pad_id, eos_token_id=eos_id,
-            **encoded, **generation_kwargs(settings, rng),
+            num_return_sequences=samples_per_prompt, **encoded, **generation_kwargs(settings, rng),
         ).cpu()
         out_mask = response_mask_from_ids(out, eos_id)
         out = out.masked_fill(out_mask == 0, pad_id)
@@ -222,7 +226,8 @@ def generate_responses(
             length = int(row_mask.sum())  # the mask is 1 on a prefix of each row
             responses.append(row[:length])
             response_masks.append(row_mask[:length])
-    query_ids_t, query_mask = pad_right([torch.tensor(q, dtype=torch.long) for q in query_ids], pad_id)
+    query_ids_t, query_mask = pad_right([torch.tensor(q, dtype=torch.long) for q in query_ids
+                                         for _ in range(samples_per_prompt)], pad_id)
     response_ids, response_mask = pad_right(responses, pad_id)
     return query_ids_t.to(device), query_mask.to(device), response_ids.to(device), response_mask.to(device)
 
@@ -255,13 +260,14 @@ def score_responses(reward_fn: Any, prompts: Sequence[str], summaries: Sequence[
 def policy_forward(policy: Any, rows: Trajectory, trl_first_token_mask: bool = False,
                    encoder_hidden_states: Optional[torch.Tensor] = None):
     """The policy (or its accelerator wrapper) on `rows` -> logits (b, T, V), log-probs (b, T), float32 values
-    (b, T) of the predicted positions, and their loss mask (b, T). `encoder_hidden_states` (b, Q, d): the rows'
-    prompts already encoded by this policy (no gradient flows into them)."""
+    (b, T) of the predicted positions (None without a value head), and their loss mask (b, T).
+    `encoder_hidden_states` (b, Q, d): the rows' prompts already encoded by this policy (no gradient flows into them)."""
     logits, values = policy(rows.query_ids, rows.query_mask, rows.response_ids, rows.response_mask,
                             encoder_hidden_states)
     logits = logits[:, :-1].float()
     logprobs = logprobs_from_logits(logits, rows.response_ids[:, 1:])
-    return logits, logprobs, values[:, :-1].float(), response_loss_mask(rows.response_mask, trl_first_token_mask)
+    values = None if values is None else values[:, :-1].float()
+    return logits, logprobs, values, response_loss_mask(rows.response_mask, trl_first_token_mask)
 
 
 @torch.no_grad()
@@ -280,7 +286,7 @@ def forward_trajectory(
 ) -> Trajectory:
     """The `Trajectory` of generated rows: old log-probs and values of the policy and the reference log-probs
     (adapter off, or the frozen starting adapter: `Seq2SeqPolicy.reference_logits`), in eval mode (no dropout, as
-    TRL), `chunk_size` rows at a time. `encoder_hidden_states` (B, Q, d): the policy's `encode_prompts` of
+    TRL), `chunk_size` rows at a time; values None without a value head. `encoder_hidden_states` (B, Q, d): the policy's `encode_prompts` of
     `query_ids`, reused for the policy's pass. Under ZeRO-3 every process must make the same number of calls."""
     unwrapped = accelerator.unwrap_model(policy) if accelerator is not None else policy
     width = response_ids.shape[1] - 1  # predicted positions
@@ -302,10 +308,11 @@ def forward_trajectory(
                                                     chunk.response_mask)
         ref_logprobs = logprobs_from_logits(ref_logits[:, :-1], chunk.response_ids[:, 1:])
         for key, value in zip(parts, (logprobs, ref_logprobs, values, masks)):
-            parts[key].append(F.pad(value, (0, width - value.shape[1])))  # back to the batch width, masked out
+            if value is not None:
+                parts[key].append(F.pad(value, (0, width - value.shape[1])))  # back to the batch width, masked out
     policy.train(was_training)
     for key, chunks in parts.items():
-        setattr(rows, key, torch.cat(chunks))
+        setattr(rows, key, torch.cat(chunks) if chunks else None)
     return rows
 
 
@@ -322,13 +329,13 @@ def gather_trajectory(local: Trajectory, collectives: Collectives, pad_token_id:
 
     ints = torch.cat([pad(local.query_ids, q, pad_token_id), pad(local.query_mask, q), pad(local.response_ids, r,
                       pad_token_id), pad(local.response_mask, r), pad(local.masks, r - 1)], dim=1)
-    floats = torch.cat([local.scores[:, None].float(), pad(local.logprobs, r - 1), pad(local.ref_logprobs, r - 1),
-                        pad(local.values, r - 1)], dim=1)
+    per_token = [local.logprobs, local.ref_logprobs] + ([] if local.values is None else [local.values])
+    floats = torch.cat([local.scores[:, None].float(), *(pad(t, r - 1) for t in per_token)], dim=1)
     ints, floats = (torch.cat(collectives.all_gather(t)) for t in (ints, floats))
     query_ids, query_mask, response_ids, response_mask, masks = ints.split([q, q, r, r, r - 1], dim=1)
-    scores, logprobs, ref_logprobs, values = floats.split([1, r - 1, r - 1, r - 1], dim=1)
+    scores, logprobs, ref_logprobs, *values = floats.split([1] + [r - 1] * len(per_token), dim=1)
     return Trajectory(query_ids, query_mask, response_ids, response_mask, scores[:, 0], logprobs, ref_logprobs,
-                      values, masks)
+                      values[0] if values else None, masks)
 
 
 def make_experience(
@@ -340,11 +347,13 @@ def make_experience(
     accelerator: Any = None,
     rng: Optional[random.Random] = None,
 ) -> tuple[Trajectory, RolloutInfo]:
-    """Generate, decode, score and forward this process's prompts (rows of the PPO dataset: input_ids, query, id).
+    """Generate, decode, score and forward this process's prompts (rows of the PPO dataset: input_ids, query, id):
+    `cfg.rollout.samples_per_prompt` (k) summaries each, prompt i's in rows i k ... i k + k - 1.
 
     The classifier sees the dataset's `query` (the decoded prompt) and the summary, as the original notebook did.
     """
     device = accelerator.device if accelerator is not None else next(policy.parameters()).device
+    k = cfg.rollout.samples_per_prompt
     started = time.perf_counter()
     with unwrap_for_generation(policy, accelerator) as model:
         # Before any merge: the old log-probs' encoder output must be the plain policy's.
@@ -354,14 +363,14 @@ def make_experience(
         with adapter_merged(model.peft_model) if merges_for_rollout(cfg) else nullcontext(), \
                 record_function("rollout/generate"):
             query_ids, query_mask, response_ids, response_mask = generate_responses(
-                model, tokenizer, prompts["input_ids"], cfg.rollout, device, rng, encoded
+                model, tokenizer, prompts["input_ids"], cfg.rollout, device, rng, encoded, k
             )
     summaries = [s.strip() for s in tokenizer.batch_decode(response_ids, skip_special_tokens=True)]
     time_generate = time.perf_counter() - started
 
     started = time.perf_counter()
     with record_function("rollout/score"):
-        scores = score_responses(reward_fn, prompts["query"], summaries)
+        scores = score_responses(reward_fn, [q for q in prompts["query"] for _ in range(k)], summaries)
     time_score = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -370,10 +379,10 @@ def make_experience(
     trajectory = forward_trajectory(
         policy, query_ids, query_mask, response_ids, response_mask, scores.rewards.float().to(device),
         chunk_size=chunk, trl_first_token_mask=cfg.ppo.trl_first_token_mask, accelerator=accelerator,
-        encoder_hidden_states=encoded,
+        encoder_hidden_states=encoded.repeat_interleave(k, dim=0) if k > 1 else encoded,
     )
     info = RolloutInfo(
-        prompt_ids=list(prompts["id"]),
+        prompt_ids=[i for i in prompts["id"] for _ in range(k)],
         summaries=summaries,
         toxicity=scores.toxicity.float(),
         response_lengths=(response_mask.sum(dim=1) - 1).float().cpu(),

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from train.config import PPOConfig, load_config
-from train.ppo import ppo_step
+from train.ppo import estimator_for, ppo_step
 from train.ppo_core import ScoreShaper, make_kl_controller
 from train.rollout import generate_responses, score_responses
 from helpers import (
@@ -68,7 +68,7 @@ def _kl(cfg: PPOConfig):
 def _step(policy, optimizer, rollout: dict, kl_ctl, cfg: PPOConfig, accelerator=None, generator=None):
     """What one step of the training loop does with a rollout: forward passes, then `ppo_step`."""
     trajectory = rollout_trajectory(policy, rollout, cfg, cfg.mini_batch_size, accelerator)
-    return ppo_step(policy, optimizer, trajectory, kl_ctl, ScoreShaper(), cfg, accelerator=accelerator,
+    return ppo_step(policy, optimizer, trajectory, kl_ctl, ScoreShaper(), cfg, estimator_for(cfg), accelerator=accelerator,
                     generator=generator)
 
 

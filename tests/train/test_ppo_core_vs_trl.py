@@ -25,7 +25,7 @@ from trl import PPOConfig as TrlPPOConfig
 
 from train.config import PPOConfig
 from train.models import Seq2SeqPolicy, ValueHead, untie_lm_head
-from train.ppo import ppo_step
+from train.ppo import estimator_for, ppo_step
 from train.ppo_core import ScoreShaper, gae_advantages, kl_penalized_rewards, make_kl_controller
 from train.rollout import forward_trajectory
 
@@ -142,7 +142,7 @@ def _run_both(monkeypatch, batch: int, mini: int, epochs: int, accumulation: int
     values, advantages, returns = gae_advantages(trajectory.values, rewards, trajectory.masks, cfg.gamma, cfg.lam)
     ours_batch = SimpleNamespace(masks=trajectory.masks, kls=kls, non_score_rewards=non_score_rewards,
                                  rewards=rewards, values=values, advantages=advantages, returns=returns)
-    ours_stats = ppo_step(policy, optimizer, trajectory, kl_ctl, ScoreShaper(), cfg,
+    ours_stats = ppo_step(policy, optimizer, trajectory, kl_ctl, ScoreShaper(), cfg, estimator_for(cfg),
                           generator=torch.Generator().manual_seed(7))
 
     # TRL, on the originals, with its step's intermediate tensors captured and our mini-batch order.
