@@ -1,13 +1,14 @@
 """PPO updates on one fixed global batch, on however many processes launched this (tests/train/test_ppo_distributed.py).
 
-    python tests/ppo_update_worker.py --t5 DIR --out DIR [--accumulation K] [--max-grad-norm X]
+    python tests/ppo_update_worker.py --t5 DIR --out DIR [--accumulation K] [--max-grad-norm X] [--estimator rloo]
     accelerate launch ... tests/ppo_update_worker.py --t5 DIR --out DIR      # DDP or DeepSpeed ZeRO-2/3
 
-Every process builds the same policy (tiny T5 + non-zero LoRA + value head) and the same fixed global rollout
+Every process builds the same policy (tiny T5 + non-zero LoRA + a value head for gae) and the same fixed global rollout
 (queries, responses, scores: no sampling), takes its contiguous slice of the rows, makes its trajectory and
 gathers the global one, then runs `train.ppo.ppo_step` as the training loop does, once per entry of `STEPS`
 (one mini-batch; several mini-batches and epochs with whitened rewards; a ratio guard that skips some
-mini-batches). The main process writes the stats of every step (`stats.json`) and the trainable weights after
+mini-batches). With a critic-free estimator (rloo, group) the rows are 4 prompts x 2 samples and a process's slice
+holds whole prompts. The main process writes the stats of every step (`stats.json`) and the trainable weights after
 each step (`weights-<step>.safetensors`).
 """
 
@@ -44,20 +45,23 @@ ACCUMULATED_STEPS = [
 ]
 
 
-def fixed_rollout(vocab: int, eos: int, seed: int = 5):
-    """Ragged queries and responses ([start, ..., eos]) and scores, the same on every process."""
+def fixed_rollout(vocab: int, eos: int, seed: int = 5, samples_per_prompt: int = 1):
+    """Ragged queries and responses ([start, ..., eos]) and scores, the same on every process; each query repeated
+    in `samples_per_prompt` consecutive rows."""
     g = torch.Generator().manual_seed(seed)
     queries, responses = [], []
     for i in range(ROWS):
         q_len, r_len = 4 + (i * 3) % 7, 1 + (i * 5) % 8  # r_len: generated tokens before eos
-        queries.append(torch.cat([torch.randint(3, vocab, (q_len,), generator=g), torch.tensor([eos])]))
+        query = torch.cat([torch.randint(3, vocab, (q_len,), generator=g), torch.tensor([eos])])
+        queries.append(query if i % samples_per_prompt == 0 else queries[-1])
         responses.append(torch.cat([torch.tensor([0]), torch.randint(3, vocab, (r_len,), generator=g), torch.tensor([eos])]))
     scores = torch.randn(ROWS, generator=g) * 3
     return (*pad_right(queries, 0), *pad_right(responses, 0), scores)
 
 
-def build(t5: str, accumulation: int = 1, max_grad_norm=None):
-    cfg = load_config(None, [
+def build(t5: str, accumulation: int = 1, max_grad_norm=None, estimator: str = "gae"):
+    critic_free = ["--ppo.advantage_estimator", estimator, "--rollout.samples_per_prompt", "2"] if estimator != "gae" else []
+    cfg = load_config(None, [*critic_free,
         "--model.name_or_path", t5, "--model.dtype", "float32", "--model.value_head_dropout", "0",
         "--lora.r", "8", "--lora.alpha", "8", "--lora.dropout", "0",
         "--ppo.batch_size", str(ROWS), "--ppo.learning_rate", "1e-3", "--ppo.vf_coef", "1.0",
@@ -65,7 +69,7 @@ def build(t5: str, accumulation: int = 1, max_grad_norm=None):
         "--ppo.max_grad_norm", str(max_grad_norm),
     ])
     torch.manual_seed(0)
-    policy, tokenizer = load_policy(cfg)
+    policy, tokenizer = load_policy(cfg, with_value_head=estimator == "gae")
     with torch.no_grad():  # a non-zero adapter, so the policy differs from its KL reference
         for name, param in policy.named_parameters():
             if "lora_B" in name:
@@ -73,13 +77,15 @@ def build(t5: str, accumulation: int = 1, max_grad_norm=None):
     return cfg, policy, tokenizer
 
 
-def run(t5: str, out: Path, make_accelerator=None, accumulation: int = 1, max_grad_norm=None) -> None:
+def run(t5: str, out: Path, make_accelerator=None, accumulation: int = 1, max_grad_norm=None,
+        estimator: str = "gae") -> None:
     """`make_accelerator()` builds the Accelerator; it is called after the policy is built, so that under ZeRO-3
     the policy is not created partitioned (the non-zero LoRA init would not reach the shards)."""
-    cfg, policy, tokenizer = build(t5, accumulation, max_grad_norm)
+    cfg, policy, tokenizer = build(t5, accumulation, max_grad_norm, estimator)
+    k = cfg.rollout.samples_per_prompt
     accelerator = make_accelerator() if make_accelerator is not None else None
     assert len(tokenizer) == 1811  # the tiny T5's vocabulary (train/tiny_models.py)
-    rollout = fixed_rollout(len(tokenizer), tokenizer.eos_token_id)
+    rollout = fixed_rollout(len(tokenizer), tokenizer.eos_token_id, samples_per_prompt=k)
     optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=cfg.ppo.learning_rate)
     collectives = Collectives.of(accelerator)
     if accelerator is not None:
@@ -97,7 +103,7 @@ def run(t5: str, out: Path, make_accelerator=None, accumulation: int = 1, max_gr
         step_cfg = dataclasses.replace(cfg.ppo, **settings)
         local = forward_trajectory(policy, *(t[share].to(device) for t in rollout), chunk_size=2, accelerator=accelerator)
         trajectory = gather_trajectory(local, collectives, tokenizer.pad_token_id)
-        stats = ppo_step(policy, optimizer, trajectory, kl_ctl, shaper, step_cfg, estimator_for(step_cfg), accelerator=accelerator,
+        stats = ppo_step(policy, optimizer, trajectory, kl_ctl, shaper, step_cfg, estimator_for(step_cfg, k), accelerator=accelerator,
                          generator=generator)
         all_stats.append({k: v for k, v in stats.items() if not k.startswith("time/")})
         save_weights(policy, accelerator, collectives, out / f"weights-{step}.safetensors")
@@ -122,6 +128,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--accumulation", type=int, default=1)
     parser.add_argument("--max-grad-norm", type=float, default=None)
+    parser.add_argument("--estimator", default="gae")
     args = parser.parse_args()
     from accelerate import Accelerator
 
@@ -134,7 +141,7 @@ def main() -> None:
         return made[0]
 
     args.out.mkdir(parents=True, exist_ok=True)
-    run(args.t5, args.out, make_accelerator, args.accumulation, args.max_grad_norm)
+    run(args.t5, args.out, make_accelerator, args.accumulation, args.max_grad_norm, args.estimator)
     made[0].wait_for_everyone()
     made[0].end_training()
 

@@ -2,18 +2,22 @@
 
     python -m train.plan --model.name_or_path google/flan-t5-xxl --plan.gpus 8 --plan.zero 3 [--model.quantization 4bit]
     python -m train.plan --config configs/flan_t5_base.yaml --plan.gradient_checkpointing true --ppo.mini_batch_size 8
+    python -m train.plan --ppo.advantage_estimator rloo --rollout.samples_per_prompt 4   # critic-free, k = 4
     python -m train.plan --table            # Markdown: flan-t5 small..xxl x {1, 8} GPUs x ZeRO {2, 3}
 
 Nothing is downloaded and no weights are made: the policy is built on the meta device from the shipped
 architecture configs (`train.models.build_from_architecture`), LoRA is applied with the project's own
 `apply_lora`, so parameter counts per module are exact. Sizes are the training keys of the config (`--config`,
-default = the original notebook's: model.*, lora.*, ppo.batch_size/mini_batch_size, rollout.batch_size/max_new_tokens,
-data.max_prompt_tokens, reward.*); the hardware to plan for is its `plan` section (GPUs, ZeRO stage, offload,
-gradient checkpointing, reward placement, GPU memory, margin); `--section.key VALUE` overrides either. The planner
-models the PPO stage (the most demanding one).
+default = the original notebook's: model.*, lora.*, ppo.batch_size/mini_batch_size/advantage_estimator,
+rollout.batch_size/max_new_tokens/samples_per_prompt, data.max_prompt_tokens, reward.*); the hardware to plan for is
+its `plan` section (GPUs, ZeRO stage, offload, gradient checkpointing, reward placement, GPU memory, margin);
+`--section.key VALUE` overrides either. The planner models the PPO stage (the most demanding one), for the
+advantage estimator it will run: gae (PPO with a value head) or the critic-free rloo and group (GRPO), which build,
+train and save no value head (`ppo_core.make_estimator(...).uses_value_head`, as training decides it).
 
-Memory model, per GPU (N = GPUs, b = bytes per element of the model dtype: fp32 4, bf16/fp16 2). "Sharded"
-means divided by N (rounded up).
+Memory model, per GPU (N = GPUs, b = bytes per element of the model dtype: fp32 4, bf16/fp16 2, k =
+rollout.samples_per_prompt). "Sharded" means divided by N (rounded up). ppo.batch_size counts rows (prompts x k):
+each GPU holds ceil(batch / N) rows, the k samples of each of its ceil(batch / (k N)) prompts.
 
 Weights of the frozen base, as `train.models.load_base_model` leaves them:
   * no quantisation: every parameter in `model.dtype` (b bytes). fp16 only: T5's `_keep_in_fp32_modules`
@@ -29,9 +33,10 @@ Weights of the frozen base, as `train.models.load_base_model` leaves them:
     (generation included) gathers the parameters of one module at a time: the peak adds the largest T5 block
     (or the embedding / LM head) unsharded ("ZeRO-3 gathered layer"). DeepSpeed's prefetch
     (`stage3_prefetch_bucket_size`, `stage3_max_live_parameters`) can hold more; lower those if it matters.
-Trainable parameters (LoRA A/B of the targeted Linear layers + the value head, `d_model + 1`): fp32 (peft
-  keeps adapters in fp32 whatever the base dtype; the value head is fp32), 4 bytes/param, so no separate fp32
-  master copy. Sharded under ZeRO-3.
+Trainable parameters (LoRA A/B of the targeted Linear layers + the value head, `d_model + 1` in 2 tensors, for
+  gae only): fp32 (peft keeps adapters in fp32 whatever the base dtype; the value head is fp32), 4 bytes/param, so
+  no separate fp32 master copy. Sharded under ZeRO-3. Without a value head (rloo, group) it is absent from the
+  trainable parameters, the optimizer state, the gradients and the activations alike.
 KL reference adapter (only with `ppo.reference: initial_adapter`): a frozen fp32 copy of the LoRA A/B, sharded
   under ZeRO-3; the base weights are shared, so that is all the reference costs.
 Optimizer: Adam (as TRL/`ppo_core`): `exp_avg` and `exp_avg_sq` in fp32 (8 bytes/param) plus a 4-byte `step`
@@ -51,22 +56,28 @@ Activations kept for the backward of one PPO mini-batch (per GPU: B = ceil(mini_
   (SDPA keeps no (length x length) matrix); 6 bytes per layer norm and d_model: its input in the model
   dtype plus the fp32 upcast T5's RMSNorm computes in. L_in: each LoRA-targeted Linear casts its input to
   fp32 for the adapter (4 bytes * in_features per token; 0 when the model is fp32). Plus the value-head
-  input (fp32 decoder states, 4 d_model per decoder token) and the log-softmax over the vocabulary kept for
-  the backward (4 V per predicted token).
+  input (fp32 decoder states, 4 d_model per decoder token; gae only: without a value head the forward asks for
+  no hidden states) and the log-softmax over the vocabulary kept for the backward (4 V per predicted token).
   With gradient checkpointing, only each block's input is kept (b * d_model per token and layer) plus one
   block's full activations while it is recomputed. NOTE: transformers only checkpoints in training mode,
   and `ppo_core` runs the policy in eval mode (dropout off): the knob needs the policy in train mode with
   dropout 0 to have any effect.
 Logits buffer: B * (R - 1) * V * 12 bytes on top of the kept log-softmax: the fp32 logits, and the fp32
   softmax and product of the entropy statistic (`ppo_loss`), alive at once.
-Generation (rollout): each GPU generates its ceil(batch / N) rows, at most `rollout.batch_size` per call (G).
-  Decoder self-attention cache 2 * L_dec * G * inner * max_new_tokens * b, cross-attention cache
-  2 * L_dec * G * inner * Q * b, the encoder output G * Q * d_model * b, and per-step logits G * V * 4 * 3
-  (scores, processed scores and probabilities in fp32).
+Generation (rollout): each GPU samples k summaries for each of its P = ceil(batch / (k N)) prompts, at most
+  `rollout.batch_size` prompts per generate() call, so a call has G = min(rollout.batch_size, P) * k rows
+  (each prompt, and its encoder output, repeated k times for the call). Per call: decoder self-attention
+  cache 2 * L_dec * G * inner * max_new_tokens * b, cross-attention cache 2 * L_dec * G * inner * Q * b, the
+  expanded encoder output G * Q * d_model * b, and per-step logits G * V * 4 * 3 (scores, processed scores and
+  probabilities in fp32). Plus the encoder output the rollout keeps to reuse in its no-grad forward passes
+  (`rollout.encode_prompts`: the encoder runs once per prompt): ceil(batch / N) * Q * d_model * b for the rows,
+  and for k > 1 also the per-prompt tensor they are repeated from, P * Q * d_model * b. Both count in the
+  generation phase: an upper bound, as the rows' copy is made after the last generate() call.
 Peak = weights + trainable + optimizer + max(training phase, generation phase) + reward model (when it shares
   the GPU) + ZeRO-3 gathered layer + CUDA context/allocator overhead (1 GiB: the CUDA context and cuBLAS/cuDNN
   workspaces, which `torch.cuda.max_memory_allocated` does not see). The rollout's no-grad forward passes
-  (old and reference log-probs) hold less than the training pass and are not counted. Temporaries during
+  (old and reference log-probs) reuse the kept encoder output (counted above); their own transient activations
+  hold less than the training pass and are not counted. Temporaries during
   the backward (a few layer-sized gradient tensors) and fragmentation are left to the safety margin: the job
   fits when peak <= plan.gpu_mem_gib * (1 - plan.margin) (default 10% of 80 GiB).
 Reward model (RoBERTa classifier): parameters * reward dtype bytes, plus inference activations of one
@@ -91,6 +102,7 @@ from rewards.config import check_bounds
 from train.cli import config_from_cli, overridden, run_cli
 from train.config import BOUNDS, ExperimentConfig, LoraSettings
 from train.errors import ConfigError, ModelError
+from train.ppo_core import Estimator, make_estimator
 
 GIB = 1024**3
 CUDA_OVERHEAD_BYTES = 1 * GIB
@@ -116,7 +128,8 @@ Quant = Optional[Literal["8bit", "4bit"]]
 
 @dataclass
 class ParamCounts:
-    """Exact parameter counts of base + LoRA + value head, grouped by how they are stored."""
+    """Exact parameter counts of base + LoRA + value head, grouped by how they are stored. `count_parameters` counts
+    the value head (gae's); `plan` sets it to 0 for an estimator without one."""
 
     quantizable: int  # Linear weights in the blocks (quantised under 8/4bit)
     quantizable_linears: int
@@ -125,7 +138,7 @@ class ParamCounts:
     other: int  # embeddings, norms, relative biases, lm_head
     lora: int
     lora_tensors: int
-    value_head: int
+    value_head: int  # d_model + 1 (weight + bias), 0 without a value head
     largest_gathered: int  # params of the biggest single module ZeRO-3 gathers at once
     lora_targets: list[str] = field(default_factory=list)
 
@@ -139,7 +152,7 @@ class ParamCounts:
 
     @property
     def trainable_tensors(self) -> int:
-        return self.lora_tensors + 2  # value head weight + bias
+        return self.lora_tensors + (2 if self.value_head else 0)  # value head weight + bias
 
 
 def _is_lm_head(name: str) -> bool:
@@ -261,7 +274,7 @@ def _lora_input_bytes(arch: Arch, targets: list[str], b: int) -> tuple[int, int,
 
 def activation_bytes(
     arch: Arch, batch: int, prompt_len: int, response_len: int, dtype: str, lora_targets: list[str],
-    gradient_checkpointing: bool = False,
+    gradient_checkpointing: bool = False, value_head: bool = True,
 ) -> int:
     """Bytes autograd keeps for the backward of one training forward (`response_len` = decoder length)."""
     b = DTYPE_BYTES[dtype]
@@ -270,7 +283,9 @@ def activation_bytes(
     enc_layer = batch * prompt_len * (b * (ff + 4 * arch.inner) + NORM_BYTES * 2 * arch.d_model + enc_lora)
     dec_layer = batch * response_len * (b * (ff + 6 * arch.inner) + NORM_BYTES * 3 * arch.d_model + dec_lora)
     dec_layer += batch * prompt_len * (b * 2 * arch.inner + cross_lora)
-    head = batch * response_len * 4 * arch.d_model + batch * (response_len - 1) * arch.vocab * 4
+    head = batch * (response_len - 1) * arch.vocab * 4  # log-softmax
+    if value_head:
+        head += batch * response_len * 4 * arch.d_model  # its fp32 input
     if not gradient_checkpointing:
         return arch.enc_layers * enc_layer + arch.dec_layers * dec_layer + head
     block_inputs = batch * b * arch.d_model * (arch.enc_layers * prompt_len + arch.dec_layers * response_len)
@@ -289,6 +304,13 @@ def generation_bytes(arch: Arch, gen_batch: int, prompt_len: int, new_tokens: in
     encoder_out = gen_batch * prompt_len * arch.d_model * b
     step_logits = gen_batch * arch.vocab * 4 * 3
     return self_cache + cross_cache + encoder_out + step_logits
+
+
+def kept_encoder_bytes(arch: Arch, rows: int, prompts: int, samples_per_prompt: int, prompt_len: int, dtype: str) -> int:
+    """The encoder output the rollout keeps for its no-grad passes: one per row, plus the per-prompt tensor the rows
+    repeat when k > 1 (for k = 1 they are the same tensor)."""
+    kept = rows + (prompts if samples_per_prompt > 1 else 0)
+    return kept * prompt_len * arch.d_model * DTYPE_BYTES[dtype]
 
 
 @functools.lru_cache(maxsize=None)
@@ -332,6 +354,8 @@ class PlanInputs:
     batch: int  # ppo.batch_size, global
     mini_batch: int  # ppo.mini_batch_size, global
     gen_batch: int  # rollout.batch_size: prompts per generate() call
+    samples_per_prompt: int  # rollout.samples_per_prompt (k): summaries per prompt; batch counts prompts x k rows
+    estimator: str  # ppo.advantage_estimator: gae (value head) or the critic-free rloo / group
     prompt_len: int  # data.max_prompt_tokens
     max_new_tokens: int  # rollout.max_new_tokens
     gradient_checkpointing: bool  # plan.gradient_checkpointing
@@ -351,7 +375,8 @@ class PlanInputs:
         return cls(
             model=cfg.model.name_or_path, gpus=p.gpus, zero=p.zero, dtype=cfg.model.dtype, quant=cfg.model.quantization,
             lora=dataclasses.replace(cfg.lora), batch=cfg.ppo.batch_size, mini_batch=cfg.ppo.mini_batch_size,
-            gen_batch=cfg.rollout.batch_size, prompt_len=cfg.data.max_prompt_tokens,
+            gen_batch=cfg.rollout.batch_size, samples_per_prompt=cfg.rollout.samples_per_prompt,
+            estimator=cfg.ppo.advantage_estimator, prompt_len=cfg.data.max_prompt_tokens,
             max_new_tokens=cfg.rollout.max_new_tokens, gradient_checkpointing=p.gradient_checkpointing,
             reference_adapter=cfg.ppo.reference == "initial_adapter", offload=p.offload,
             reward_model=cfg.reward.model_name_or_path, reward_dtype=cfg.reward.dtype, reward_batch=cfg.reward.batch_size,
@@ -371,10 +396,22 @@ class PlanInputs:
             raise ConfigError(f"model.quantization must be 8bit, 4bit or null, got {self.quant!r}")
         keys = {"batch": "ppo.batch_size", "mini_batch": "ppo.mini_batch_size", "gen_batch": "rollout.batch_size",
                 "prompt_len": "data.max_prompt_tokens", "max_new_tokens": "rollout.max_new_tokens",
-                "reward_batch": "reward.batch_size", "reward_len": "reward.max_length"}
+                "reward_batch": "reward.batch_size", "reward_len": "reward.max_length",
+                "samples_per_prompt": "rollout.samples_per_prompt"}
         for name, key in keys.items():
             if getattr(self, name) < 1:
                 raise ConfigError(f"{key} must be at least 1, got {getattr(self, name)}")
+        self.resolved_estimator()  # its own checks: the name, and k >= 2 for rloo / group
+
+    def resolved_estimator(self) -> Estimator:
+        """ppo.advantage_estimator resolved as training resolves it; the KL placement, gamma, lambda and whitening
+        it also takes change no memory."""
+        return make_estimator(self.estimator, "auto", self.samples_per_prompt, gamma=1.0, lam=1.0, whiten_rewards=False)
+
+    @property
+    def value_head(self) -> bool:
+        """gae trains a value head; the critic-free rloo and group build none."""
+        return self.resolved_estimator().uses_value_head
 
 
 @dataclass
@@ -408,14 +445,18 @@ def plan(inputs: PlanInputs, counts: Optional[ParamCounts] = None, config=None) 
     inputs.check()
     if counts is None or config is None:
         counts, config = count_parameters(inputs.model, inputs.lora)
+    if not inputs.value_head:
+        counts = dataclasses.replace(counts, value_head=0)  # rloo / group: no value head to train, step or back-propagate
     arch = Arch.from_config(config)
-    n, z, notes = inputs.gpus, inputs.zero, []
+    n, z, k, notes = inputs.gpus, inputs.zero, inputs.samples_per_prompt, []
     rows = math.ceil(inputs.batch / n)
+    prompts = math.ceil(inputs.batch / (k * n))  # a prompt's k rows stay on one GPU
     mini = math.ceil(inputs.mini_batch / n)
-    if inputs.batch % n or inputs.mini_batch % n:
-        notes.append(f"ppo.batch_size ({inputs.batch}) and ppo.mini_batch_size ({inputs.mini_batch}) are global and "
-                     f"must be multiples of {n} GPUs: raise them (planned with {rows} rows, {mini} per mini-batch per GPU)")
-    gen = min(inputs.gen_batch, rows)
+    if inputs.batch % (k * n) or inputs.mini_batch % n:
+        notes.append(f"ppo.batch_size ({inputs.batch}) is global and must be a multiple of {k * n} "
+                     f"(rollout.samples_per_prompt {k} x {n} GPUs), ppo.mini_batch_size ({inputs.mini_batch}) of {n}: "
+                     f"raise them (planned per GPU with {rows} rows from {prompts} prompt(s), {mini} per mini-batch)")
+    gen = min(inputs.gen_batch, prompts) * k  # rows per generate() call: k samples of each prompt
     response_len = inputs.max_new_tokens + 1  # decoder start token + generated tokens
 
     weights = weight_bytes(counts, inputs.dtype, inputs.quant)
@@ -423,7 +464,7 @@ def plan(inputs: PlanInputs, counts: Optional[ParamCounts] = None, config=None) 
     offloaded = inputs.offload
     components = {
         "weights (frozen base)": weights,
-        "trainable (LoRA + value head)": _shard(trainable_bytes(counts), n, z == 3),
+        f"trainable (LoRA{' + value head' if counts.value_head else ''})": _shard(trainable_bytes(counts), n, z == 3),
         "optimizer (Adam)": 0 if offloaded else _shard(optimizer_bytes(counts), n, z >= 1),
     }
     if inputs.reference_adapter:
@@ -431,12 +472,13 @@ def plan(inputs: PlanInputs, counts: Optional[ParamCounts] = None, config=None) 
     train_phase = (
         (0 if offloaded else _shard(gradient_bytes(counts), n, z >= 2))
         + activation_bytes(arch, mini, inputs.prompt_len, response_len, inputs.dtype, counts.lora_targets,
-                           inputs.gradient_checkpointing)
+                           inputs.gradient_checkpointing, value_head=counts.value_head > 0)
         + logits_buffer_bytes(arch, mini, response_len)
     )
-    gen_phase = generation_bytes(arch, gen, inputs.prompt_len, inputs.max_new_tokens, inputs.dtype)
+    gen_phase = (generation_bytes(arch, gen, inputs.prompt_len, inputs.max_new_tokens, inputs.dtype)
+                 + kept_encoder_bytes(arch, rows, prompts, k, inputs.prompt_len, inputs.dtype))
     components["training: grads + activations + logits"] = train_phase if train_phase >= gen_phase else 0
-    components["generation: KV cache + logits"] = gen_phase if gen_phase > train_phase else 0
+    components["generation: KV cache + encoder + logits"] = gen_phase if gen_phase > train_phase else 0
     notes.append(f"training phase {fmt_gib(train_phase)} vs generation phase {fmt_gib(gen_phase)}: the larger counts")
     if z == 3:
         components["ZeRO-3 gathered layer"] = counts.largest_gathered * DTYPE_BYTES[inputs.dtype]
@@ -513,12 +555,15 @@ def format_plan(p: Plan) -> str:
     i = p.inputs
     quant = f", {i.quant}" if i.quant else ""
     zero = f"ZeRO-{i.zero}" if i.zero else "DDP (no ZeRO)"
+    k = i.samples_per_prompt
     lines = [
         f"{i.model}: {p.counts.base:,} base parameters, {p.counts.trainable:,} trainable (LoRA r={i.lora.r} on "
-        f"{','.join(i.lora.target_modules)} + value head)",
+        f"{','.join(i.lora.target_modules)}{' + value head' if p.counts.value_head else ''})",
         f"{i.gpus} GPU(s) x {i.gpu_mem_gib:g} GiB, {zero}{' + CPU offload' if i.offload else ''}, {i.dtype}{quant}, "
-        f"PPO batch {i.batch} / mini-batch {i.mini_batch} (global), prompt {i.prompt_len} + {i.max_new_tokens} new tokens, "
         f"gradient checkpointing {'on' if i.gradient_checkpointing else 'off'}, reward model {i.reward_device}",
+        f"estimator {i.estimator} ({'with a value head' if p.counts.value_head else 'critic-free: no value head'}), "
+        f"{k} summar{'y' if k == 1 else 'ies'} per prompt: PPO batch {i.batch} rows ({i.batch // k} prompts x {k}) / "
+        f"mini-batch {i.mini_batch} (global), prompt {i.prompt_len} + {i.max_new_tokens} new tokens",
         "",
         f"{'per GPU':<42} {'memory':>12}",
         "-" * 55,
@@ -548,7 +593,8 @@ def format_plan(p: Plan) -> str:
 
 
 def markdown_table(base: PlanInputs, models: Optional[list[str]] = None, gpus=(1, 8), zeros=(2, 3)) -> str:
-    """Peak per GPU for each model x GPU count x ZeRO stage (other settings from `base`)."""
+    """Peak per GPU for each model x GPU count x ZeRO stage (other settings, the estimator and k included, from
+    `base`)."""
     from train.models import ARCHITECTURES
 
     models = models or list(ARCHITECTURES)
@@ -557,8 +603,9 @@ def markdown_table(base: PlanInputs, models: Optional[list[str]] = None, gpus=(1
     for model in models:
         for n in gpus:
             for z in zeros:
-                # Global batch sizes must divide over the GPUs (ppo_core checks): at least one row per GPU.
-                inputs = dataclasses.replace(base, model=model, gpus=n, zero=z, batch=max(base.batch, n),
+                # Global batch sizes must divide over the GPUs (ppo_core checks): at least one prompt (k rows) per GPU.
+                inputs = dataclasses.replace(base, model=model, gpus=n, zero=z,
+                                             batch=max(base.batch, n * base.samples_per_prompt),
                                              mini_batch=max(base.mini_batch, n))
                 p = plan_for(inputs)
                 train, gen = p.phases["training"], p.phases["generation"]
@@ -587,8 +634,9 @@ The hardware to plan for is the plan section (train/config.py PlanConfig):
   --plan.gpus N  --plan.zero 0|1|2|3  --plan.offload true  --plan.gradient_checkpointing true
   --plan.reward_device separate|shared  --plan.gpu_mem_gib GIB  --plan.margin FRACTION
 Sizes are training keys: --model.name_or_path, --model.dtype, --model.quantization, --lora.r,
---lora.target_modules, --ppo.batch_size, --ppo.mini_batch_size, --rollout.batch_size, --rollout.max_new_tokens,
---data.max_prompt_tokens, --reward.model_name_or_path, --reward.batch_size, ..."""
+--lora.target_modules, --ppo.advantage_estimator, --ppo.batch_size, --ppo.mini_batch_size, --rollout.batch_size,
+--rollout.samples_per_prompt, --rollout.max_new_tokens, --data.max_prompt_tokens, --reward.model_name_or_path,
+--reward.batch_size, ..."""
 
 
 def main(argv: Optional[list[str]] = None) -> Plan | str:
@@ -606,6 +654,8 @@ def main(argv: Optional[list[str]] = None) -> Plan | str:
                           "or drop --table for one plan")
     if args.table:
         table = markdown_table(inputs)
+        print(f"ppo.advantage_estimator {inputs.estimator}, rollout.samples_per_prompt {inputs.samples_per_prompt}"
+              f"{'' if inputs.value_head else ' (no value head)'}:\n")
         print(table)
         return table
     try:

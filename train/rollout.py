@@ -211,14 +211,17 @@ def generate_responses(
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     responses: list[torch.Tensor] = []
     response_masks: list[torch.Tensor] = []
+    k = samples_per_prompt
     for start, ids, mask in prompt_batches(query_ids, settings.batch_size, pad_id):
         encoded = {}
         if encoder_hidden_states is not None:
             hidden = encoder_hidden_states[start : start + settings.batch_size, : ids.shape[1]]
-            encoded["encoder_outputs"] = BaseModelOutput(last_hidden_state=hidden)
+            encoded["encoder_outputs"] = BaseModelOutput(last_hidden_state=hidden.repeat_interleave(k, dim=0))
+        # Each prompt k times in a row (what num_return_sequences would do, which greedy-mode generate refuses and
+        # our sampler runs in); the encoder output, computed once per prompt, is repeated likewise.
         out = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), pad_token_id=pad_id, eos_token_id=eos_id,
-            num_return_sequences=samples_per_prompt, **encoded, **generation_kwargs(settings, rng),
+            input_ids=ids.repeat_interleave(k, dim=0).to(device), attention_mask=mask.repeat_interleave(k, dim=0).to(device),
+            pad_token_id=pad_id, eos_token_id=eos_id, **encoded, **generation_kwargs(settings, rng),
         ).cpu()
         out_mask = response_mask_from_ids(out, eos_id)
         out = out.masked_fill(out_mask == 0, pad_id)
@@ -226,8 +229,8 @@ def generate_responses(
             length = int(row_mask.sum())  # the mask is 1 on a prefix of each row
             responses.append(row[:length])
             response_masks.append(row_mask[:length])
-    query_ids_t, query_mask = pad_right([torch.tensor(q, dtype=torch.long) for q in query_ids
-                                         for _ in range(samples_per_prompt)], pad_id)
+    query_ids_t, query_mask = pad_right([torch.tensor(q, dtype=torch.long) for q in query_ids for _ in range(k)],
+                                        pad_id)
     response_ids, response_mask = pad_right(responses, pad_id)
     return query_ids_t.to(device), query_mask.to(device), response_ids.to(device), response_mask.to(device)
 

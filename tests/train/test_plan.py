@@ -20,8 +20,8 @@ from train.models import (
     save_policy,
 )
 from train.plan import (
-    GIB, DEFAULT_REWARD_MODEL, Arch, PlanInputs, activation_bytes, count_parameters, main, markdown_table,
-    optimizer_bytes, plan_for, reward_model_params, suggest_knob, trainable_bytes, weight_bytes,
+    GIB, DEFAULT_REWARD_MODEL, Arch, PlanInputs, activation_bytes, count_parameters, gradient_bytes, main,
+    markdown_table, optimizer_bytes, plan_for, reward_model_params, suggest_knob, trainable_bytes, weight_bytes,
 )
 from train.ppo_core import logprobs_from_logits
 
@@ -61,6 +61,19 @@ def test_bytes_match_real_tiny_policy(tiny_artifacts, repo_root):
     cfg = load_config(repo_root / "configs" / "tiny.yaml", ["--model.name_or_path", str(tiny_artifacts.t5)])
     policy, _ = load_policy(cfg)
     _check_planner_matches(policy, str(tiny_artifacts.t5), cfg.lora, cfg.model.dtype)
+
+
+def test_bytes_match_real_critic_free_tiny_policy(tiny_artifacts, repo_root):
+    """rloo builds its policy without a value head (as train.ppo does): the plan's trainable and Adam bytes are that
+    policy's."""
+    cfg = load_config(repo_root / "configs" / "tiny.yaml", ["--model.name_or_path", str(tiny_artifacts.t5),
+                                                            "--ppo.advantage_estimator", "rloo",
+                                                            "--rollout.samples_per_prompt", "2"])
+    policy, _ = load_policy(cfg, with_value_head=False)
+    assert policy.value_head is None
+    _, trainable, states = _actual_bytes(policy)
+    counts = plan_for(PlanInputs.from_config(cfg)).counts
+    assert trainable_bytes(counts) == trainable and optimizer_bytes(counts) == states
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -108,6 +121,42 @@ def test_activation_model_matches_saved_tensors(dtype, small_base):
     assert checkpointed < predicted / 2
 
 
+def test_critic_free_activations_lose_exactly_the_value_head_input(small_base):
+    """Without a value head (rloo, group) the forward asks for no hidden states and keeps no fp32 copy of the last
+    one: autograd's saved bytes drop by what the planner's value-head term says, 4 bytes * d_model per decoder token."""
+    lora = LoraSettings()
+    base = copy.deepcopy(small_base).to(torch.bfloat16)
+    model = apply_lora(base, lora)
+    head = ValueHead(base.config.d_model)
+    model.eval(), head.eval()  # as ppo_core runs the policy (dropout off)
+    batch, prompt_len, decoder_len = 2, 40, 17
+    ids = torch.randint(2, 1000, (batch, prompt_len))
+    dec = torch.randint(2, 1000, (batch, decoder_len))
+    params = {p.untyped_storage().data_ptr() for p in list(model.parameters()) + list(head.parameters())}
+
+    def saved_bytes(value_head: bool) -> int:
+        kept: dict[int, int] = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in params:
+                kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), decoder_input_ids=dec,
+                        output_hidden_states=value_head, use_cache=False)
+            values = head(out.decoder_hidden_states[-1]) if value_head else None
+            logprobs = logprobs_from_logits(out.logits[:, :-1].float(), dec[:, 1:])
+        del logprobs, values
+        return sum(kept.values())
+
+    arch = Arch.from_config(base.config)
+    with_head, without = (activation_bytes(arch, batch, prompt_len, decoder_len, "bfloat16", lora.target_modules,
+                                           value_head=v) for v in (True, False))
+    assert with_head - without == batch * decoder_len * 4 * 512  # flan-t5-small: d_model 512
+    assert saved_bytes(True) - saved_bytes(False) == with_head - without
+
+
 def test_reward_model_params_match_roberta_base_formula():
     h, inter, layers, vocab, positions = 768, 3072, 12, 50265, 514
     embeddings = (vocab + positions + 1) * h + 2 * h  # word + position + token type, LayerNorm
@@ -143,6 +192,55 @@ def test_reference_adapter_bytes_match_a_real_second_adapter(tiny_artifacts, rep
     sharded = plan_for(inputs).components["KL reference adapter (frozen LoRA)"]
     assert sharded == -(-(frozen_with - frozen_without) // 2)  # ZeRO-3 shards it over the 2 GPUs
     assert "KL reference adapter (frozen LoRA)" not in plan_for(dataclasses.replace(inputs, reference_adapter=False)).components
+
+
+@pytest.mark.parametrize("estimator", ["rloo", "group"])
+def test_critic_free_plans_have_no_value_head(estimator, capsys):
+    """rloo and group build no value head: the plan drops exactly its share, worked out by hand for flan-t5-small
+    (d_model 512: ValueHead is Linear(512, 1), 513 parameters in 2 tensors), and says so."""
+    same = dict(model="google/flan-t5-small", samples_per_prompt=4)  # one k for both: only the value head differs
+    gae, free = plan_for(_inputs(**same)), plan_for(_inputs(estimator=estimator, **same))
+    head = 512 + 1
+    assert (gae.counts.value_head, free.counts.value_head) == (head, 0)
+    assert gae.counts.trainable - free.counts.trainable == head
+    assert trainable_bytes(gae.counts) - trainable_bytes(free.counts) == 4 * head
+    assert optimizer_bytes(gae.counts) - optimizer_bytes(free.counts) == 8 * head + 4 * 2  # + a step per tensor
+    assert gradient_bytes(gae.counts) - gradient_bytes(free.counts) == 4 * head
+    # 1 GPU, no ZeRO (the defaults): the components are these byte counts unsharded.
+    assert gae.components["trainable (LoRA + value head)"] - free.components["trainable (LoRA)"] == 4 * head
+    assert gae.components["optimizer (Adam)"] - free.components["optimizer (Adam)"] == 8 * head + 4 * 2
+    # Training phase: the gradients, and the value head's fp32 input for the mini-batch's 4 rows x 401 decoder
+    # tokens (400 new + the start token). Generation does not depend on the estimator.
+    assert gae.phases["training"] - free.phases["training"] == 4 * head + 4 * 401 * 4 * 512
+    assert gae.phases["generation"] == free.phases["generation"]
+
+    main(["--model.name_or_path", "google/flan-t5-small", "--ppo.advantage_estimator", estimator,
+          "--rollout.samples_per_prompt", "4"])
+    out = capsys.readouterr().out
+    assert "value head)" not in out.splitlines()[0] and "trainable (LoRA) " in out
+    assert f"estimator {estimator} (critic-free: no value head), 4 summaries per prompt: PPO batch 16 rows (4 prompts x 4)" in out
+
+
+@pytest.mark.parametrize("gen_batch, rows_per_call", [(16, 8), (1, 4)])
+def test_generation_phase_with_k_samples_per_prompt(gen_batch, rows_per_call):
+    """k = 4 summaries per prompt, ppo.batch_size 16 rows over 2 GPUs: 8 rows per GPU = 2 prompts x 4. A generate()
+    call takes min(rollout.batch_size, 2) prompts and samples 4 rows for each; the rollout keeps the encoder output
+    of the 8 rows and of the 2 prompts they repeat. flan-t5-small by hand: d_model 512, inner 6 heads x 64 = 384,
+    8 decoder layers, vocabulary 32128; bf16 (2 bytes), prompt 512 tokens, 400 new tokens."""
+    p = plan_for(_inputs(model="google/flan-t5-small", estimator="rloo", samples_per_prompt=4, gpus=2, zero=2,
+                         gen_batch=gen_batch))
+    g = rows_per_call
+    self_cache = 2 * 8 * g * 384 * 400 * 2
+    cross_cache = 2 * 8 * g * 384 * 512 * 2
+    expanded_encoder = g * 512 * 512 * 2  # each prompt's encoder output repeated 4 times for the call
+    step_logits = g * 32128 * 4 * 3
+    kept_encoder = (8 + 2) * 512 * 512 * 2  # the rows' copy + the per-prompt tensor
+    assert p.phases["generation"] == self_cache + cross_cache + expanded_encoder + step_logits + kept_encoder
+    # k = 1 with the same batch: 8 prompts per GPU, min(gen_batch, 8) rows per call, one kept copy (the rows').
+    one = plan_for(_inputs(model="google/flan-t5-small", gpus=2, zero=2, gen_batch=gen_batch))
+    g1 = min(gen_batch, 8)
+    assert one.phases["generation"] == (2 * 8 * g1 * 384 * (400 + 512) * 2 + g1 * 512 * 512 * 2 + g1 * 32128 * 4 * 3
+                                        + 8 * 512 * 512 * 2)
 
 
 def test_more_gpus_under_zero3_means_less_per_gpu():
@@ -251,6 +349,20 @@ def test_inputs_built_in_code_are_held_to_the_config_ranges(change, message):
     through PlanInputs.check, with the same ranges (BOUNDS)."""
     with pytest.raises(ConfigError) as error:
         _inputs(**change).check()
+    assert str(error.value) == message
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"estimator": "rloo", "samples_per_prompt": 1}, "ppo.advantage_estimator rloo compares the summaries of a prompt "
+     "with each other: set rollout.samples_per_prompt to 2 or more (it is 1)"),
+    ({"estimator": "group", "samples_per_prompt": 0}, "rollout.samples_per_prompt must be at least 1, got 0"),
+    ({"samples_per_prompt": 0}, "rollout.samples_per_prompt must be at least 1, got 0"),
+    ({"estimator": "ppo"}, "ppo.advantage_estimator must be one of gae, rloo, group, got 'ppo'"),
+], ids=["rloo k=1", "group k=0", "gae k=0", "unknown estimator"])
+def test_estimator_inputs_built_in_code_give_one_clear_error(change, message):
+    """The config refuses these when it loads; PlanInputs made or changed in code name the keys the same way."""
+    with pytest.raises(ConfigError) as error:
+        plan_for(_inputs(**change))
     assert str(error.value) == message
 
 

@@ -35,7 +35,10 @@ from helpers import (
 )
 
 def adapter_tensors(directory: Path) -> dict[str, torch.Tensor]:
-    return {**load_file(str(directory / "adapter_model.safetensors")), **load_file(str(directory / "value_head.safetensors"))}
+    """The adapter's tensors and the value head's (when there is one)."""
+    value_head = directory / "value_head.safetensors"
+    return {**load_file(str(directory / "adapter_model.safetensors")),
+            **(load_file(str(value_head)) if value_head.exists() else {})}
 
 
 def debug_records(directory: Path, rank: int) -> list[dict]:
@@ -260,6 +263,26 @@ def test_ppo_raises_the_reward_on_the_tiny_default(tmp_path, tiny_artifacts):
     assert after > before + 0.5, (before, after)
 
 
+@pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`:UserWarning")
+@pytest.mark.parametrize("estimator", ["rloo", "group"])
+def test_the_critic_free_estimators_raise_the_reward_without_a_value_head(tmp_path, tiny_artifacts, estimator):
+    # As many summaries per step as PPO's test (16): 4 prompts x 4 samples.
+    run_ppo(ppo_args(tiny_artifacts, tmp_path, *LEARN, "--ppo.advantage_estimator", estimator,
+                     "--rollout.samples_per_prompt", "4"))
+    log = read_ppo_log(tmp_path)
+    assert [r["step"] for r in log] == list(range(1, 31))
+    for key in ("objective/kl", "ppo/policy/advantages_mean", "ppo/loss/policy", "ppo/policy/entropy",
+                "ppo/policy/clipfrac", "env/reward_mean"):
+        assert all(math.isfinite(r[key]) for r in log), key
+    assert not any(key.startswith(("ppo/val/", "ppo/returns/", "ppo/loss/value")) for key in log[-1])
+    assert ("ppo/loss/kl" in log[-1]) == (estimator == "group")  # GRPO's KL is a loss term, RLOO's a reward penalty
+    adapter = tmp_path / "ppo" / "adapter"
+    assert (adapter / "adapter_model.safetensors").is_file() and not (adapter / "value_head.safetensors").exists()
+    before = mean_sampled_reward(tiny_artifacts, None)
+    after = mean_sampled_reward(tiny_artifacts, adapter)
+    assert after > before + 0.5, (before, after)
+
+
 @pytest.mark.parametrize("trackers", ["tensorboard,wandb", "none"])
 def test_tensorboard_and_wandb_offline_get_the_log_and_none_logs_nowhere(tmp_path, tiny_artifacts, trackers):
     # wandb offline (no network), with its own WANDB_DIR: wandb's environment variables win over our defaults.
@@ -340,6 +363,31 @@ def test_two_processes_shard_train_in_step_and_resume_exactly(tmp_path, tiny_art
     for a, b in zip(read_ppo_log(straight)[2:], read_ppo_log(resumed), strict=True):
         assert a["step"] == b["step"] and a["env/reward_mean"] == b["env/reward_mean"]
         assert a["objective/kl"] == b["objective/kl"]
+
+
+def test_rloo_keeps_a_prompts_samples_on_one_process_and_resumes_exactly(tmp_path, tiny_artifacts):
+    straight, resumed, debug = tmp_path / "straight", tmp_path / "resumed", tmp_path / "debug"
+    common = ["--ppo.steps", "4", "--ppo.batch_size", "8", "--ppo.mini_batch_size", "4", "--ppo.learning_rate", "1e-3",
+              "--ppo.save_every_steps", "2", "--ppo.advantage_estimator", "rloo", "--rollout.samples_per_prompt", "2"]
+    run_ppo(ppo_args(tiny_artifacts, straight, *common, "--debug_dir", str(debug)), launcher=launcher("ddp"))
+    ranks = [debug_records(debug, r) for r in range(2)]
+    for step, (a, b) in enumerate(zip(*ranks), 1):
+        # 8 summaries = 4 prompts x 2 samples; each process sampled both summaries of its own 2 prompts.
+        for record in (a, b):
+            ids = record["example_ids"]
+            assert len(ids) == 4 and ids[0] == ids[1] and ids[2] == ids[3] and ids[0] != ids[2], ids
+        assert not set(a["example_ids"]) & set(b["example_ids"])
+        assert a["params_sha256"] == b["params_sha256"], f"weights differ between ranks after step {step}"
+    trained = adapter_tensors(straight / "ppo" / "adapter")
+    assert not (straight / "ppo" / "checkpoints" / "checkpoint-2" / "policy" / "value_head.safetensors").exists()
+    copy_checkpoint(straight, "ppo", 2, resumed)
+    run_ppo(ppo_args(tiny_artifacts, resumed, *common, "--resume"), launcher=launcher("ddp"))
+    got = adapter_tensors(resumed / "ppo" / "adapter")
+    assert got.keys() == trained.keys()
+    for name in trained:
+        assert torch.equal(got[name], trained[name]), name
+    for a, b in zip(read_ppo_log(straight)[2:], read_ppo_log(resumed), strict=True):
+        assert a["env/reward_mean"] == b["env/reward_mean"] and a["objective/kl"] == b["objective/kl"]
 
 
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_artifacts):

@@ -3,13 +3,15 @@
 tests/ppo_update_worker.py runs three PPO steps on a fixed global rollout (one mini-batch; several mini-batches
 and epochs with whitened rewards and standardised scores; a ratio guard that skips half of the mini-batches).
 Here it runs once in this process (the one-process run) and under `accelerate launch` with 2 and 4 processes (gloo) for
-DDP, DeepSpeed ZeRO-2 and ZeRO-3, plus gradient accumulation with clipping under DDP and ZeRO-2. Trainable weights
-after every step and every logged stat must equal the one-process run to 1e-5.
+DDP, DeepSpeed ZeRO-2 and ZeRO-3, plus gradient accumulation with clipping under DDP and ZeRO-2, and the critic-free
+estimators (RLOO under DDP, GRPO-style group advantages under ZeRO-3: 4 prompts x 2 samples, no value head). Trainable
+weights after every step and every logged stat must equal the one-process run to 1e-5.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 from pathlib import Path
@@ -24,14 +26,14 @@ WORKER = REPO_ROOT / "tests" / "ppo_update_worker.py"
 TOLERANCE = 1e-5
 
 
-def _one_process_run(tiny, out: Path, accumulation: int = 1, max_grad_norm=None) -> Path:
+def _one_process_run(tiny, out: Path, accumulation: int = 1, max_grad_norm=None, estimator: str = "gae") -> Path:
     import ppo_update_worker
 
     out.mkdir(parents=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        ppo_update_worker.run(str(tiny.t5), out, None, accumulation, max_grad_norm)
+        ppo_update_worker.run(str(tiny.t5), out, None, accumulation, max_grad_norm, estimator)
     finally:
         torch.set_num_threads(threads)
     return out
@@ -43,11 +45,15 @@ def one_process_runs(tiny_artifacts, tmp_path_factory):
     return {
         (1, None): _one_process_run(tiny_artifacts, root / "plain"),
         (2, 1.0): _one_process_run(tiny_artifacts, root / "accumulated-clipped", 2, 1.0),
+        **{estimator: _one_process_run(tiny_artifacts, root / estimator, estimator=estimator)
+           for estimator in ("rloo", "group")},
     }
 
 
-def _launch(tiny, out: Path, backend: str, processes: int, accumulation: int, max_grad_norm) -> None:
-    command = [*launcher(backend, processes), str(WORKER), "--t5", str(tiny.t5), "--out", str(out), "--accumulation", str(accumulation)]
+def _launch(tiny, out: Path, backend: str, processes: int, accumulation: int, max_grad_norm,
+            estimator: str = "gae") -> None:
+    command = [*launcher(backend, processes), str(WORKER), "--t5", str(tiny.t5), "--out", str(out), "--accumulation",
+               str(accumulation), "--estimator", estimator]
     if max_grad_norm is not None:
         command += ["--max-grad-norm", str(max_grad_norm)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
@@ -111,3 +117,23 @@ def test_n_processes_compute_the_one_process_update(one_process_runs, tiny_artif
                                                     accumulation, max_grad_norm):
     _launch(tiny_artifacts, tmp_path, backend, processes, accumulation, max_grad_norm)
     assert_same_update(tmp_path, one_process_runs[(accumulation, max_grad_norm)])
+
+
+@pytest.mark.parametrize("estimator", ["rloo", "group"])
+def test_the_critic_free_one_process_runs_train_the_adapter_alone(one_process_runs, estimator):
+    stats, weights = _results(one_process_runs[estimator])
+    assert not any("value_head" in name for name in weights[0])  # no value head built
+    for before, after in zip(weights, weights[1:]):
+        assert any(not torch.equal(before[n], after[n]) for n in before if "lora_B" in n)
+    steps = stats["steps"]
+    assert steps[0]["ppo/policy/skipped"] == steps[1]["ppo/policy/skipped"] == 0.0
+    assert 0.0 < steps[2]["ppo/policy/skipped"] < 1.0  # a global skip decision is tested
+    assert all(math.isfinite(s["ppo/policy/advantages_mean"]) and "ppo/val/error" not in s for s in steps)
+    assert ("ppo/loss/kl" in steps[0]) == (estimator == "group")
+
+
+@pytest.mark.parametrize("backend,estimator", [("ddp", "rloo"), ("zero3", "group")])
+def test_n_processes_compute_the_one_process_critic_free_update(one_process_runs, tiny_artifacts, tmp_path, backend,
+                                                                estimator):
+    _launch(tiny_artifacts, tmp_path, backend, 2, 1, None, estimator)
+    assert_same_update(tmp_path, one_process_runs[estimator])

@@ -255,3 +255,32 @@ def test_the_encoded_prompts_give_the_plain_rollout_and_trajectory(tiny_artifact
     # The encoder output really is what the policy decodes from: another one gives other log-probs.
     other = forward_trajectory(policy, **rollout, chunk_size=2, encoder_hidden_states=encoded.roll(1, dims=0))
     assert (other.logprobs - expected.logprobs).abs().max() > 1e-3
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_k_samples_of_a_prompt_are_its_consecutive_rows(tiny_artifacts):
+    """rollout.samples_per_prompt k: prompt i's samples are rows i k ... i k + k - 1, decoded from its own encoder
+    output (greedy decoding makes every sample of a prompt its single greedy summary; sampling makes them differ)."""
+    from train.config import GenerationSettings
+    from train.rollout import encode_prompts
+
+    policy, tokenizer, _ = tiny_ppo_policy(tiny_artifacts)
+    policy.eval()
+    prompts = [tokenizer(f"#Person1#: hello number {i}. " + "#Person2#: hi, how are you? " * (i % 4)).input_ids
+               for i in range(5)]
+    encoded = encode_prompts(policy, prompts, 2, tokenizer.pad_token_id, "cpu")
+    greedy = GenerationSettings(batch_size=2, do_sample=False, max_new_tokens=12)
+    single = generate_responses(policy, tokenizer, prompts, greedy, "cpu")
+    query_ids, query_mask, response_ids, response_mask = generate_responses(
+        policy, tokenizer, prompts, greedy, "cpu", encoder_hidden_states=encoded, samples_per_prompt=3)
+    assert len(query_ids) == len(response_ids) == 15
+    for i in range(5):
+        for row in range(3 * i, 3 * i + 3):
+            assert torch.equal(query_ids[row], single[0][i]) and torch.equal(query_mask[row], single[1][i])
+            width = int(response_mask[row].sum())
+            assert width == int(single[3][i].sum())
+            assert torch.equal(response_ids[row, :width], single[2][i, :width])
+    torch.manual_seed(3)
+    sampled = generate_responses(policy, tokenizer, prompts, GenerationSettings(batch_size=2, max_new_tokens=12),
+                                 "cpu", encoder_hidden_states=encoded, samples_per_prompt=3)[2]
+    assert any(not torch.equal(sampled[3 * i], sampled[3 * i + 1]) for i in range(5))
