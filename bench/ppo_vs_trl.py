@@ -97,16 +97,19 @@ def _now(device: str) -> float:
 
 def load_policy_for(cfg, model_size: str, device: str):
     """(policy, tokenizer), seeded: `load_policy(cfg)` for "tiny"; for "small"/"base" that FLAN-T5 architecture
-    with random weights in `cfg.model.dtype`, a fresh `cfg.lora` adapter and a value head."""
+    with random weights in `cfg.model.dtype` and a fresh `cfg.lora` adapter. A value head only where the config's
+    estimator uses one (gae; none for the critic-free rloo and group), as train.ppo builds it."""
     from train.models import (Seq2SeqPolicy, ValueHead, apply_lora, build_from_architecture, load_policy,
                               load_tokenizer, torch_dtype)
 
     seed_everything(cfg.seed)
+    with_value_head = estimator_for(cfg.ppo, cfg.rollout.samples_per_prompt).uses_value_head
     if model_size == "tiny":
-        policy, tokenizer = load_policy(cfg)
+        policy, tokenizer = load_policy(cfg, with_value_head=with_value_head)
         return policy.to(device), tokenizer
     base = build_from_architecture(f"google/flan-t5-{model_size}", device=device).to(torch_dtype(cfg.model.dtype))
-    value_head = ValueHead(base.config.d_model, dropout=cfg.model.value_head_dropout).to(device)
+    value_head = (ValueHead(base.config.d_model, dropout=cfg.model.value_head_dropout).to(device)
+                  if with_value_head else None)
     return Seq2SeqPolicy(apply_lora(base, cfg.lora), value_head), load_tokenizer(cfg.model)
 
 

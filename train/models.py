@@ -396,23 +396,37 @@ class Seq2SeqPolicy(nn.Module):
             yield
 
     @torch.no_grad()
+    def reference_encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The KL reference's encoder output (B, Q, d) when the reference is the base (adapter off). A frozen
+        `reference_adapter` is applied by peft per forward call, not here: its encoder runs in `reference_logits`."""
+        if self.reference_adapter is not None:
+            raise ValueError("reference_encode serves the adapter-off reference only")
+        with self.adapter_disabled():
+            return self.encode(input_ids, attention_mask)
+
+    @torch.no_grad()
     def reference_logits(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         decoder_input_ids: torch.Tensor,
         decoder_attention_mask: Optional[torch.Tensor] = None,
+        encoder_hidden_states: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Logits (B, T, V) of the KL reference: the base model with the adapter switched off, or the frozen
         `reference_adapter`. The latter goes through peft's per-call `adapter_names` (eval mode only), which
-        leaves the trainable adapter active and its `requires_grad` untouched, as DDP and DeepSpeed need."""
+        leaves the trainable adapter active and its `requires_grad` untouched, as DDP and DeepSpeed need.
+        `encoder_hidden_states` (B, Q, d): `reference_encode` of the prompts (adapter-off reference only)."""
         if self.reference_adapter is not None:
+            if encoder_hidden_states is not None:
+                raise ValueError("a frozen reference adapter runs its own encoder: pass no encoder_hidden_states")
             names = [self.reference_adapter] * input_ids.shape[0]
             args = (input_ids, attention_mask, decoder_input_ids, decoder_attention_mask)
             return self._model_outputs(*args, hidden=False, adapter_names=names).logits
         with self.adapter_disabled():
             out = self._model_outputs(
-                input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, hidden=False
+                input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, hidden=False,
+                encoder_hidden_states=encoder_hidden_states,
             )
         return out.logits
 

@@ -69,10 +69,10 @@ Generation (rollout): each GPU samples k summaries for each of its P = ceil(batc
   (each prompt, and its encoder output, repeated k times for the call). Per call: decoder self-attention
   cache 2 * L_dec * G * inner * max_new_tokens * b, cross-attention cache 2 * L_dec * G * inner * Q * b, the
   expanded encoder output G * Q * d_model * b, and per-step logits G * V * 4 * 3 (scores, processed scores and
-  probabilities in fp32). Plus the encoder output the rollout keeps to reuse in its no-grad forward passes
-  (`rollout.encode_prompts`: the encoder runs once per prompt): ceil(batch / N) * Q * d_model * b for the rows,
-  and for k > 1 also the per-prompt tensor they are repeated from, P * Q * d_model * b. Both count in the
-  generation phase: an upper bound, as the rows' copy is made after the last generate() call.
+  probabilities in fp32). Plus the encoder outputs the rollout keeps to reuse in its no-grad forward passes
+  (`rollout.encode_prompts`: each encoder runs once per prompt, its output indexed per row): the policy's,
+  P * Q * d_model * b, and for k > 1 the adapter-off reference's as much again (a frozen reference adapter
+  runs its own encoder per row). They count in the generation phase.
 Peak = weights + trainable + optimizer + max(training phase, generation phase) + reward model (when it shares
   the GPU) + ZeRO-3 gathered layer + CUDA context/allocator overhead (1 GiB: the CUDA context and cuBLAS/cuDNN
   workspaces, which `torch.cuda.max_memory_allocated` does not see). The rollout's no-grad forward passes
@@ -306,10 +306,11 @@ def generation_bytes(arch: Arch, gen_batch: int, prompt_len: int, new_tokens: in
     return self_cache + cross_cache + encoder_out + step_logits
 
 
-def kept_encoder_bytes(arch: Arch, rows: int, prompts: int, samples_per_prompt: int, prompt_len: int, dtype: str) -> int:
-    """The encoder output the rollout keeps for its no-grad passes: one per row, plus the per-prompt tensor the rows
-    repeat when k > 1 (for k = 1 they are the same tensor)."""
-    kept = rows + (prompts if samples_per_prompt > 1 else 0)
+def kept_encoder_bytes(arch: Arch, prompts: int, samples_per_prompt: int, reference_adapter: bool, prompt_len: int,
+                       dtype: str) -> int:
+    """The encoder outputs the rollout keeps for its no-grad passes, one per prompt: the policy's, and for k > 1
+    the adapter-off reference's (a frozen reference adapter runs its own encoder per row instead)."""
+    kept = prompts * (2 if samples_per_prompt > 1 and not reference_adapter else 1)
     return kept * prompt_len * arch.d_model * DTYPE_BYTES[dtype]
 
 
@@ -476,7 +477,7 @@ def plan(inputs: PlanInputs, counts: Optional[ParamCounts] = None, config=None) 
         + logits_buffer_bytes(arch, mini, response_len)
     )
     gen_phase = (generation_bytes(arch, gen, inputs.prompt_len, inputs.max_new_tokens, inputs.dtype)
-                 + kept_encoder_bytes(arch, rows, prompts, k, inputs.prompt_len, inputs.dtype))
+                 + kept_encoder_bytes(arch, prompts, k, inputs.reference_adapter, inputs.prompt_len, inputs.dtype))
     components["training: grads + activations + logits"] = train_phase if train_phase >= gen_phase else 0
     components["generation: KV cache + encoder + logits"] = gen_phase if gen_phase > train_phase else 0
     notes.append(f"training phase {fmt_gib(train_phase)} vs generation phase {fmt_gib(gen_phase)}: the larger counts")

@@ -10,15 +10,16 @@
 * `PromptStream`: a seeded order over the PPO prompts, one permutation per epoch; each step takes the next
   `ppo.batch_size` prompts and each process its contiguous slice of them, so the gathered rows are in the order a
   single process would have had. Its state (epoch, position) goes into checkpoints.
-* `encode_prompts`: the policy's encoder on the prompts, once: `generate()` and the old log-probs and values both
-  start from it, so neither runs the encoder again (on prompts several times longer than the summaries, the
-  encoder is most of a forward pass).
+* `encode_prompts`: the policy's encoder on the prompts, once per prompt: `generate()` and the old log-probs and
+  values all start from it, so none runs the encoder again (on prompts several times longer than the summaries, the
+  encoder is most of a forward pass). With k = rollout.samples_per_prompt > 1 the adapter-off reference's encoder
+  also runs once per prompt, not once per row.
 * `generate_responses`: `rollout.batch_size` prompts per `generate()` call with attention masks, the sampling
   settings of `cfg.rollout` (LengthSampler included); the decoder start token stays at position 0 and
   everything after the first eos becomes padding, masked out by `response_mask`.
 * `score_responses`: the reward model on the decoded summaries; missing or non-finite scores stop the run.
 * `forward_trajectory`: old log-probs and values of the policy (its decoder on the encoded prompts) and the KL
-  reference's log-probs (its own encoder and decoder), in no-grad chunks of `ppo.forward_batch_size` rows, dropout
+  reference's log-probs (its decoder on its encoded prompts, or its own encoder too), in no-grad chunks of `ppo.forward_batch_size` rows, dropout
   off; each chunk trimmed to its own padding.
 
 Shapes: B = rows on this process, Q = prompt length, R = decoder length (start token included), T = R - 1,
@@ -32,7 +33,7 @@ import random
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -173,15 +174,16 @@ def prompt_batches(query_ids: Sequence[Sequence[int]], batch_size: int, pad_id: 
 
 
 @torch.no_grad()
-def encode_prompts(model: Any, query_ids: Sequence[Sequence[int]], batch_size: int, pad_id: int,
-                   device: torch.device | str) -> torch.Tensor:
-    """The policy's encoder output (B, Q, d) for the prompts, `batch_size` at a time and each batch padded as
-    `generate_responses` pads it (so its generate() calls see what they would have computed themselves); columns
-    past a batch's own width are zeros, masked out like the padding they stand for."""
+def encode_prompts(encode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], query_ids: Sequence[Sequence[int]],
+                   batch_size: int, pad_id: int, device: torch.device | str) -> torch.Tensor:
+    """An encoder's output (P, Q, d) for the P prompts (`encode`: the policy's `Seq2SeqPolicy.encode`, or the
+    reference's `reference_encode`), `batch_size` at a time and each batch padded as `generate_responses` pads it
+    (so its generate() calls see what they would have computed themselves); columns past a batch's own width are
+    zeros, masked out like the padding they stand for."""
     width = max(len(q) for q in query_ids)
     states = []
     for _, ids, mask in prompt_batches(query_ids, batch_size, pad_id):
-        hidden = model.encode(ids.to(device), mask.to(device))
+        hidden = encode(ids.to(device), mask.to(device))
         states.append(F.pad(hidden, (0, 0, 0, width - hidden.shape[1])))
     return torch.cat(states)
 
@@ -286,11 +288,15 @@ def forward_trajectory(
     trl_first_token_mask: bool = False,
     accelerator: Any = None,
     encoder_hidden_states: Optional[torch.Tensor] = None,
+    reference_hidden_states: Optional[torch.Tensor] = None,
+    samples_per_prompt: int = 1,
 ) -> Trajectory:
     """The `Trajectory` of generated rows: old log-probs and values of the policy and the reference log-probs
     (adapter off, or the frozen starting adapter: `Seq2SeqPolicy.reference_logits`), in eval mode (no dropout, as
-    TRL), `chunk_size` rows at a time; values None without a value head. `encoder_hidden_states` (B, Q, d): the policy's `encode_prompts` of
-    `query_ids`, reused for the policy's pass. Under ZeRO-3 every process must make the same number of calls."""
+    TRL), `chunk_size` rows at a time; values None without a value head. `encoder_hidden_states` (P, Q, d): the
+    policy's `encode_prompts` of the P = B / `samples_per_prompt` prompts, row r's being r // samples_per_prompt;
+    then the policy's pass runs its decoder only. `reference_hidden_states` (P, Q, d): likewise the reference's
+    (`reference_encode`). Under ZeRO-3 every process must make the same number of calls."""
     unwrapped = accelerator.unwrap_model(policy) if accelerator is not None else policy
     width = response_ids.shape[1] - 1  # predicted positions
     rows = Trajectory(query_ids, query_mask, response_ids, response_mask, scores.float(),
@@ -301,14 +307,17 @@ def forward_trajectory(
     policy.eval()
     for start in range(0, len(rows), chunk_size):
         chunk = rows.select(slice(start, start + chunk_size)).trimmed()
-        encoded = None
-        if encoder_hidden_states is not None:
-            encoded = encoder_hidden_states[start : start + chunk_size, : chunk.query_ids.shape[1]]
+        prompt_rows = torch.arange(start, start + len(chunk)) // samples_per_prompt
+
+        def prompt_states(states: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            return None if states is None else states[prompt_rows.to(states.device), : chunk.query_ids.shape[1]]
+
         with record_function("rollout/policy_forward"):
-            _, logprobs, values, masks = policy_forward(policy, chunk, trl_first_token_mask, encoded)
+            _, logprobs, values, masks = policy_forward(policy, chunk, trl_first_token_mask,
+                                                        prompt_states(encoder_hidden_states))
         with record_function("rollout/reference_forward"):
             ref_logits = unwrapped.reference_logits(chunk.query_ids, chunk.query_mask, chunk.response_ids,
-                                                    chunk.response_mask)
+                                                    chunk.response_mask, prompt_states(reference_hidden_states))
         ref_logprobs = logprobs_from_logits(ref_logits[:, :-1], chunk.response_ids[:, 1:])
         for key, value in zip(parts, (logprobs, ref_logprobs, values, masks)):
             if value is not None:
@@ -361,8 +370,13 @@ def make_experience(
     with unwrap_for_generation(policy, accelerator) as model:
         # Before any merge: the old log-probs' encoder output must be the plain policy's.
         with record_function("rollout/encode"):
-            encoded = encode_prompts(model, prompts["input_ids"], cfg.rollout.batch_size, tokenizer.pad_token_id,
-                                     device)
+            encoded = encode_prompts(model.encode, prompts["input_ids"], cfg.rollout.batch_size,
+                                     tokenizer.pad_token_id, device)
+            reference_encoded = None
+            if k > 1 and model.reference_adapter is None:
+                # A prompt's k rows share the adapter-off reference's encoder output too: one pass per prompt.
+                reference_encoded = encode_prompts(model.reference_encode, prompts["input_ids"],
+                                                   cfg.rollout.batch_size, tokenizer.pad_token_id, device)
         with adapter_merged(model.peft_model) if merges_for_rollout(cfg) else nullcontext(), \
                 record_function("rollout/generate"):
             query_ids, query_mask, response_ids, response_mask = generate_responses(
@@ -382,7 +396,7 @@ def make_experience(
     trajectory = forward_trajectory(
         policy, query_ids, query_mask, response_ids, response_mask, scores.rewards.float().to(device),
         chunk_size=chunk, trl_first_token_mask=cfg.ppo.trl_first_token_mask, accelerator=accelerator,
-        encoder_hidden_states=encoded.repeat_interleave(k, dim=0) if k > 1 else encoded,
+        encoder_hidden_states=encoded, reference_hidden_states=reference_encoded, samples_per_prompt=k,
     )
     info = RolloutInfo(
         prompt_ids=[i for i in prompts["id"] for _ in range(k)],

@@ -224,8 +224,8 @@ def test_critic_free_plans_have_no_value_head(estimator, capsys):
 @pytest.mark.parametrize("gen_batch, rows_per_call", [(16, 8), (1, 4)])
 def test_generation_phase_with_k_samples_per_prompt(gen_batch, rows_per_call):
     """k = 4 summaries per prompt, ppo.batch_size 16 rows over 2 GPUs: 8 rows per GPU = 2 prompts x 4. A generate()
-    call takes min(rollout.batch_size, 2) prompts and samples 4 rows for each; the rollout keeps the encoder output
-    of the 8 rows and of the 2 prompts they repeat. flan-t5-small by hand: d_model 512, inner 6 heads x 64 = 384,
+    call takes min(rollout.batch_size, 2) prompts and samples 4 rows for each; the rollout keeps the policy's and the
+    adapter-off reference's encoder outputs of the 2 prompts (each encoder runs once per prompt). flan-t5-small by hand: d_model 512, inner 6 heads x 64 = 384,
     8 decoder layers, vocabulary 32128; bf16 (2 bytes), prompt 512 tokens, 400 new tokens."""
     p = plan_for(_inputs(model="google/flan-t5-small", estimator="rloo", samples_per_prompt=4, gpus=2, zero=2,
                          gen_batch=gen_batch))
@@ -234,9 +234,10 @@ def test_generation_phase_with_k_samples_per_prompt(gen_batch, rows_per_call):
     cross_cache = 2 * 8 * g * 384 * 512 * 2
     expanded_encoder = g * 512 * 512 * 2  # each prompt's encoder output repeated 4 times for the call
     step_logits = g * 32128 * 4 * 3
-    kept_encoder = (8 + 2) * 512 * 512 * 2  # the rows' copy + the per-prompt tensor
+    kept_encoder = (2 + 2) * 512 * 512 * 2  # policy's and reference's, per prompt
     assert p.phases["generation"] == self_cache + cross_cache + expanded_encoder + step_logits + kept_encoder
-    # k = 1 with the same batch: 8 prompts per GPU, min(gen_batch, 8) rows per call, one kept copy (the rows').
+    # k = 1 with the same batch: 8 prompts per GPU, min(gen_batch, 8) rows per call, the policy's encoder output kept
+    # (the reference runs its own encoder per row, as often as it would per prompt).
     one = plan_for(_inputs(model="google/flan-t5-small", gpus=2, zero=2, gen_batch=gen_batch))
     g1 = min(gen_batch, 8)
     assert one.phases["generation"] == (2 * 8 * g1 * 384 * (400 + 512) * 2 + g1 * 512 * 512 * 2 + g1 * 32128 * 4 * 3

@@ -236,7 +236,7 @@ def test_the_encoded_prompts_give_the_plain_rollout_and_trajectory(tiny_artifact
     # Prompts of different lengths, so generation batches and forward chunks are each padded to their own width.
     prompts = [tokenizer(f"#Person1#: hello number {i}. " + "#Person2#: hi, how are you? " * (i % 4)).input_ids
                for i in range(7)]
-    encoded = encode_prompts(policy, prompts, 3, tokenizer.pad_token_id, "cpu")
+    encoded = encode_prompts(policy.encode, prompts, 3, tokenizer.pad_token_id, "cpu")
     assert encoded.shape == (7, max(len(p) for p in prompts), policy.config.d_model)
     for settings in (GenerationSettings(batch_size=3, do_sample=False, max_new_tokens=12),
                      GenerationSettings(batch_size=3, max_new_tokens=12, min_length=5)):
@@ -262,13 +262,13 @@ def test_k_samples_of_a_prompt_are_its_consecutive_rows(tiny_artifacts):
     """rollout.samples_per_prompt k: prompt i's samples are rows i k ... i k + k - 1, decoded from its own encoder
     output (greedy decoding makes every sample of a prompt its single greedy summary; sampling makes them differ)."""
     from train.config import GenerationSettings
-    from train.rollout import encode_prompts
+    from train.rollout import encode_prompts, forward_trajectory
 
-    policy, tokenizer, _ = tiny_ppo_policy(tiny_artifacts)
+    policy, tokenizer, ppo = tiny_ppo_policy(tiny_artifacts)
     policy.eval()
     prompts = [tokenizer(f"#Person1#: hello number {i}. " + "#Person2#: hi, how are you? " * (i % 4)).input_ids
                for i in range(5)]
-    encoded = encode_prompts(policy, prompts, 2, tokenizer.pad_token_id, "cpu")
+    encoded = encode_prompts(policy.encode, prompts, 2, tokenizer.pad_token_id, "cpu")
     greedy = GenerationSettings(batch_size=2, do_sample=False, max_new_tokens=12)
     single = generate_responses(policy, tokenizer, prompts, greedy, "cpu")
     query_ids, query_mask, response_ids, response_mask = generate_responses(
@@ -282,5 +282,19 @@ def test_k_samples_of_a_prompt_are_its_consecutive_rows(tiny_artifacts):
             assert torch.equal(response_ids[row, :width], single[2][i, :width])
     torch.manual_seed(3)
     sampled = generate_responses(policy, tokenizer, prompts, GenerationSettings(batch_size=2, max_new_tokens=12),
-                                 "cpu", encoder_hidden_states=encoded, samples_per_prompt=3)[2]
-    assert any(not torch.equal(sampled[3 * i], sampled[3 * i + 1]) for i in range(5))
+                                 "cpu", encoder_hidden_states=encoded, samples_per_prompt=3)
+    assert any(not torch.equal(sampled[2][3 * i], sampled[2][3 * i + 1]) for i in range(5))
+
+    # The forward passes on the 15 rows from the 5 prompts' encoder outputs (the policy's, and the adapter-off
+    # reference's: each encoder once per prompt) equal the plain per-row passes; chunks of 4 rows cut across prompts.
+    rollout = dict(zip(("query_ids", "query_mask", "response_ids", "response_mask"), sampled), scores=torch.zeros(15))
+    expected = rollout_trajectory(policy, rollout, ppo, chunk_size=4)
+    reference = encode_prompts(policy.reference_encode, prompts, 2, tokenizer.pad_token_id, "cpu")
+    got = forward_trajectory(policy, **rollout, chunk_size=4, encoder_hidden_states=encoded,
+                             reference_hidden_states=reference, samples_per_prompt=3)
+    for key in ("logprobs", "ref_logprobs", "values", "masks"):
+        torch.testing.assert_close(getattr(got, key), getattr(expected, key), atol=1e-5, rtol=1e-5)
+    # The reference's own encoder output matters: the policy's in its place gives other reference log-probs.
+    other = forward_trajectory(policy, **rollout, chunk_size=4, encoder_hidden_states=encoded,
+                               reference_hidden_states=encoded, samples_per_prompt=3)
+    assert (other.ref_logprobs - expected.ref_logprobs).abs().max() > 1e-3
