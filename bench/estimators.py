@@ -1,6 +1,6 @@
 """Time and memory of one RL step with PPO (gae), RLOO and GRPO (group) at the same number of summaries per step.
 
-    python bench/estimators.py [--config configs/tiny.yaml] [--steps 5] [--samples-per-prompt 4] [--append bench/RESULTS.md]
+    python bench/estimators.py [--config configs/tiny.yaml] [--steps 5] [--samples-per-prompt 4] [--append FILE]
     python bench/estimators.py --model-size small --steps 2 --append bench/RESULTS.md
     python bench/estimators.py --device cuda --model-size base --dtype bfloat16
     python bench/estimators.py --ppo.kl_penalty reward      # any --section.key value config override
@@ -141,7 +141,7 @@ class PeakRss:
         self.process_peak = max(self._before, after)
 
 
-def run_variant(cfg, model_size: str, device: str, steps: int) -> dict[str, float]:
+def run_variant(cfg, model_size: str, device: str, steps: int) -> dict:
     """One variant in this process: time_ours's medians, the step's memory figures (MiB) and trainable parameters."""
     reward_fn = make_reward_fn(dataclasses.replace(cfg.reward, device=device))
     try:
@@ -170,7 +170,7 @@ def run_variant(cfg, model_size: str, device: str, steps: int) -> dict[str, floa
     return result
 
 
-def run_worker(estimator: str, argv: list[str]) -> dict[str, float]:
+def run_worker(estimator: str, argv: list[str]) -> dict:
     """`run_variant` for `estimator` in a fresh process of this script (same arguments); its last stdout line."""
     command = [sys.executable, str(Path(__file__).resolve()), *argv, "--worker", estimator]
     proc = subprocess.run(command, stdout=subprocess.PIPE, text=True)  # its stderr (warnings, errors) passes through
@@ -273,13 +273,14 @@ def main(argv: list[str] | None = None) -> list[str]:
             f"{cfg.ppo.batch_size} prompts x 1; RLOO, GRPO: {cfg.ppo.batch_size // k} prompts x {k}), mini_batch_size "
             f"{cfg.ppo.mini_batch_size}, ppo_epochs {cfg.ppo.ppo_epochs}, rollout.batch_size {cfg.rollout.batch_size}, "
             f"forward_batch_size {cfg.ppo.forward_batch_size}, max_new_tokens {cfg.rollout.max_new_tokens}, "
-            f"ppo.kl_penalty {cfg.ppo.kl_penalty} (KL: {kl}), LoRA r {cfg.lora.r} on {', '.join(cfg.lora.target_modules)}"
+            f"ppo.kl_penalty {cfg.ppo.kl_penalty} (KL: {kl}), "
+            f"LoRA r {cfg.lora.r} on {', '.join(cfg.lora.target_modules)}"
             f"{'; overrides ' + ' '.join(overrides) if overrides else ''}; median of {args.steps} steps after one "
             "warm-up, each estimator in its own process",
             "",
             "Seconds per step: generation (generate + decoding), scoring (reward model), update (no-grad forward "
-            "passes: policy, reference and, for PPO, values; then `ppo_step`), total. Speed vs PPO: PPO's total / the "
-            f"row's. Memory, in MiB: {memory}. Trainable params: LoRA, plus the value head for PPO only.",
+            "passes: policy, with values for PPO, and reference; then `ppo_step`), total. Speed vs PPO: PPO's "
+            f"total / the row's. Memory, in MiB: {memory}. Trainable params: LoRA, plus the value head for PPO only.",
             "",
         ]
         with open(args.append, "a") as f:

@@ -13,6 +13,13 @@ One PPO step over a global batch (`train/ppo.py`, steps 1-5):
      loss, skipped (zero loss) when the mini-batch's mean ratio exceeds `ratio_threshold`;
   5. the KL controller update with the global batch size.
 
+Critic-free estimators (`make_estimator`: `ppo.advantage_estimator` rloo or group) change steps 2-4 only: the k
+summaries of a prompt sit in k consecutive rows; a summary's reward is its score (minus kl_coef times its summed KL
+when the KL is a reward penalty: `sequence_rewards`); its advantage is that reward against the prompt's other
+samples (`rloo_advantages`: minus their mean; `group_advantages`: standardised within the group), the same for each
+of its tokens; `ppo_loss` then has no value term and, when the KL is in the loss, adds kl_coef times the k3
+estimator per token. No value head exists.
+
 The global batch. Every statistic that spans the batch is computed on the whole global batch, whatever the number
 of processes: steps 2-3 run on the gathered trajectory (identical on every process, so no collective is needed),
 and a mini-batch's loss is normalised by its global token count, its skip decision and statistics come from sums

@@ -95,6 +95,12 @@ def test_bad_yaml_gives_one_clear_error(tmp_path, yaml_text, message):
         (["--reward.normalize", "true"], "--reward.normalize was replaced: use --ppo.score_normalization standardize"),
         (["--trackers", "tensorboard,mlflow"], "unknown tracker 'mlflow'; use tensorboard, wandb, both"),
         (["--trackers", "none,wandb"], "'none' cannot be combined with other trackers"),
+        (["--ppo.advantage_estimator", "rloo"], "set rollout.samples_per_prompt to 2 or more \\(it is 1\\)"),
+        (["--ppo.advantage_estimator", "grpo"], "ppo.advantage_estimator"),
+        (["--rollout.samples_per_prompt", "3"], "ppo.batch_size \\(16\\) counts summaries.*multiple of 3"),
+        (["--rollout.samples_per_prompt", "4", "--rollout.do_sample", "false"], "needs rollout.do_sample: true"),
+        (["--rollout.samples_per_prompt", "0"], "rollout.samples_per_prompt must be"),
+        (["--ppo.kl_penalty", "both"], "ppo.kl_penalty"),
     ],
 )
 def test_bad_overrides_give_one_clear_error(repo_root, overrides, message):

@@ -200,3 +200,20 @@ def test_resume_with_changes_without_a_checkpoint_is_one_clear_error(tmp_path, t
     assert proc.returncode == 2 and "there is no checkpoint to resume" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (Path(tmp_path) / "ppo/config.yaml").exists()
+
+
+def test_the_advantage_estimator_cannot_change_within_a_run(tmp_path):
+    # gae's checkpoint holds a value head and its optimizer state, rloo's none: no flag makes one into the other.
+    from train.checkpoint import SETTINGS_KEY, TRAINER_STATE_FILE
+    from train.errors import ConfigError
+    from train.resume import check_resume_settings, settings_of
+
+    saved = load_config(REPO_ROOT / "configs/tiny.yaml")
+    (tmp_path / TRAINER_STATE_FILE).write_text(json.dumps({"num_processes": 1, SETTINGS_KEY: settings_of(saved)}))
+    critic_free = load_config(REPO_ROOT / "configs/tiny.yaml", ["--ppo.advantage_estimator", "rloo",
+                                                               "--rollout.samples_per_prompt", "2"])
+    for accept in (False, True):
+        with pytest.raises(ConfigError, match="ppo.advantage_estimator cannot change within a run"):
+            check_resume_settings(tmp_path, critic_free, "ppo", accept)
+    more_samples = load_config(REPO_ROOT / "configs/tiny.yaml", ["--rollout.samples_per_prompt", "2"])
+    assert check_resume_settings(tmp_path, more_samples, "ppo", True) == {"rollout.samples_per_prompt": (1, 2)}
