@@ -298,3 +298,42 @@ def test_k_samples_of_a_prompt_are_its_consecutive_rows(tiny_artifacts):
     other = forward_trajectory(policy, **rollout, chunk_size=4, encoder_hidden_states=encoded,
                                reference_hidden_states=encoded, samples_per_prompt=3)
     assert (other.ref_logprobs - expected.ref_logprobs).abs().max() > 1e-3
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize("reference", ["base", "initial_adapter"])
+def test_make_experience_with_k_samples_gives_the_plain_passes_for_either_reference(tiny_artifacts, tmp_path,
+                                                                                      reference):
+    """k = 2 summaries per prompt: each encoder runs once per prompt (the adapter-off reference's too; a frozen
+    reference adapter runs its own per row), and the trajectory equals the plain per-row forward passes."""
+    from rewards.scorer import RewardScores
+    from train.models import add_reference_adapter, save_policy
+    from train.rollout import make_experience
+
+    policy, tokenizer, _ = tiny_ppo_policy(tiny_artifacts)
+    if reference == "initial_adapter":
+        add_reference_adapter(policy, str(save_policy(policy, tmp_path / "start")))
+        with torch.no_grad():  # the trained adapter moves away from the frozen starting copy
+            for name, param in policy.peft_model.named_parameters():
+                if "lora_B" in name and param.requires_grad:
+                    param.add_(0.05)
+    cfg = load_config(None, ["--model.dtype", "float32", "--rollout.samples_per_prompt", "2", "--rollout.batch_size",
+                             "2", "--rollout.max_new_tokens", "8", "--ppo.forward_batch_size", "3"])
+    texts = [f"#Person1#: hello number {i}. " + "#Person2#: hi, how are you? " * i for i in range(3)]
+    prompts = {"input_ids": [tokenizer(t).input_ids for t in texts], "query": texts, "id": ["a", "b", "c"]}
+
+    def reward_fn(queries, summaries):
+        assert queries == [t for t in texts for _ in range(2)]  # each summary is scored with its own prompt
+        n = len(summaries)
+        return RewardScores(torch.arange(n, dtype=torch.float32), torch.zeros(n), torch.zeros(n, 2))
+
+    torch.manual_seed(0)
+    trajectory, info = make_experience(policy, tokenizer, prompts, reward_fn, cfg)
+    assert info.prompt_ids == ["a", "a", "b", "b", "c", "c"] and len(trajectory) == 6
+    assert torch.equal(trajectory.query_ids[0], trajectory.query_ids[1])
+    rollout = {key: getattr(trajectory, key) for key in ("query_ids", "query_mask", "response_ids", "response_mask",
+                                                         "scores")}
+    expected = rollout_trajectory(policy, rollout, cfg.ppo, chunk_size=3)
+    for key in ("logprobs", "ref_logprobs", "values", "masks"):
+        torch.testing.assert_close(getattr(trajectory, key), getattr(expected, key), atol=1e-5, rtol=1e-5)
+    assert (trajectory.logprobs - trajectory.ref_logprobs).abs().max() > 1e-3  # policy and reference differ
