@@ -168,6 +168,9 @@ def main() -> None:
         base = dataclasses.replace(base, lora=notebook.lora, rollout=notebook.rollout, ppo=notebook.ppo)
     if args.dtype:
         base = dataclasses.replace(base, model=dataclasses.replace(base.model, dtype=args.dtype))
+    if base.ppo.advantage_estimator != "gae" or base.rollout.samples_per_prompt != 1:
+        raise SystemExit("this compares PPO steps (ppo.advantage_estimator gae, one summary per prompt) with the "
+                         "notebook's loop; bench/estimators.py times RLOO and GRPO")
     label = "recipe" if args.model_size == "tiny" else "original notebook's workflow"
     settings = [(label, base)]
     if args.notebook_lengths and args.model_size == "tiny":

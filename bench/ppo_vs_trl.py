@@ -404,6 +404,9 @@ def main(argv: list[str] | None = None) -> list[str]:
         configs = build_configs(args, overrides)
     except ConfigError as e:  # e.g. a mistyped option, taken for a config override
         parser.error(str(e))
+    if configs[0][1].ppo.advantage_estimator != "gae" or configs[0][1].rollout.samples_per_prompt != 1:
+        parser.error("this compares PPO (ppo.advantage_estimator gae, one summary per prompt) with TRL's PPOTrainer; "
+                     "bench/estimators.py times RLOO and GRPO against it")
     rows, profiles = [], []
     for lengths, cfg in configs:
         if args.profile:

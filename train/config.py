@@ -383,6 +383,13 @@ def validate(cfg: ExperimentConfig) -> None:
     if p.advantage_estimator in ("rloo", "group") and k < 2:
         raise ConfigError(f"ppo.advantage_estimator {p.advantage_estimator} compares the summaries of a prompt with "
                           f"each other: set rollout.samples_per_prompt to 2 or more (it is {k})")
+    if p.advantage_estimator in ("rloo", "group"):
+        ignored = [key for key in ("gamma", "lam", "vf_coef", "whiten_rewards", "cliprange_value")
+                   if getattr(p, key) != getattr(PPOConfig(), key)]
+        if ignored:
+            raise ConfigError(f"{', '.join('ppo.' + key for key in ignored)} set, but ppo.advantage_estimator "
+                              f"{p.advantage_estimator} has no value head or per-token returns to use them: remove them "
+                              "(they shape gae only)")
     if p.batch_size % k:
         raise ConfigError(f"ppo.batch_size ({p.batch_size}) counts summaries, rollout.samples_per_prompt ({k}) per "
                           f"prompt: make it a multiple of {k}")

@@ -20,7 +20,7 @@ every statistic over the batch (score shaping, whitening, loss normalisation, th
 global. Only sampling differs: each process samples its own rows with its own seed. With k samples per prompt a
 process samples all k of each of its prompts, so the batch has ppo.batch_size / k prompts.
 
-Writes `<output_dir>/ppo/`: `checkpoints/checkpoint-<step>/`, `adapter/` (final LoRA adapter + value head),
+Writes `<output_dir>/ppo/`: `checkpoints/checkpoint-<step>/`, `adapter/` (final LoRA adapter + value head for gae),
 `config.yaml`, `log.jsonl`, and the trackers' `tensorboard/` or `wandb/` (`trackers`; train/trackers.py).
 """
 
@@ -64,7 +64,7 @@ from train.run_log import JsonlLog
 from train.trackers import check_tracker_packages, make_trackers, start_trackers
 
 log = logging.getLogger("train.ppo")
-POLICY_DIR = "policy"  # adapter + value head inside a checkpoint
+POLICY_DIR = "policy"  # adapter (+ value head for gae) inside a checkpoint
 
 
 def estimator_for(p: PPOConfig, samples_per_prompt: int = 1) -> Estimator:
@@ -203,7 +203,7 @@ class PPORun:
         return stats
 
     def save_policy(self, directory: Path, tokenizer: Any = None) -> None:
-        """The adapter and value head, from the main process; every process calls it (ZeRO-3 gathers them)."""
+        """The adapter (and value head, if any), from the main process; every process calls it (ZeRO-3 gathers them)."""
         with gathered_trainable(self.accelerator, self.policy):
             if self.accelerator.is_main_process:
                 unwrapped = self.accelerator.unwrap_model(self.policy)
@@ -242,6 +242,7 @@ def ppo_step(policy: Any, optimizer: Any, trajectory: Trajectory, kl_ctl: Any, s
         raise ConfigError(f"the {estimator.name} estimator {'needs' if estimator.uses_value_head else 'builds no'} "
                           "value head, but the trajectory's policy " + ("has none" if trajectory.values is None
                                                                         else "has one"))
+    estimator.check_groups(trajectory.query_ids)
     started, kl_coef = time.perf_counter(), kl_ctl.value
     # 2-3. Rewards (shaped scores, the KL penalty unless it is in the loss) and advantages: GAE whitened over the
     # whole batch, or a summary's reward against its prompt's other samples (rloo, group).

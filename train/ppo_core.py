@@ -314,9 +314,9 @@ def sequence_rewards(
 
 @dataclass
 class Advantages:
-    """What the update needs besides the trajectory, each (B, T) and zero at masked positions, except `kls` and
-    `non_score_rewards` (raw, for the statistics). `values` and `returns` (the value loss's targets) are None for a
-    critic-free estimator."""
+    """What the update needs besides the trajectory, each (B, T); only positions where the trajectory's `masks` is 1
+    count. `kls` and `non_score_rewards` are raw, for the statistics. `values` and `returns` (the value loss's
+    targets) are None for a critic-free estimator."""
 
     advantages: torch.Tensor
     values: Optional[torch.Tensor]
@@ -334,6 +334,19 @@ class Estimator:
     uses_value_head: bool
     kl_in_loss: bool
     advantages: Callable[[Trajectory, torch.Tensor, float], Advantages]
+    samples_per_prompt: int  # k: a prompt's samples are k consecutive rows (`check_groups`)
+
+    def check_groups(self, query_ids: torch.Tensor) -> None:
+        """ValueError unless the (B, Q) prompts come as k consecutive copies each: the rows a baseline compares."""
+        k = self.samples_per_prompt
+        if k == 1:
+            return
+        if len(query_ids) % k:
+            raise ValueError(f"{len(query_ids)} rows are not whole groups of k = {k} samples per prompt")
+        groups = query_ids.view(-1, k, query_ids.shape[1])
+        if not bool((groups == groups[:, :1]).all()):
+            raise ValueError(f"the {self.name} estimator compares a prompt's k = {k} samples, but the trajectory's "
+                             f"rows are not {k} consecutive samples of one prompt each (make it with make_experience)")
 
 
 ESTIMATORS = ("gae", "rloo", "group")
@@ -362,7 +375,7 @@ def make_estimator(name: str, kl_penalty: str, samples_per_prompt: int, gamma: f
                                                         whiten_rewards)
             return Advantages(advantage, values, returns, kls, non_score)
 
-        return Estimator(name, True, kl_in_loss, advantages)
+        return Estimator(name, True, kl_in_loss, advantages, k)
 
     baseline = rloo_advantages if name == "rloo" else group_advantages
 
@@ -373,7 +386,7 @@ def make_estimator(name: str, kl_penalty: str, samples_per_prompt: int, gamma: f
         per_token = baseline(rewards, k)[:, None] * trajectory.masks
         return Advantages(per_token, None, None, kls, non_score)
 
-    return Estimator(name, False, kl_in_loss, advantages)
+    return Estimator(name, False, kl_in_loss, advantages, k)
 
 
 def ppo_loss(
@@ -401,8 +414,10 @@ def ppo_loss(
 
     All (b, T) except logits (b, T, V). Critic-free estimators pass `old_values`, `vpreds` and `returns` as None: no
     value loss and no val/* stats. `ref_logprobs` (b, T) puts the KL to the reference into the loss (GRPO): per token
-    k3 = exp(r) - r - 1 with r = ref_logprobs - logprobs, an unbiased, non-negative estimate of KL(policy || ref)
-    whose gradient pulls towards the reference; "loss/kl" is its token mean, before `kl_coef`.
+    k3 = exp(r) - r - 1 with r = ref_logprobs - logprobs, a non-negative estimate of KL(policy || ref) (unbiased
+    for tokens sampled from the current policy, so on the first mini-batch; later ones reuse the old policy's
+    samples, as TRL's GRPO does), whose gradient pulls towards the reference; "loss/kl" is its token mean, before
+    `kl_coef`.
 
     The losses are token means over the WHOLE mini-batch: per-token terms are summed here, the sums are added up
     over processes with `all_reduce_sum`, and divided by `token_count` (the mini-batch's unmasked tokens on all
@@ -432,11 +447,12 @@ def ppo_loss(
         losses["loss/value"] = (0.5 * torch.max(vf_losses1, vf_losses2), vf_coef)
         stats_terms.update({"val/vpred": lambda: vpreds, "val/error": lambda: (vpreds - returns) ** 2,
                             "val/clipfrac": lambda: torch.gt(vf_losses2, vf_losses1).float()})
-    if ref_logprobs is not None:
-        log_ratio = ref_logprobs - logprobs
-        losses["loss/kl"] = (torch.exp(log_ratio) - log_ratio - 1, kl_coef)
-
     real = mask.bool()  # `where`, not a product: an overflowing ratio at a padded position must not give inf * 0
+    if ref_logprobs is not None:
+        # Zeroed before the exponential: at a padded position ref_logprobs is 0 and exp(0 - log p(pad)) can overflow,
+        # and a `where` after it would still back-propagate 0 * inf = NaN.
+        log_ratio = torch.where(real, ref_logprobs - logprobs, torch.zeros_like(logprobs))
+        losses["loss/kl"] = (torch.exp(log_ratio) - log_ratio - 1, kl_coef)
 
     def masked_sum(values: torch.Tensor) -> torch.Tensor:
         return torch.where(real, values, torch.zeros_like(values)).sum()

@@ -71,8 +71,9 @@ def settings_of(cfg: Any) -> dict[str, Any]:
 
 def setting_changes(saved: dict[str, Any], cfg: Any, stage: str) -> dict[str, tuple[Any, Any]]:
     """{key: (checkpoint's value, this run's value)} for each setting `stage` reads on resume that differs,
-    operational ones aside. Keys the checkpoint does not have (written by an older version) are not compared."""
-    before, now = _flatten(saved), _flatten(settings_of(cfg))
+    operational ones aside. A key the checkpoint does not have (written by a version before the key existed) counts
+    as its default, which is what that version ran: a run started with PPO cannot resume as RLOO either way."""
+    before, now = {**_flatten(settings_of(type(cfg)())), **_flatten(saved)}, _flatten(settings_of(cfg))
     ignored = OPERATIONAL + NOT_READ_ON_RESUME[stage]
     if stage == "ppo" and "initial_adapter" in (before.get("ppo.reference"), now.get("ppo.reference")):
         ignored = OPERATIONAL  # model.adapter is the KL reference

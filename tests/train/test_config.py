@@ -101,6 +101,8 @@ def test_bad_yaml_gives_one_clear_error(tmp_path, yaml_text, message):
         (["--rollout.samples_per_prompt", "4", "--rollout.do_sample", "false"], "needs rollout.do_sample: true"),
         (["--rollout.samples_per_prompt", "0"], "rollout.samples_per_prompt must be"),
         (["--ppo.kl_penalty", "both"], "ppo.kl_penalty"),
+        (["--ppo.advantage_estimator", "group", "--rollout.samples_per_prompt", "4", "--ppo.vf_coef", "0.5"],
+         "ppo.vf_coef set, but ppo.advantage_estimator group has no value head"),
     ],
 )
 def test_bad_overrides_give_one_clear_error(repo_root, overrides, message):

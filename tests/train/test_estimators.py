@@ -146,3 +146,44 @@ def test_the_k3_kl_term_is_zero_at_the_reference_and_pulls_towards_it():
     at_reference, stats = _loss(ref.clone().requires_grad_(True), ref, zero_advantage, mask, ref_logprobs=ref,
                                 kl_coef=0.5)
     assert at_reference.item() == 0.0 and stats["loss/kl"].item() == 0.0
+
+
+def test_the_k3_term_gives_finite_gradients_where_a_padded_position_would_overflow():
+    # Padding: ref_logprobs is 0 there, and a policy that all but rules out the pad token after eos has log p = -100:
+    # exp(0 - (-100)) overflows float32. The position is masked out, so its gradient must be 0, not NaN.
+    mask = torch.tensor([[1, 1, 0]])
+    ref = torch.tensor([[-1.0, -2.0, 0.0]])
+    old = torch.tensor([[-1.2, -1.5, -100.0]])
+    logprobs = old.clone().requires_grad_(True)
+    loss, stats = _loss(logprobs, old, torch.tensor([[0.5, 0.5, 0.0]]), mask, ref_logprobs=ref, kl_coef=0.5)
+    loss.backward()
+    assert torch.isfinite(logprobs.grad).all() and logprobs.grad[0, 2] == 0.0
+    assert torch.isfinite(stats["loss/kl"])
+
+
+def test_gae_can_take_the_kl_as_a_loss_term_instead_of_a_reward_penalty():
+    scores = torch.tensor([1.0, -1.0])
+    logprobs = torch.tensor([[-1.0, -2.0], [-1.0, -1.0]])
+    ref_logprobs = torch.tensor([[-2.0, -2.0], [-1.5, -1.0]])
+    mask = torch.ones(2, 2, dtype=torch.long)
+    trajectory = _trajectory(scores, logprobs, ref_logprobs, mask)
+    trajectory.values = torch.zeros(2, 2)
+    in_reward = make_estimator("gae", "auto", 1, gamma=1.0, lam=1.0, whiten_rewards=False)
+    in_loss = make_estimator("gae", "loss", 1, gamma=1.0, lam=1.0, whiten_rewards=False)
+    assert in_loss.uses_value_head and in_loss.kl_in_loss and not in_reward.kl_in_loss
+    # With the KL in the loss the returns are the scores alone (gamma = lambda = 1, zero values); in the reward they
+    # also carry -kl_coef * the KL still to come.
+    torch.testing.assert_close(in_loss.advantages(trajectory, scores, 0.5).returns, torch.tensor([[1.0, 1.0],
+                                                                                                 [-1.0, -1.0]]))
+    torch.testing.assert_close(in_reward.advantages(trajectory, scores, 0.5).returns,
+                               torch.tensor([[1.0 - 0.5, 1.0], [-1.0 - 0.25, -1.0]]))
+
+
+def test_rows_that_are_not_a_prompts_consecutive_samples_are_refused():
+    estimator = make_estimator("group", "auto", 2, gamma=1.0, lam=0.95, whiten_rewards=False)
+    grouped = torch.tensor([[5, 6, 1], [5, 6, 1], [7, 1, 0], [7, 1, 0]])
+    estimator.check_groups(grouped)
+    with pytest.raises(ValueError, match="not 2 consecutive samples of one prompt each"):
+        estimator.check_groups(grouped[[0, 2, 1, 3]])
+    with pytest.raises(ValueError, match="not whole groups"):
+        estimator.check_groups(grouped[:3])

@@ -365,11 +365,16 @@ def test_two_processes_shard_train_in_step_and_resume_exactly(tmp_path, tiny_art
         assert a["objective/kl"] == b["objective/kl"]
 
 
-def test_rloo_keeps_a_prompts_samples_on_one_process_and_resumes_exactly(tmp_path, tiny_artifacts):
+@pytest.mark.parametrize("backend,estimator", [("ddp", "rloo"), ("zero3", "group")])
+def test_critic_free_runs_keep_a_prompts_samples_on_one_process_and_resume_exactly(tmp_path, tiny_artifacts, backend,
+                                                                                    estimator):
+    # ZeRO-3: the policy's and the adapter-off reference's per-prompt encoder passes run on gathered weights.
     straight, resumed, debug = tmp_path / "straight", tmp_path / "resumed", tmp_path / "debug"
     common = ["--ppo.steps", "4", "--ppo.batch_size", "8", "--ppo.mini_batch_size", "4", "--ppo.learning_rate", "1e-3",
-              "--ppo.save_every_steps", "2", "--ppo.advantage_estimator", "rloo", "--rollout.samples_per_prompt", "2"]
-    run_ppo(ppo_args(tiny_artifacts, straight, *common, "--debug_dir", str(debug)), launcher=launcher("ddp"))
+              "--ppo.save_every_steps", "2", "--ppo.advantage_estimator", estimator, "--rollout.samples_per_prompt",
+              "2"]
+    env = ppo_env(DS_ACCELERATOR="cpu")
+    run_ppo(ppo_args(tiny_artifacts, straight, *common, "--debug_dir", str(debug)), launcher=launcher(backend), env=env)
     ranks = [debug_records(debug, r) for r in range(2)]
     for step, (a, b) in enumerate(zip(*ranks), 1):
         # 8 summaries = 4 prompts x 2 samples; each process sampled both summaries of its own 2 prompts.
@@ -381,7 +386,7 @@ def test_rloo_keeps_a_prompts_samples_on_one_process_and_resumes_exactly(tmp_pat
     trained = adapter_tensors(straight / "ppo" / "adapter")
     assert not (straight / "ppo" / "checkpoints" / "checkpoint-2" / "policy" / "value_head.safetensors").exists()
     copy_checkpoint(straight, "ppo", 2, resumed)
-    run_ppo(ppo_args(tiny_artifacts, resumed, *common, "--resume"), launcher=launcher("ddp"))
+    run_ppo(ppo_args(tiny_artifacts, resumed, *common, "--resume"), launcher=launcher(backend), env=env)
     got = adapter_tensors(resumed / "ppo" / "adapter")
     assert got.keys() == trained.keys()
     for name in trained:

@@ -217,3 +217,16 @@ def test_the_advantage_estimator_cannot_change_within_a_run(tmp_path):
             check_resume_settings(tmp_path, critic_free, "ppo", accept)
     more_samples = load_config(REPO_ROOT / "configs/tiny.yaml", ["--rollout.samples_per_prompt", "2"])
     assert check_resume_settings(tmp_path, more_samples, "ppo", True) == {"rollout.samples_per_prompt": (1, 2)}
+
+
+def test_a_checkpoint_from_before_the_estimator_existed_counts_as_gae(tmp_path):
+    from train.checkpoint import SETTINGS_KEY, TRAINER_STATE_FILE
+
+    saved = settings_of(load_config(REPO_ROOT / "configs/tiny.yaml"))
+    del saved["ppo"]["advantage_estimator"], saved["ppo"]["kl_penalty"], saved["rollout"]["samples_per_prompt"]
+    (tmp_path / TRAINER_STATE_FILE).write_text(json.dumps({"num_processes": 1, SETTINGS_KEY: saved}))
+    group = load_config(REPO_ROOT / "configs/tiny.yaml", ["--ppo.advantage_estimator", "group",
+                                                         "--rollout.samples_per_prompt", "4"])
+    with pytest.raises(ConfigError, match="ppo.advantage_estimator cannot change within a run"):
+        check_resume_settings(tmp_path, group, "ppo", True)
+    assert check_resume_settings(tmp_path, load_config(REPO_ROOT / "configs/tiny.yaml"), "ppo", False) == {}
