@@ -47,7 +47,9 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
 # ppo_vs_trl puts the repository root on sys.path and imports datasets, transformers and the training code.
-from ppo_vs_trl import build_configs, load_policy_for, time_ours  # noqa: E402
+from ppo_vs_trl import (  # noqa: E402
+    build_configs, check_step_benchmark_args, load_policy_for, step_benchmark_parser, time_ours,
+)
 from machine import machine_line, versions_line  # noqa: E402
 
 import datasets  # noqa: E402
@@ -202,15 +204,7 @@ def table(results: dict[str, dict], device: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> list[str]:
     """Runs the benchmark, prints the table (and appends it to --append); returns the table's lines."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     epilog="Other --section.key value arguments override the config.")
-    parser.add_argument("--config", default="configs/tiny.yaml")
-    parser.add_argument("--model-size", choices=["tiny", "small", "base"], default="tiny",
-                        help="small/base: that FLAN-T5 architecture with random weights and the notebook's LoRA")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="model dtype (default: the config's)")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per estimator (after one warm-up)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads; 1 is stable on a shared 2-core VM")
+    parser = step_benchmark_parser(__doc__.splitlines()[0])
     parser.add_argument("--samples-per-prompt", type=int, default=4,
                         help="K: rloo and group sample K summaries for each of ppo.batch_size / K prompts (gae: 1 for "
                         "each of ppo.batch_size prompts)")
@@ -218,10 +212,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     parser.add_argument("--worker", choices=list(VARIANTS), help=argparse.SUPPRESS)  # internal: one variant, JSON out
     argv = sys.argv[1:] if argv is None else list(argv)
     args, overrides = parser.parse_known_args(argv)
-    if args.steps < 1:
-        parser.error("--steps must be at least 1")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA GPU is visible here; run on a GPU machine or use --device cpu")
+    check_step_benchmark_args(parser, args)
     try:
         configs = variant_configs(args, overrides)
     except ConfigError as e:  # e.g. a mistyped option, taken for a config override, or a batch not divisible by K

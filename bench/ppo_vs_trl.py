@@ -372,9 +372,10 @@ def build_configs(args, overrides: list[str]) -> list[tuple[str, Any]]:
     return configs
 
 
-def main(argv: list[str] | None = None) -> list[str]:
-    """Runs the benchmark, prints the table (and appends it to --append); returns the table's lines."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+def step_benchmark_parser(description: str) -> argparse.ArgumentParser:
+    """The options every step benchmark shares (this one and bench/estimators.py): config, model size, device, dtype,
+    timed steps, threads; other --section.key value arguments override the config."""
+    parser = argparse.ArgumentParser(description=description,
                                      epilog="Other --section.key value arguments override the config.")
     parser.add_argument("--config", default="configs/tiny.yaml")
     parser.add_argument("--model-size", choices=["tiny", "small", "base"], default="tiny",
@@ -383,6 +384,19 @@ def main(argv: list[str] | None = None) -> list[str]:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="model dtype (default: the config's)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant (after one warm-up)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads; 1 is stable on a shared 2-core VM")
+    return parser
+
+
+def check_step_benchmark_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.steps < 1:
+        parser.error("--steps must be at least 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA GPU is visible here; run on a GPU machine or use --device cpu")
+
+
+def main(argv: list[str] | None = None) -> list[str]:
+    """Runs the benchmark, prints the table (and appends it to --append); returns the table's lines."""
+    parser = step_benchmark_parser(__doc__.splitlines()[0])
     parser.add_argument("--notebook-lengths", action="store_true",
                         help="also measure with the notebook's LengthSampler(100, 400) for max_new_tokens")
     parser.add_argument("--profile", action="store_true",
@@ -390,10 +404,7 @@ def main(argv: list[str] | None = None) -> list[str]:
                         "operator")
     parser.add_argument("--append", type=Path, help="append a results section to this Markdown file")
     args, overrides = parser.parse_known_args(argv)
-    if args.steps < 1:
-        parser.error("--steps must be at least 1")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA GPU is visible here; run on a GPU machine or use --device cpu")
+    check_step_benchmark_args(parser, args)
     torch.set_num_threads(args.threads)
     # peft's note on the tiny recipe's adapter over a tied lm_head: about merging and export, not what is timed.
     warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*", category=UserWarning)
