@@ -77,7 +77,13 @@ def check_processes(cfg: ExperimentConfig, stage: str, num_processes: int) -> No
                           f"training processes: change the GPUs per node or pass e.g. --sft.batch_size {suggestion}")
     if stage != "ppo":
         return
-    p = cfg.ppo
+    p, k = cfg.ppo, cfg.rollout.samples_per_prompt
+    if k > 1 and p.batch_size % (k * num_processes):
+        raise LaunchError(
+            f"ppo.batch_size ({p.batch_size}) is {p.batch_size // k} prompts x {k} samples (rollout.samples_per_prompt), "
+            f"and a prompt's samples stay on one process: it must be a multiple of {k} x the {num_processes} training "
+            f"processes, e.g. --ppo.batch_size {k * num_processes * max(1, p.batch_size // (k * num_processes))}"
+        )
     if p.batch_size % num_processes or p.mini_batch_size % num_processes:
         raise LaunchError(
             f"ppo.batch_size ({p.batch_size}) and ppo.mini_batch_size ({p.mini_batch_size}) are global and must be "

@@ -45,6 +45,11 @@ def test_plan_reads_the_config_and_checks_ppo_batches():
     # 3 processes cannot share PPO's global batch of 16 / mini-batch of 4: one clear error before any model loads.
     with pytest.raises(launch_helpers.LaunchError, match="multiples of the 3 training processes"):
         launch_helpers.plan("ppo", 3, 1, ["--config", "configs/tiny.yaml"], "cpu")
+    # k = 4 samples per prompt on 8 processes: 16 summaries are 4 prompts, which 8 processes cannot share.
+    group = ["--config", "configs/tiny.yaml", "--ppo.advantage_estimator", "group", "--rollout.samples_per_prompt", "4"]
+    with pytest.raises(launch_helpers.LaunchError, match=r"16\) is 4 prompts x 4 samples .* multiple of 4 x the 8"):
+        launch_helpers.plan("ppo", 4, 2, group, "cpu")
+    launch_helpers.plan("ppo", 2, 2, group, "cpu")
     with pytest.raises(launch_helpers.LaunchError, match=r"sft.batch_size \(8\) is global .* 3 training processes"):
         launch_helpers.plan("sft", 3, 1, ["--config", "configs/tiny.yaml"], "cpu")  # SFT batches are global too
     launch_helpers.plan("sft", 2, 2, ["--config", "configs/tiny.yaml"], "cpu")
