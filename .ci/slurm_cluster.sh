@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
-# Start a one-node SLURM cluster on this machine (slurmctld + slurmd + munged) so CI can run the slurm/
-# templates through a real `sbatch`. Idempotent: installs Debian's slurm-wlm and munge only when missing,
-# rewrites the config only when it changed, starts only the daemons that are not running, and waits until
-# the node accepts jobs. Needs root (CI runs as root) and Debian 12 (slurm-wlm 22.05).
+# Start a two-node SLURM cluster on this machine (slurmctld + one slurmd per node + munged) so CI can run the
+# slurm/ templates through a real `sbatch`, on one node or across two. Debian's slurm is built with
+# MULTIPLE_SLURMD: each node is a `slurmd -N NAME` of its own, with its own port, spool, log and pid file, and a
+# host alias (127.0.0.1 in /etc/hosts) so that the node names resolve like real hosts. Idempotent: installs
+# Debian's slurm-wlm and munge only when missing, rewrites the config only when it changed, starts only the
+# daemons that are not running, and waits until every node accepts jobs. Needs root (CI runs as root) and
+# Debian 12 (slurm-wlm 22.05).
 #
 #   .ci/slurm_cluster.sh            # install if needed, configure, start, wait for the node
 #   .ci/slurm_cluster.sh --stop     # stop the daemons this script started
 set -euo pipefail
 
-NODE="$(hostname -s)"
-CPUS="$(nproc)"
+HOST="$(hostname -s)"
+NODES=(detox-ci-1 detox-ci-2)  # node names; jobs default to one node, `sbatch --nodes=2` spans both
+FIRST_PORT=17001               # slurmd port of the first node; the next node takes the next port
+CPUS="$(nproc)"                # each node offers every CPU: the nodes share this machine
 CONF_DIR=/etc/slurm
 CONF="$CONF_DIR/slurm.conf"
 STATE_DIR=/var/spool/slurmctld
@@ -27,7 +32,7 @@ pid_alive() {  # pid_alive PIDFILE: the pid in PIDFILE is a running process
 }
 
 if [[ "${1:-}" == "--stop" ]]; then
-    for pidfile in "$RUN_DIR/slurmd.pid" "$RUN_DIR/slurmctld.pid" /run/munge/munged.pid; do
+    for pidfile in "$RUN_DIR"/slurmd*.pid "$RUN_DIR/slurmctld.pid" /run/munge/munged.pid; do
         if pid_alive "$pidfile"; then kill "$(cat "$pidfile")"; log "stopped $(basename "$pidfile" .pid)"; fi
     done
     exit 0
@@ -59,13 +64,25 @@ if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
     munge -n | unmunge >/dev/null || die "munged did not start (see /var/log/munge/munged.log)"
 fi
 
-# 3. slurm.conf: one node, this host, every CPU; no cgroups (containers rarely allow them).
+# 3. Host aliases for the node names (the templates use the first node's name as the rendezvous host).
+for node in "${NODES[@]}"; do
+    grep -Eq "^127\.0\.0\.1[[:space:]].*\b$node\b" /etc/hosts || echo "127.0.0.1 $node" >>/etc/hosts
+done
+
+# 4. slurm.conf: the nodes on this host, every CPU each; no cgroups (containers rarely allow them).
 mkdir -p "$CONF_DIR" "$STATE_DIR" "$SPOOL_DIR" "$LOG_DIR" "$RUN_DIR"
+node_lines=""
+port="$FIRST_PORT"
+for node in "${NODES[@]}"; do
+    mkdir -p "$SPOOL_DIR/$node"
+    node_lines+="NodeName=$node NodeHostname=$HOST NodeAddr=127.0.0.1 Port=$port CPUs=$CPUS State=UNKNOWN"$'\n'
+    port=$((port + 1))
+done
 new_conf="$(mktemp)"
 cat >"$new_conf" <<EOF
-# Written by .ci/slurm_cluster.sh: a one-node CI cluster.
+# Written by .ci/slurm_cluster.sh: a two-node CI cluster on one machine (MULTIPLE_SLURMD).
 ClusterName=ci
-SlurmctldHost=$NODE
+SlurmctldHost=$HOST
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -90,13 +107,12 @@ AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 StateSaveLocation=$STATE_DIR
-SlurmdSpoolDir=$SPOOL_DIR
+SlurmdSpoolDir=$SPOOL_DIR/%n
 SlurmctldPidFile=$RUN_DIR/slurmctld.pid
-SlurmdPidFile=$RUN_DIR/slurmd.pid
+SlurmdPidFile=$RUN_DIR/slurmd-%n.pid
 SlurmctldLogFile=$LOG_DIR/slurmctld.log
-SlurmdLogFile=$LOG_DIR/slurmd.log
-NodeName=$NODE CPUs=$CPUS State=UNKNOWN
-PartitionName=ci Nodes=$NODE Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
+SlurmdLogFile=$LOG_DIR/slurmd-%n.log
+${node_lines}PartitionName=ci Nodes=$(IFS=,; echo "${NODES[*]}") Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 EOF
 restart=0
 if ! cmp -s "$new_conf" "$CONF"; then
@@ -107,9 +123,9 @@ fi
 rm -f "$new_conf"
 # Debian's slurm looks for cgroup.conf only with cgroup plugins; nothing else to write.
 
-# 4. Daemons (restart them when the config changed).
+# 5. Daemons (restart them when the config changed; slurmd.pid: a one-node cluster this script used to start).
 if [[ "$restart" == 1 ]]; then
-    for pidfile in "$RUN_DIR/slurmd.pid" "$RUN_DIR/slurmctld.pid"; do
+    for pidfile in "$RUN_DIR"/slurmd*.pid "$RUN_DIR/slurmctld.pid"; do
         if pid_alive "$pidfile"; then
             pid="$(cat "$pidfile")"; kill "$pid"
             for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
@@ -117,20 +133,25 @@ if [[ "$restart" == 1 ]]; then
     done
 fi
 if ! pid_alive "$RUN_DIR/slurmctld.pid"; then log "starting slurmctld"; slurmctld; fi
-if ! pid_alive "$RUN_DIR/slurmd.pid"; then log "starting slurmd"; slurmd; fi
+for node in "${NODES[@]}"; do
+    if ! pid_alive "$RUN_DIR/slurmd-$node.pid"; then log "starting slurmd -N $node"; slurmd -N "$node"; fi
+done
 
-# 5. Wait (bounded) until the controller answers and the node takes jobs.
+# 6. Wait (bounded) until the controller answers and every node takes jobs.
 for _ in $(seq 60); do scontrol ping >/dev/null 2>&1 && break; sleep 0.5; done
 scontrol ping >/dev/null 2>&1 || die "slurmctld does not answer (see $LOG_DIR/slurmctld.log)"
-for _ in $(seq 60); do
-    state="$(sinfo -h -n "$NODE" -o %T 2>/dev/null | head -n1)"
+for node in "${NODES[@]}"; do
+    for _ in $(seq 60); do
+        state="$(sinfo -h -n "$node" -o %T 2>/dev/null | head -n1)"
+        case "$state" in
+            idle*|mixed*|allocated*|completing*) break ;;
+            down*|drain*|fail*) scontrol update NodeName="$node" State=RESUME >/dev/null 2>&1 || true ;;
+        esac
+        sleep 0.5
+    done
     case "$state" in
-        idle*|mixed*|allocated*|completing*) break ;;
-        down*|drain*|fail*) scontrol update NodeName="$NODE" State=RESUME >/dev/null 2>&1 || true ;;
+        idle*|mixed*|allocated*|completing*) log "node $node is $state ($CPUS CPUs)" ;;
+        *) die "node $node is '${state:-unknown}', not taking jobs (see $LOG_DIR/slurmd-$node.log, $LOG_DIR/slurmctld.log)" ;;
     esac
-    sleep 0.5
 done
-case "$state" in
-    idle*|mixed*|allocated*|completing*) log "node $NODE is $state ($CPUS CPUs); sbatch is ready" ;;
-    *) die "node $NODE is '${state:-unknown}', not taking jobs (see $LOG_DIR/slurmd.log, $LOG_DIR/slurmctld.log)" ;;
-esac
+log "${#NODES[@]} nodes ready: sbatch is ready (sbatch --nodes=${#NODES[@]} spans them all)"

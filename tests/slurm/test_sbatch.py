@@ -1,4 +1,4 @@
-"""The SLURM templates end to end: real `sbatch` jobs on the one-node CI cluster (the templates' parts without a
+"""The SLURM templates end to end: real `sbatch` jobs on the CI cluster (two nodes on one machine) (the templates' parts without a
 cluster are tested in test_templates.py, test_launch_helpers.py, test_run_stage.py and test_task.py).
 
 The cluster comes from `.ci/slurm_cluster.sh` (idempotent: the fixture starts it when `scontrol ping` does not
@@ -45,7 +45,8 @@ def _job_field(job_id: str, field: str) -> str:
 
 @pytest.fixture(scope="module")
 def cluster():
-    """The one-node cluster, started by .ci/slurm_cluster.sh when it is not up yet; cancels leftover jobs."""
+    """The CI cluster (two nodes on this machine), started by .ci/slurm_cluster.sh when it is not up yet; cancels
+    leftover jobs."""
     ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=30) if _have("scontrol") else None
     if ping is None or ping.returncode != 0:
         started = subprocess.run(["bash", str(REPO_ROOT / ".ci/slurm_cluster.sh")], capture_output=True, text=True,
