@@ -129,7 +129,8 @@ detox_main() {
         local job_log log_dir="$REPO"
         job_log="$(scontrol show job "${SLURM_JOB_ID:-0}" 2>/dev/null | sed -n 's/^ *StdOut=//p' | head -n1)"
         [[ -n "$job_log" ]] && log_dir="$(dirname "$job_log")"
-        local server_log="$log_dir/${SLURM_JOB_NAME:-detox}-${SLURM_JOB_ID:-0}.reward-%N.out"
+        # %N-%n: host name and node index (two nodes can share a host, as on the CI cluster).
+        local server_log="$log_dir/${SLURM_JOB_NAME:-detox}-${SLURM_JOB_ID:-0}.reward-%N-%n.out"
         # shellcheck disable=SC2016  # expanded by the step's own shell, on each node
         local step_cmd='export CUDA_VISIBLE_DEVICES="$("$PYTHON" slurm/launch_helpers.py gpus --role reward --reserve-reward 1)"'
         local threads=""
@@ -138,8 +139,10 @@ detox_main() {
         # REWARD_SERVER_ARGS: the config's reward and reward_server settings; later overrides win.
         step_cmd+='; trap "" USR1; exec "$PYTHON" -m rewards.server '
         step_cmd+="$REWARD_SERVER_ARGS $threads"
-        step_cmd+=' --reward_server.host 127.0.0.1 --reward_server.port "$REWARD_PORT"'
-        detox_log "starting the reward server step on port $REWARD_PORT (log: $server_log)"
+        # Node i's server listens on REWARD_PORT + i: nodes that share a host then do not collide, and each node's
+        # trainers reach their own (slurm/task.sh).
+        step_cmd+=' --reward_server.host 127.0.0.1 --reward_server.port "$((REWARD_PORT + SLURM_NODEID))"'
+        detox_log "starting the reward server step on port $REWARD_PORT + node index (log: $server_log)"
         srun --overlap --nodes="$nodes" --ntasks="$nodes" --ntasks-per-node=1 --kill-on-bad-exit=0 \
              --output="$server_log" bash -c "$step_cmd" &
         SERVER_PID=$!

@@ -40,12 +40,14 @@ launch+=(--num_processes "$((num_machines * procs))")
 [[ -n "$ACCELERATE_CONFIG" ]] && launch=(--config_file "$ACCELERATE_CONFIG" "${launch[@]}")
 
 if [[ "$REWARD_SERVER" == 1 ]]; then
-    # This node's reward server (its own job step); every machine waits for its own before training.
-    "$PYTHON" slurm/launch_helpers.py wait-health "http://127.0.0.1:$REWARD_PORT/health" --timeout "$HEALTH_TIMEOUT"
-    extra+=(--reward.url "http://127.0.0.1:$REWARD_PORT")
+    # This node's reward server (its own job step, on REWARD_PORT + node index: slurm/common.sh); every machine waits
+    # for its own before training.
+    reward_port=$((REWARD_PORT + ${SLURM_NODEID:-0}))
+    "$PYTHON" slurm/launch_helpers.py wait-health "http://127.0.0.1:$reward_port/health" --timeout "$HEALTH_TIMEOUT"
+    extra+=(--reward.url "http://127.0.0.1:$reward_port")
 fi
 
-echo "task $machine_rank/$num_machines on $(hostname -s): $procs process(es), rendezvous $MASTER_ADDR:$MASTER_PORT," \
+echo "task $machine_rank/$num_machines on ${SLURMD_NODENAME:-$(hostname -s)}: $procs process(es), rendezvous $MASTER_ADDR:$MASTER_PORT," \
      "GPUs ${CUDA_VISIBLE_DEVICES:-none}" >&2
 # The launcher ignores SIGUSR1 and SIGTERM (the dispositions survive exec) so that only the workers, which install
 # their own handlers (train.preemption.StopSignal), react to them: they checkpoint and exit with status 3. A

@@ -177,3 +177,32 @@ def test_preempted_ppo_job_is_requeued_and_resumes(cluster, ppo_run, tmp_path):
             if not key.startswith("time/") and isinstance(value, float):
                 assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (got["step"], key)
     assert (run / "ppo/adapter/adapter_model.safetensors").is_file()
+
+
+def test_ppo_on_two_nodes_shards_the_batch_and_each_node_scores_on_its_own_reward_server(cluster, tmp_path):
+    """`sbatch --nodes=2`: one training process per node, rendezvous on the first node, the global batch sharded over
+    both, identical weights after every step, and each node's trainer scoring on its own node's reward server."""
+    debug = tmp_path / "debug"
+    args = [*PPO_ARGS[:3], "4", *PPO_ARGS[4:], "--output_dir", str(tmp_path / "run"), "--debug_dir", str(debug)]
+    job_id = _sbatch(cluster, "ppo", tmp_path, args, "--nodes=2", "--cpus-per-task=1")
+    log = tmp_path / f"detox-ppo-{job_id}.out"
+    _wait_done(job_id, log)
+    text = log.read_text()
+    tasks = re.findall(r"task (\d)/2 on (\S+): 1 process\(es\), rendezvous (\S+),", text)
+    assert sorted(tasks) == [("0", "detox-ci-1", "detox-ci-1:" + tasks[0][2].split(":")[1]),
+                             ("1", "detox-ci-2", "detox-ci-1:" + tasks[0][2].split(":")[1])], tasks
+    # Both nodes trained: each rank its own half of every global batch, the same weights after every step.
+    ranks = [_log_lines(debug / f"rank{r}.jsonl") for r in range(2)]
+    assert [len(r) for r in ranks] == [4, 4]
+    for a, b in zip(*ranks):
+        assert len(a["example_ids"]) == len(b["example_ids"]) == 2 and not set(a["example_ids"]) & set(b["example_ids"])
+        assert a["params_sha256"] == b["params_sha256"]
+    # One reward server per node, each up on its own port (REWARD_PORT + node index), and the trainers scored on both:
+    # each node's on its own (the two nodes share this host, so one port for both would have failed to bind).
+    ports = sorted(set(re.findall(r"POST http://127\.0\.0\.1:(\d+)/score \"HTTP/1\.1 200 OK\"", text)))
+    assert len(ports) == 2 and int(ports[1]) == int(ports[0]) + 1, ports
+    server_logs = sorted(tmp_path.glob(f"detox-ppo-{job_id}.reward-*.out"))
+    assert len(server_logs) == 2
+    for server_log in server_logs:
+        served = server_log.read_text()
+        assert "rewards.server:" in served and "address already in use" not in served, server_log.name
