@@ -104,6 +104,17 @@ def ppo_run(cluster, tiny_artifacts, tmp_path_factory):
     return work, job_id, log
 
 
+@pytest.fixture(scope="module")
+def two_node_run(cluster, tmp_path_factory):
+    """The same PPO job on two nodes (`sbatch --nodes=2`, one training process each), with the debug hook on."""
+    work = tmp_path_factory.mktemp("slurm_ppo_two_nodes")
+    args = [*PPO_ARGS, "--output_dir", str(work / "run"), "--debug_dir", str(work / "debug")]
+    job_id = _sbatch(cluster, "ppo", work, args, "--nodes=2", "--cpus-per-task=1")
+    log = work / f"detox-ppo-{job_id}.out"
+    _wait_done(job_id, log)
+    return work, job_id, log
+
+
 def test_ppo_through_sbatch_with_reward_server_step(ppo_run):
     work, job_id, log = ppo_run
     text = log.read_text()
@@ -143,12 +154,14 @@ def test_eval_through_sbatch_on_two_machines(cluster, ppo_run, tmp_path):
     assert (out_dir / "eval/report.md").is_file()
 
 
-def test_preempted_ppo_job_is_requeued_and_resumes(cluster, ppo_run, tmp_path):
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_preempted_ppo_job_is_requeued_and_resumes(cluster, request, tmp_path, nodes):
     """SIGUSR1 mid-run (as --signal=B:USR1 sends it before the time limit): checkpoint, requeue, --resume, and
-    the same steps and statistics as the uninterrupted run."""
-    uninterrupted_dir, _, _ = ppo_run
+    the same steps and statistics as the uninterrupted run; on one node and across two."""
+    uninterrupted_dir, _, _ = request.getfixturevalue("ppo_run" if nodes == 1 else "two_node_run")
     run = tmp_path / "run"
-    job_id = _sbatch(cluster, "ppo", tmp_path, [*PPO_ARGS, "--output_dir", str(run)], "--cpus-per-task=2")
+    placement = ["--cpus-per-task=2"] if nodes == 1 else ["--nodes=2", "--cpus-per-task=1"]
+    job_id = _sbatch(cluster, "ppo", tmp_path, [*PPO_ARGS, "--output_dir", str(run)], *placement)
     log = tmp_path / f"detox-ppo-{job_id}.out"
     _wait_for(lambda: len(_log_lines(run / "ppo/log.jsonl")) >= 2, "the first PPO steps", interval_s=0.2)
     _sh("scancel", "--batch", "--signal=USR1", job_id)
@@ -179,21 +192,18 @@ def test_preempted_ppo_job_is_requeued_and_resumes(cluster, ppo_run, tmp_path):
     assert (run / "ppo/adapter/adapter_model.safetensors").is_file()
 
 
-def test_ppo_on_two_nodes_shards_the_batch_and_each_node_scores_on_its_own_reward_server(cluster, tmp_path):
+def test_ppo_on_two_nodes_shards_the_batch_and_each_node_scores_on_its_own_reward_server(two_node_run):
     """`sbatch --nodes=2`: one training process per node, rendezvous on the first node, the global batch sharded over
     both, identical weights after every step, and each node's trainer scoring on its own node's reward server."""
-    debug = tmp_path / "debug"
-    args = [*PPO_ARGS[:3], "4", *PPO_ARGS[4:], "--output_dir", str(tmp_path / "run"), "--debug_dir", str(debug)]
-    job_id = _sbatch(cluster, "ppo", tmp_path, args, "--nodes=2", "--cpus-per-task=1")
-    log = tmp_path / f"detox-ppo-{job_id}.out"
-    _wait_done(job_id, log)
+    work, job_id, log = two_node_run
+    debug = work / "debug"
     text = log.read_text()
     tasks = re.findall(r"task (\d)/2 on (\S+): 1 process\(es\), rendezvous (\S+),", text)
     assert sorted(tasks) == [("0", "detox-ci-1", "detox-ci-1:" + tasks[0][2].split(":")[1]),
                              ("1", "detox-ci-2", "detox-ci-1:" + tasks[0][2].split(":")[1])], tasks
     # Both nodes trained: each rank its own half of every global batch, the same weights after every step.
     ranks = [_log_lines(debug / f"rank{r}.jsonl") for r in range(2)]
-    assert [len(r) for r in ranks] == [4, 4]
+    assert [len(r) for r in ranks] == [PPO_STEPS, PPO_STEPS]
     for a, b in zip(*ranks):
         assert len(a["example_ids"]) == len(b["example_ids"]) == 2 and not set(a["example_ids"]) & set(b["example_ids"])
         assert a["params_sha256"] == b["params_sha256"]
@@ -201,7 +211,7 @@ def test_ppo_on_two_nodes_shards_the_batch_and_each_node_scores_on_its_own_rewar
     # each node's on its own (the two nodes share this host, so one port for both would have failed to bind).
     ports = sorted(set(re.findall(r"POST http://127\.0\.0\.1:(\d+)/score \"HTTP/1\.1 200 OK\"", text)))
     assert len(ports) == 2 and int(ports[1]) == int(ports[0]) + 1, ports
-    server_logs = sorted(tmp_path.glob(f"detox-ppo-{job_id}.reward-*.out"))
+    server_logs = sorted(work.glob(f"detox-ppo-{job_id}.reward-*.out"))
     assert len(server_logs) == 2
     for server_log in server_logs:
         served = server_log.read_text()
