@@ -130,28 +130,37 @@ def test_ppo_through_sbatch_with_reward_server_step(ppo_run):
     assert "ppo finished" in text and _job_field(job_id, "Restarts") == "0"
 
 
-def test_eval_through_sbatch_on_two_machines(cluster, ppo_run, tmp_path):
-    """Two tasks on this node act as two machines: accelerate's rendezvous comes from SLURM's variables, the
-    launch settings from the CPU accelerate config (one process per machine)."""
+def test_eval_through_sbatch_on_two_nodes_equals_one_process(cluster, ppo_run, tmp_path):
+    """Two nodes, one evaluation process each: accelerate's rendezvous comes from SLURM's variables, the launch
+    settings from the CPU accelerate config; every summary, score and metric equals a one-process evaluation's."""
     work, _, _ = ppo_run
     out_dir = tmp_path / "eval_run"
-    args = ["--config", "configs/tiny.yaml", "--output_dir", str(out_dir),
-            "--eval.systems", f"base,ppo={work / 'run/ppo/adapter'}", "--eval.max_examples", "8",
-            "--eval.bootstrap_samples", "50", "--eval.torch_threads", "1", "--eval.generation.max_new_tokens", "8"]
-    job_id = _sbatch(cluster, "eval", tmp_path, args, "--ntasks-per-node=2", "--cpus-per-task=1",
-                     ACCELERATE_CONFIG="accelerate_configs/cpu_2proc.yaml")
+    common = ["--config", "configs/tiny.yaml", "--eval.systems", f"base,ppo={work / 'run/ppo/adapter'}",
+              "--eval.max_examples", "7", "--eval.bootstrap_samples", "50", "--eval.torch_threads", "1",
+              "--eval.generation.max_new_tokens", "8"]  # 7: the two nodes get 4 and 3 examples
+    job_id = _sbatch(cluster, "eval", tmp_path, [*common, "--output_dir", str(out_dir)], "--nodes=2",
+                     "--cpus-per-task=1", ACCELERATE_CONFIG="accelerate_configs/cpu_2proc.yaml")
     log = tmp_path / f"detox-eval-{job_id}.out"
     _wait_done(job_id, log)
     text = log.read_text()
-    rendezvous = re.findall(r"task (\d)/2 on \S+: 1 process\(es\), rendezvous (\S+),", text)
-    assert sorted(r[0] for r in rendezvous) == ["0", "1"] and len({r[1] for r in rendezvous}) == 1
+    rendezvous = re.findall(r"task (\d)/2 on (\S+): 1 process\(es\), rendezvous (\S+),", text)
+    assert sorted(r[:2] for r in rendezvous) == [("0", "detox-ci-1"), ("1", "detox-ci-2")], rendezvous
+    assert len({r[2] for r in rendezvous}) == 1
     assert "accelerate config accelerate_configs/cpu_2proc.yaml" in text
     summary = json.loads((out_dir / "eval/summary.json").read_text())
-    assert summary["throughput"]["num_processes"] == 2 and summary["num_examples"] == 8
+    assert summary["throughput"]["num_processes"] == 2 and summary["num_examples"] == 7
     examples = _log_lines(out_dir / "eval/examples.jsonl")
-    assert len(examples) == 8 and len({e["id"] for e in examples}) == 8
+    assert len(examples) == 7 and len({e["id"] for e in examples}) == 7
     assert all(set(e["systems"]) == {"base", "ppo"} for e in examples)
     assert (out_dir / "eval/report.md").is_file()
+    # The same evaluation in one process, here.
+    single_dir = tmp_path / "eval_single"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    subprocess.run([PY, "-m", "eval.evaluate", *common, "--output_dir", str(single_dir)], cwd=REPO_ROOT, env=env,
+                   capture_output=True, text=True, timeout=JOB_TIMEOUT_S, check=True)
+    assert _log_lines(single_dir / "eval/examples.jsonl") == examples
+    single = json.loads((single_dir / "eval/summary.json").read_text())
+    assert single["throughput"]["num_processes"] == 1 and single["metrics"] == summary["metrics"]
 
 
 @pytest.mark.parametrize("nodes", [1, 2])
