@@ -225,3 +225,22 @@ def test_ppo_on_two_nodes_shards_the_batch_and_each_node_scores_on_its_own_rewar
     for server_log in server_logs:
         served = server_log.read_text()
         assert "rewards.server:" in served and "address already in use" not in served, server_log.name
+
+
+def test_sft_on_two_nodes_shards_the_batch_and_keeps_the_weights_identical(cluster, tmp_path):
+    debug, out = tmp_path / "debug", tmp_path / "run"
+    args = ["--config", "configs/tiny.yaml", "--output_dir", str(out), "--debug_dir", str(debug), "--sft.max_steps", "4",
+            "--sft.batch_size", "4", "--sft.eval_every_steps", "100", "--sft.save_every_steps", "100",
+            "--sft.eval_rouge_examples", "0", "--data.max_examples", "200"]
+    job_id = _sbatch(cluster, "sft", tmp_path, args, "--nodes=2", "--cpus-per-task=1")
+    log = tmp_path / f"detox-sft-{job_id}.out"
+    _wait_done(job_id, log)
+    tasks = re.findall(r"task (\d)/2 on (\S+): 1 process\(es\)", log.read_text())
+    assert sorted(tasks) == [("0", "detox-ci-1"), ("1", "detox-ci-2")], tasks
+    ranks = [_log_lines(debug / f"rank{r}.jsonl") for r in range(2)]
+    assert [len(r) for r in ranks] == [4, 4]  # both nodes trained every step
+    for a, b in zip(*ranks):
+        assert len(a["example_ids"]) == len(b["example_ids"]) == 2 and not set(a["example_ids"]) & set(b["example_ids"])
+        assert a["params_sha256"] == b["params_sha256"]
+    assert len({r["params_sha256"] for r in ranks[0]}) == 4
+    assert (out / "sft/adapter/adapter_model.safetensors").is_file()
