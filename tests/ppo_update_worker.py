@@ -60,11 +60,13 @@ def fixed_rollout(vocab: int, eos: int, seed: int = 5, samples_per_prompt: int =
 
 
 def build(t5: str, accumulation: int = 1, max_grad_norm=None, estimator: str = "gae"):
-    critic_free = ["--ppo.advantage_estimator", estimator, "--rollout.samples_per_prompt", "2"] if estimator != "gae" else []
-    cfg = load_config(None, [*critic_free,
+    # gae: a value loss weighted like the policy loss; the critic-free estimators have none (and refuse vf_coef).
+    estimator_args = (["--ppo.vf_coef", "1.0"] if estimator == "gae"
+                      else ["--ppo.advantage_estimator", estimator, "--rollout.samples_per_prompt", "2"])
+    cfg = load_config(None, [*estimator_args,
         "--model.name_or_path", t5, "--model.dtype", "float32", "--model.value_head_dropout", "0",
         "--lora.r", "8", "--lora.alpha", "8", "--lora.dropout", "0",
-        "--ppo.batch_size", str(ROWS), "--ppo.learning_rate", "1e-3", "--ppo.vf_coef", "1.0",
+        "--ppo.batch_size", str(ROWS), "--ppo.learning_rate", "1e-3",
         "--ppo.gradient_accumulation_steps", str(accumulation), "--ppo.score_normalization", "standardize",
         "--ppo.max_grad_norm", str(max_grad_norm),
     ])

@@ -244,3 +244,44 @@ def test_sft_on_two_nodes_shards_the_batch_and_keeps_the_weights_identical(clust
         assert a["params_sha256"] == b["params_sha256"]
     assert len({r["params_sha256"] for r in ranks[0]}) == 4
     assert (out / "sft/adapter/adapter_model.safetensors").is_file()
+
+
+def test_the_ppo_update_on_two_nodes_equals_one_process(cluster, tiny_artifacts, tmp_path):
+    """The PPO engine's invariant across nodes: tests/ppo_update_worker.py (fixed global batch, three RLOO updates)
+    launched by the templates' per-node launcher (slurm/task.sh, one process per node, rendezvous on the first node)
+    gives the weights and statistics of one process, to 1e-5."""
+    import ppo_update_worker
+    from safetensors.torch import load_file
+
+    single, double = tmp_path / "single", tmp_path / "double"
+    single.mkdir()
+    ppo_update_worker.run(str(tiny_artifacts.t5), single, None, 1, None, "rloo")
+    script = tmp_path / "update.sbatch"
+    script.write_text(
+        "#!/usr/bin/env bash\nset -euo pipefail\n"
+        f"export REPO={REPO_ROOT} PYTHON={PY} DETOX_CPU=1 PROCS_PER_MACHINE=1 ACCELERATE_CONFIG= ACCELERATE_ARGS= \\\n"
+        "    REWARD_SERVER=0 RESERVE_REWARD_GPU=0 REWARD_PORT=0 HEALTH_TIMEOUT=5 OMP_NUM_THREADS=1 \\\n"
+        f"    PYTHONPATH={REPO_ROOT / 'tests'}\n"
+        'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)"\n'
+        "export MASTER_PORT=$((29500 + SLURM_JOB_ID % 10000))\n"
+        f"srun --kill-on-bad-exit=1 bash slurm/task.sh ppo_update_worker --t5 {tiny_artifacts.t5} --out {double} "
+        "--estimator rloo\n")
+    job_id = subprocess.run(["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1",
+                             "--time=10", f"--output={tmp_path}/update-%j.out", str(script)], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+    cluster.append(job_id)
+    log = tmp_path / f"update-{job_id}.out"
+    _wait_done(job_id, log)
+    tasks = re.findall(r"task (\d)/2 on (\S+): 1 process\(es\)", log.read_text())
+    assert sorted(tasks) == [("0", "detox-ci-1"), ("1", "detox-ci-2")], tasks
+    got, want = (json.loads((d / "stats.json").read_text()) for d in (double, single))
+    assert (got["world_size"], want["world_size"]) == (2, 1)
+    for a, b in zip(got["steps"], want["steps"], strict=True):
+        assert a.keys() == b.keys()
+        for key in b:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-5), key
+    for step in range(len(want["steps"]) + 1):
+        a, b = (load_file(str(d / f"weights-{step}.safetensors")) for d in (double, single))
+        assert a.keys() == b.keys()
+        for name in b:
+            assert (a[name] - b[name]).abs().max() <= 1e-5, (step, name)
