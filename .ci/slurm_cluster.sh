@@ -66,7 +66,8 @@ fi
 
 # 3. Host aliases for the node names (the templates use the first node's name as the rendezvous host).
 for node in "${NODES[@]}"; do
-    grep -Eq "^127\.0\.0\.1[[:space:]].*\b$node\b" /etc/hosts || echo "127.0.0.1 $node" >>/etc/hosts
+    grep -Eq "^127\.0\.0\.1[[:space:]].*\b$node\b" /etc/hosts || echo "127.0.0.1 $node" >>/etc/hosts \
+        || die "cannot add the host alias '127.0.0.1 $node' to /etc/hosts (read-only?): the node names must resolve"
 done
 
 # 4. slurm.conf: the nodes on this host, every CPU each; no cgroups (containers rarely allow them).
