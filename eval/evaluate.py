@@ -353,6 +353,8 @@ def evaluate(cfg: ExperimentConfig) -> dict[str, Any]:
     if is_main:
         log.info("%d %s examples, %d systems (%s), %d process(es)", len(examples), cfg.eval.split, len(systems),
                  ", ".join(s.name for s in systems), accelerator.num_processes)
+    log.info("process %d/%d: %d of the examples, in %d batch(es)", accelerator.process_index,
+             accelerator.num_processes, sum(len(b) for _, b in batches), len(batches))
 
     # 2. Models: one base per process with every adapter loaded into it; the reward classifier per
     # reward.device ("auto" here means this process's own device, so N GPUs score N shards in parallel).

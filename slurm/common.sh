@@ -139,15 +139,33 @@ detox_main() {
         # REWARD_SERVER_ARGS: the config's reward and reward_server settings; later overrides win.
         step_cmd+='; trap "" USR1; exec "$PYTHON" -m rewards.server '
         step_cmd+="$REWARD_SERVER_ARGS $threads"
-        # Node i's server listens on REWARD_PORT + i: nodes that share a host then do not collide, and each node's
-        # trainers reach their own (slurm/task.sh).
-        step_cmd+=' --reward_server.host 127.0.0.1 --reward_server.port "$((REWARD_PORT + SLURM_NODEID))"'
-        detox_log "starting the reward server step on port $REWARD_PORT + node index (log: $server_log)"
-        srun --overlap --nodes="$nodes" --ntasks="$nodes" --ntasks-per-node=1 --kill-on-bad-exit=0 \
+        # Each node's port: REWARD_PORT, or REWARD_PORT + i for the i-th of several nodes sharing one host.
+        local ports
+        ports="$("$PYTHON" slurm/launch_helpers.py reward-ports --base "$REWARD_PORT" --master-port "$MASTER_PORT")" \
+            || return 2
+        eval "export $ports"   # REWARD_PORTS=node:port,...; slurm/task.sh reads it too
+        step_cmd+=' --reward_server.host 127.0.0.1 --reward_server.port "$("$PYTHON" slurm/launch_helpers.py reward-port)"'
+        detox_log "starting the reward server step, ports $REWARD_PORTS (log: $server_log)"
+        # --kill-on-bad-exit: a server that fails on any node ends the step, which the wait below sees at once.
+        srun --overlap --nodes="$nodes" --ntasks="$nodes" --ntasks-per-node=1 --kill-on-bad-exit=1 \
              --output="$server_log" bash -c "$step_cmd" &
         SERVER_PID=$!
-        if ! "$PYTHON" slurm/launch_helpers.py wait-health "http://127.0.0.1:$REWARD_PORT/health" \
-                --timeout "$HEALTH_TIMEOUT" --pid "$SERVER_PID"; then
+        # Every node's server answers before training starts (they listen on 127.0.0.1: check from each node).
+        # shellcheck disable=SC2016  # expanded on each node
+        local check='"$PYTHON" slurm/launch_helpers.py wait-health --timeout "$HEALTH_TIMEOUT"'
+        check+=' "http://127.0.0.1:$("$PYTHON" slurm/launch_helpers.py reward-port)/health"'
+        srun --overlap --nodes="$nodes" --ntasks="$nodes" --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c "$check" &
+        local health_pid=$!
+        while kill -0 "$health_pid" 2>/dev/null && kill -0 "$SERVER_PID" 2>/dev/null; do sleep 1; done
+        if kill -0 "$health_pid" 2>/dev/null; then
+            detox_log "error: the reward server step ended before every node's server answered: see $server_log"
+            kill -TERM "$health_pid" 2>/dev/null || true
+            detox_wait "$health_pid"
+            detox_stop_reward_server
+            return 1
+        fi
+        detox_wait "$health_pid"
+        if [[ "$WAIT_STATUS" != 0 ]]; then
             detox_stop_reward_server
             return 1
         fi

@@ -2,6 +2,8 @@
 
     python slurm/launch_helpers.py plan --stage ppo --machines 2 --procs-per-machine 4 -- --config configs/x.yaml ...
     python slurm/launch_helpers.py gpus --role train --reserve-reward 1       # CUDA_VISIBLE_DEVICES for a role
+    python slurm/launch_helpers.py reward-ports --base 19500 --master-port 29500   # REWARD_PORTS=node:port,...
+    python slurm/launch_helpers.py reward-port                                     # this node's port
     python slurm/launch_helpers.py wait-health http://127.0.0.1:8500/health --timeout 600 --pid 1234
 
 `plan` reads the experiment config exactly as the training script will (train.config.load_config: recipe, then
@@ -149,6 +151,65 @@ def split_gpus(gpus: Sequence[str], reserve_reward: bool) -> tuple[list[str], li
 
 
 # ----------------------------------------------------------------------------------------------------
+# reward-ports / reward-port: where each node's reward server listens
+
+
+def reward_ports(nodes: Sequence[tuple[str, str]], base: int, master_port: int) -> dict[str, int]:
+    """Port of each node's reward server, from (node name, host name) pairs in allocation order.
+
+    A node alone on its host (a real cluster) listens on `base`; nodes that share a host (several slurmd on one
+    machine, as on the CI cluster) take base, base + 1, ... in allocation order, so they do not collide. Ports stay
+    clear of the rendezvous port and within 1024..65535."""
+    ports: dict[str, int] = {}
+    per_host: dict[str, int] = {}
+    for name, host in nodes:
+        ports[name] = base + per_host.get(host, 0)
+        per_host[host] = per_host.get(host, 0) + 1
+    if not ports:
+        raise LaunchError("no nodes in the allocation (SLURM_JOB_NODELIST is empty)")
+    low, high = min(ports.values()), max(ports.values())
+    if low < 1024 or high > 65535:
+        raise LaunchError(f"reward server ports {low}..{high} fall outside 1024..65535: set REWARD_PORT to e.g. 19500")
+    if low <= master_port <= high:
+        raise LaunchError(f"the reward server ports {low}..{high} include the rendezvous port MASTER_PORT={master_port}: "
+                          f"set REWARD_PORT or MASTER_PORT so that they do not overlap")
+    return ports
+
+
+def allocation_nodes(nodelist: str) -> list[tuple[str, str]]:
+    """(node name, host name) of each node of a SLURM node list, in allocation order (scontrol)."""
+    def scontrol(*args: str) -> str:
+        try:
+            return subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=60, check=True).stdout
+        except (OSError, subprocess.SubprocessError) as exc:
+            detail = getattr(exc, "stderr", None) or exc
+            raise LaunchError(f"scontrol {' '.join(args)} failed ({str(detail).strip()}): run inside a SLURM job") from None
+
+    names = scontrol("show", "hostnames", nodelist).split()
+    info = scontrol("-o", "show", "node", ",".join(names))
+    hosts = {}
+    for line in info.splitlines():
+        fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+        if "NodeName" in fields:
+            hosts[fields["NodeName"]] = fields.get("NodeHostName", fields["NodeName"])
+    return [(name, hosts.get(name, name)) for name in names]
+
+
+def format_reward_ports(ports: dict[str, int]) -> str:
+    return ",".join(f"{name}:{port}" for name, port in ports.items())
+
+
+def node_reward_port(reward_ports_value: str, node: str) -> int:
+    """This node's port from REWARD_PORTS ("node:port,node:port", written by `reward-ports` on the batch host)."""
+    for item in reward_ports_value.split(","):
+        name, _, port = item.rpartition(":")
+        if name == node:
+            return int(port)
+    raise LaunchError(f"node {node!r} has no reward server port in REWARD_PORTS={reward_ports_value!r}: run the step "
+                      f"inside the job the template started (it sets REWARD_PORTS for the job's nodes)")
+
+
+# ----------------------------------------------------------------------------------------------------
 # wait-health: bounded wait for the reward server
 
 
@@ -200,6 +261,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     g = sub.add_parser("gpus", help="print the CUDA_VISIBLE_DEVICES of a role")
     g.add_argument("--role", choices=("train", "reward"), required=True)
     g.add_argument("--reserve-reward", type=int, choices=(0, 1), default=1)
+    r = sub.add_parser("reward-ports", help="print REWARD_PORTS=node:port,... for the job's nodes")
+    r.add_argument("--base", type=int, required=True, help="REWARD_PORT")
+    r.add_argument("--master-port", type=int, required=True)
+    r.add_argument("--nodelist", default=os.environ.get("SLURM_JOB_NODELIST", ""))
+    n = sub.add_parser("reward-port", help="print this node's reward server port (from REWARD_PORTS)")
+    n.add_argument("--node", default=os.environ.get("SLURMD_NODENAME", ""))
     h = sub.add_parser("wait-health", help="wait (bounded) until a URL answers 200")
     h.add_argument("url")
     h.add_argument("--timeout", type=float, default=600.0)
@@ -215,6 +282,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         elif args.command == "gpus":
             train, reward = split_gpus(visible_gpus(), bool(args.reserve_reward))
             print(",".join(train if args.role == "train" else reward))
+        elif args.command == "reward-ports":
+            nodes = allocation_nodes(args.nodelist) if args.nodelist else [("", "")]
+            print(f"REWARD_PORTS={shlex.quote(format_reward_ports(reward_ports(nodes, args.base, args.master_port)))}")
+        elif args.command == "reward-port":
+            print(node_reward_port(os.environ.get("REWARD_PORTS", ""), args.node))
         else:
             wait_health(args.url, args.timeout, args.pid)
             print(f"reward server healthy: {args.url}", file=sys.stderr)

@@ -6,7 +6,7 @@
 # Rendezvous from SLURM's per-task variables: this task is machine $SLURM_PROCID of $SLURM_NTASKS (one task per
 # node on a real cluster, so these equal $SLURM_NODEID and $SLURM_NNODES); the first node of the allocation
 # ($MASTER_ADDR, exported by slurm/common.sh) hosts the rendezvous on $MASTER_PORT. Reads (from common.sh):
-# REPO PYTHON DETOX_CPU PROCS_PER_MACHINE RESERVE_REWARD_GPU REWARD_SERVER REWARD_PORT HEALTH_TIMEOUT
+# REPO PYTHON DETOX_CPU PROCS_PER_MACHINE RESERVE_REWARD_GPU REWARD_SERVER REWARD_PORT(S) HEALTH_TIMEOUT
 # ACCELERATE_CONFIG ACCELERATE_ARGS.
 set -euo pipefail
 cd "$REPO"
@@ -40,15 +40,20 @@ launch+=(--num_processes "$((num_machines * procs))")
 [[ -n "$ACCELERATE_CONFIG" ]] && launch=(--config_file "$ACCELERATE_CONFIG" "${launch[@]}")
 
 if [[ "$REWARD_SERVER" == 1 ]]; then
-    # This node's reward server (its own job step, on REWARD_PORT + node index: slurm/common.sh); every machine waits
-    # for its own before training.
-    reward_port=$((REWARD_PORT + ${SLURM_NODEID:-0}))
+    # This node's reward server (its own job step: slurm/common.sh), on this node's port in REWARD_PORTS (set by
+    # the template for the job's nodes) or on REWARD_PORT when this script runs by hand.
+    if [[ -n "${REWARD_PORTS:-}" ]]; then
+        reward_port="$("$PYTHON" slurm/launch_helpers.py reward-port)"
+    else
+        reward_port="$REWARD_PORT"
+    fi
     "$PYTHON" slurm/launch_helpers.py wait-health "http://127.0.0.1:$reward_port/health" --timeout "$HEALTH_TIMEOUT"
-    extra+=(--reward.url "http://127.0.0.1:$reward_port")
+    reward_url="http://127.0.0.1:$reward_port"
+    extra+=(--reward.url "$reward_url")
 fi
 
 echo "task $machine_rank/$num_machines on ${SLURMD_NODENAME:-$(hostname -s)}: $procs process(es), rendezvous $MASTER_ADDR:$MASTER_PORT," \
-     "GPUs ${CUDA_VISIBLE_DEVICES:-none}" >&2
+     "GPUs ${CUDA_VISIBLE_DEVICES:-none}, reward server ${reward_url:-none}" >&2
 # The launcher ignores SIGUSR1 and SIGTERM (the dispositions survive exec) so that only the workers, which install
 # their own handlers (train.preemption.StopSignal), react to them: they checkpoint and exit with status 3. A
 # launcher killed by SIGTERM would end the step, and SLURM would then kill the workers mid-checkpoint.

@@ -4,6 +4,7 @@ and the bounded wait for the reward server's health."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import shlex
 import subprocess
 import sys
@@ -69,3 +70,53 @@ def test_wait_health_is_bounded(health_server):
     dead.wait()
     with pytest.raises(launch_helpers.LaunchError, match="exited before"):
         launch_helpers.wait_health("http://127.0.0.1:9/health", timeout_s=60, pid=dead.pid, interval_s=0.1)
+
+
+def test_reward_ports_offset_only_nodes_that_share_a_host():
+    # A real cluster: every node its own host, every server on REWARD_PORT.
+    nodes = [("gpu-01", "gpu-01"), ("gpu-02", "gpu-02"), ("gpu-03", "gpu-03")]
+    assert launch_helpers.reward_ports(nodes, 19500, 29500) == {"gpu-01": 19500, "gpu-02": 19500, "gpu-03": 19500}
+    # Several slurmd on one machine (the CI cluster), mixed with a node alone on its host.
+    nodes = [("ci-1", "vm"), ("ci-2", "vm"), ("other", "box"), ("ci-3", "vm")]
+    assert launch_helpers.reward_ports(nodes, 19500, 29500) == {"ci-1": 19500, "ci-2": 19501, "other": 19500,
+                                                                  "ci-3": 19502}
+    with pytest.raises(launch_helpers.LaunchError, match=r"65535..65536 fall outside .*set REWARD_PORT"):
+        launch_helpers.reward_ports([("a", "h"), ("b", "h")], 65535, 29500)
+    with pytest.raises(launch_helpers.LaunchError, match="include the rendezvous port MASTER_PORT=19501"):
+        launch_helpers.reward_ports([("a", "h"), ("b", "h")], 19500, 19501)
+    launch_helpers.reward_ports([("a", "h"), ("b", "g")], 19500, 19501)  # no overlap: both on 19500
+    ports = launch_helpers.format_reward_ports({"ci-1": 19500, "ci-2": 19501})
+    assert launch_helpers.node_reward_port(ports, "ci-2") == 19501
+    with pytest.raises(launch_helpers.LaunchError, match="node 'ci-9' has no reward server port"):
+        launch_helpers.node_reward_port(ports, "ci-9")
+
+
+def test_reward_ports_cli_reads_the_allocation_from_scontrol(tmp_path):
+    """`reward-ports` on the batch host asks scontrol for the job's nodes and their hosts; `reward-port` on a node
+    prints its own. A stub scontrol answers as SLURM 22.05 does."""
+    stub = tmp_path / "scontrol"
+    stub.write_text(
+        "#!/usr/bin/env bash\n"
+        'if [[ "$1 $2 $3" == "show hostnames ci-[1-2],real-7" ]]; then printf "ci-1\\nci-2\\nreal-7\\n"; exit 0; fi\n'
+        'if [[ "$1 $2 $3 $4" == "-o show node ci-1,ci-2,real-7" ]]; then\n'
+        '  echo "NodeName=ci-1 Arch=x86_64 NodeAddr=127.0.0.1 NodeHostName=vm Port=17001"\n'
+        '  echo "NodeName=ci-2 Arch=x86_64 NodeAddr=127.0.0.1 NodeHostName=vm Port=17002"\n'
+        '  echo "NodeName=real-7 Arch=x86_64 NodeAddr=10.0.0.7 NodeHostName=real-7"; exit 0; fi\n'
+        'echo "unexpected: $*" >&2; exit 1\n')
+    stub.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "ci-[1-2],real-7"}
+    out = subprocess.run([PY, "slurm/launch_helpers.py", "reward-ports", "--base", "19500", "--master-port", "29500"],
+                         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "REWARD_PORTS=ci-1:19500,ci-2:19501,real-7:19500"
+    ports = out.stdout.strip().split("=", 1)[1]
+    for node, want in (("ci-2", "19501"), ("real-7", "19500")):
+        got = subprocess.run([PY, "slurm/launch_helpers.py", "reward-port"], cwd=REPO_ROOT, capture_output=True,
+                             text=True, timeout=60, env={**env, "REWARD_PORTS": ports, "SLURMD_NODENAME": node})
+        assert got.returncode == 0 and got.stdout.strip() == want, got.stderr
+    # Outside SLURM (no scontrol answer): one line, no traceback.
+    broken = subprocess.run([PY, "slurm/launch_helpers.py", "reward-ports", "--base", "19500", "--master-port", "29500"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+                            env={**env, "SLURM_JOB_NODELIST": "nope-[1-2]"})
+    assert broken.returncode == 2 and broken.stderr.startswith("error: scontrol show hostnames nope-[1-2] failed")
+    assert "Traceback" not in broken.stderr

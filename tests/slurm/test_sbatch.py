@@ -1,9 +1,10 @@
 """The SLURM templates end to end: real `sbatch` jobs on the CI cluster (two nodes on one machine) (the templates' parts without a
 cluster are tested in test_templates.py, test_launch_helpers.py, test_run_stage.py and test_task.py).
 
-The cluster comes from `.ci/slurm_cluster.sh` (idempotent: the fixture starts it when `scontrol ping` does not
-answer). Jobs run the tiny models on the CPU (DETOX_CPU=1, --gpus-per-node=0), each with a --time limit, and
-every job a test submits is cancelled at the end if it is still queued or running.
+The cluster comes from `.ci/slurm_cluster.sh` (idempotent: the fixture runs it unless both nodes already answer).
+Jobs run the tiny models on the CPU (DETOX_CPU=1, --gpus-per-node=0), each with a --time limit; a job that runs
+too long is cancelled at once, and every job a test submitted is cancelled at the end if it is still queued or
+running.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -30,7 +32,9 @@ PPO_ARGS = [
     "--ppo.batch_size", "4", "--ppo.mini_batch_size", "2", "--rollout.batch_size", "4",
     "--rollout.max_new_tokens", "8", "--data.max_examples", "200",
 ]
-JOB_TIMEOUT_S = 240
+JOB_TIMEOUT_S = 240  # running time; a job may wait up to PENDING_TIMEOUT_S more for the nodes first
+PENDING_TIMEOUT_S = 300
+NODES = ("detox-ci-1", "detox-ci-2")
 
 
 def _sh(*cmd: str, timeout: float = 60) -> str:
@@ -45,10 +49,9 @@ def _job_field(job_id: str, field: str) -> str:
 
 @pytest.fixture(scope="module")
 def cluster():
-    """The CI cluster (two nodes on this machine), started by .ci/slurm_cluster.sh when it is not up yet; cancels
-    leftover jobs."""
-    ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=30) if _have("scontrol") else None
-    if ping is None or ping.returncode != 0:
+    """The CI cluster (two nodes on this machine), started by .ci/slurm_cluster.sh unless both nodes answer
+    already (an older one-node cluster is restarted as two); cancels the jobs the tests submitted."""
+    if set(_responding_nodes()) != set(NODES):
         started = subprocess.run(["bash", str(REPO_ROOT / ".ci/slurm_cluster.sh")], capture_output=True, text=True,
                                  timeout=600)
         assert started.returncode == 0, f".ci/slurm_cluster.sh failed:\n{started.stderr[-3000:]}"
@@ -58,8 +61,15 @@ def cluster():
         subprocess.run(["scancel", job_id], capture_output=True, timeout=30)
 
 
-def _have(cmd: str) -> bool:
-    return subprocess.run(["bash", "-c", f"command -v {cmd}"], capture_output=True).returncode == 0
+def _responding_nodes() -> list[str]:
+    """The cluster's nodes that accept jobs (idle, mixed or allocated), or [] without a cluster."""
+    try:
+        out = subprocess.run(["sinfo", "--noheader", "--Node", "--responding", "--format=%N %t"], capture_output=True,
+                             text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.split()[0] for line in out.stdout.splitlines()
+            if out.returncode == 0 and len(line.split()) == 2 and line.split()[1] in ("idle", "mix", "alloc")]
 
 
 def _sbatch(cluster: list[str], template: str, log_dir: Path, args: list[str], *sbatch_opts: str, **env_vars: str) -> str:
@@ -82,10 +92,20 @@ def _wait_for(predicate, what: str, timeout_s: float = JOB_TIMEOUT_S, interval_s
     raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
+def _wait_ended(job_id: str, log: Path) -> str:
+    """The job's final state; the running time counts from its start (not its submission), and a job that runs too
+    long is cancelled at once so that it does not hold the nodes for the next tests."""
+    ended = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+    _wait_for(lambda: _job_field(job_id, "JobState") != "PENDING", f"job {job_id} to start", PENDING_TIMEOUT_S)
+    try:
+        return _wait_for(lambda: (s := _job_field(job_id, "JobState")) in ended and s, f"job {job_id}")
+    except AssertionError as exc:
+        subprocess.run(["scancel", job_id], capture_output=True, timeout=30)
+        raise AssertionError(f"{exc}; cancelled it. Log:\n{log.read_text()[-4000:] if log.exists() else ''}") from None
+
+
 def _wait_done(job_id: str, log: Path) -> str:
-    state = _wait_for(lambda: (s := _job_field(job_id, "JobState")) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT",
-                                                                      "NODE_FAIL", "OUT_OF_MEMORY") and s,
-                      f"job {job_id}")
+    state = _wait_ended(job_id, log)
     assert state == "COMPLETED", f"job {job_id} ended {state}:\n{log.read_text()[-4000:] if log.exists() else ''}"
     return state
 
@@ -137,7 +157,8 @@ def test_eval_through_sbatch_on_two_nodes_equals_one_process(cluster, ppo_run, t
     out_dir = tmp_path / "eval_run"
     common = ["--config", "configs/tiny.yaml", "--eval.systems", f"base,ppo={work / 'run/ppo/adapter'}",
               "--eval.max_examples", "7", "--eval.bootstrap_samples", "50", "--eval.torch_threads", "1",
-              "--eval.generation.max_new_tokens", "8"]  # 7: the two nodes get 4 and 3 examples
+              "--eval.generation.max_new_tokens", "8", "--eval.generation.batch_size", "2"]
+    # 7 examples in batches of 2: batches 0 and 2 (4 examples) on the first node, 1 and 3 (3 examples) on the second
     job_id = _sbatch(cluster, "eval", tmp_path, [*common, "--output_dir", str(out_dir)], "--nodes=2",
                      "--cpus-per-task=1", ACCELERATE_CONFIG="accelerate_configs/cpu_2proc.yaml")
     log = tmp_path / f"detox-eval-{job_id}.out"
@@ -147,6 +168,8 @@ def test_eval_through_sbatch_on_two_nodes_equals_one_process(cluster, ppo_run, t
     assert sorted(r[:2] for r in rendezvous) == [("0", "detox-ci-1"), ("1", "detox-ci-2")], rendezvous
     assert len({r[2] for r in rendezvous}) == 1
     assert "accelerate config accelerate_configs/cpu_2proc.yaml" in text
+    shares = dict(re.findall(r"process (\d)/2: (\d+) of the examples", text))  # each node evaluated its own share
+    assert shares == {"0": "4", "1": "3"}, shares
     summary = json.loads((out_dir / "eval/summary.json").read_text())
     assert summary["throughput"]["num_processes"] == 2 and summary["num_examples"] == 7
     examples = _log_lines(out_dir / "eval/examples.jsonl")
@@ -216,15 +239,56 @@ def test_ppo_on_two_nodes_shards_the_batch_and_each_node_scores_on_its_own_rewar
     for a, b in zip(*ranks):
         assert len(a["example_ids"]) == len(b["example_ids"]) == 2 and not set(a["example_ids"]) & set(b["example_ids"])
         assert a["params_sha256"] == b["params_sha256"]
-    # One reward server per node, each up on its own port (REWARD_PORT + node index), and the trainers scored on both:
-    # each node's on its own (the two nodes share this host, so one port for both would have failed to bind).
-    ports = sorted(set(re.findall(r"POST http://127\.0\.0\.1:(\d+)/score \"HTTP/1\.1 200 OK\"", text)))
-    assert len(ports) == 2 and int(ports[1]) == int(ports[0]) + 1, ports
+    # One reward server per node, each on its own port (the two nodes share this host: REWARD_PORT and REWARD_PORT
+    # + 1; one port for both would have failed to bind), each node's trainer on its own node's, and both scored.
+    ports = dict(re.findall(r"ports (detox-ci-1:\d+,detox-ci-2:\d+)", text)[0].replace(":", " ").split(",")[i].split()
+                 for i in range(2))
+    assert int(ports["detox-ci-2"]) == int(ports["detox-ci-1"]) + 1, ports
+    trainer_urls = dict(re.findall(r"task \d/2 on (\S+): .* reward server http://127\.0\.0\.1:(\d+)", text))
+    assert trainer_urls == ports, (trainer_urls, ports)
+    scored = set(re.findall(r"POST http://127\.0\.0\.1:(\d+)/score \"HTTP/1\.1 200 OK\"", text))
+    assert scored == set(ports.values()), scored
     server_logs = sorted(work.glob(f"detox-ppo-{job_id}.reward-*.out"))
     assert len(server_logs) == 2
     for server_log in server_logs:
         served = server_log.read_text()
         assert "rewards.server:" in served and "address already in use" not in served, server_log.name
+
+
+def _free_port_with_next_taken() -> tuple[int, socket.socket]:
+    """A free port P whose next port P + 1 is held by a listening socket (returned: close it when done)."""
+    for base in range(15000, 16000, 2):
+        probe, blocker = socket.socket(), socket.socket()
+        try:
+            probe.bind(("127.0.0.1", base))
+            blocker.bind(("127.0.0.1", base + 1))
+            blocker.listen()
+            probe.close()
+            return base, blocker
+        except OSError:
+            probe.close()
+            blocker.close()
+    raise AssertionError("no free port pair in 15000..15999")
+
+
+def test_a_reward_server_that_fails_on_the_second_node_fails_the_job_at_once(cluster, tmp_path):
+    """The second node's server cannot bind its port: the job fails at once with one clear line, before any training
+    step starts, instead of that node waiting HEALTH_TIMEOUT while the first waits for it in the rendezvous."""
+    base, blocker = _free_port_with_next_taken()
+    try:
+        job_id = _sbatch(cluster, "ppo", tmp_path, [*PPO_ARGS, "--output_dir", str(tmp_path / "run")], "--nodes=2",
+                         "--cpus-per-task=1", REWARD_PORT=str(base), HEALTH_TIMEOUT="600")
+        log = tmp_path / f"detox-ppo-{job_id}.out"
+        state = _wait_ended(job_id, log)  # within JOB_TIMEOUT_S (240 s), far below HEALTH_TIMEOUT
+    finally:
+        blocker.close()
+    text = log.read_text()
+    assert state == "FAILED", text[-3000:]
+    assert f"ports detox-ci-1:{base},detox-ci-2:{base + 1}" in text
+    assert "the reward server step ended before every node's server answered" in text
+    assert not re.search(r"task \d/2 on", text), "no training step may start"
+    [second] = tmp_path.glob(f"detox-ppo-{job_id}.reward-*-1.out")  # node index 1
+    assert "address already in use" in second.read_text()
 
 
 def test_sft_on_two_nodes_shards_the_batch_and_keeps_the_weights_identical(cluster, tmp_path):
