@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION := 2.13.0
 
-.PHONY: setup constraints tiny-models demo bench test clean
+.PHONY: setup constraints tiny-models demo bench test test-extended clean
 
 # torch goes in first, pinned, so nothing later pulls a CUDA build on a CPU machine; then the project with the exact
 # tested set of every package (constraints.txt) inside the ranges setup.cfg declares.
@@ -38,6 +38,10 @@ bench: tiny-models
 
 test: setup
 	$(PY) -m pytest -q
+
+# The variants left out of `make test` to keep it short (more backends x process counts; see tests/helpers.py EXTENDED).
+test-extended: setup
+	$(PY) -m pytest -q -m extended
 
 clean:
 	rm -rf $(VENV) artifacts runs

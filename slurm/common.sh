@@ -45,6 +45,19 @@ detox_stop_reward_server() {
     SERVER_PID=""
 }
 
+# Requeue the job (its next run passes --resume) or, with REQUEUE=0 or outside SLURM, stop with status 3.
+detox_requeue_or_stop() {  # detox_requeue_or_stop STAGE WHAT_HAPPENED
+    if [[ "$REQUEUE" == 1 && -n "${SLURM_JOB_ID:-}" ]]; then
+        detox_log "$1 $2: requeueing job $SLURM_JOB_ID (it resumes with --resume)"
+        if scontrol requeue "$SLURM_JOB_ID"; then
+            sleep 120 || true   # the requeue ends this job (SIGTERM) before it could finish as FAILED
+            return 0
+        fi
+    fi
+    detox_log "$1 $2 (REQUEUE=$REQUEUE): resubmit with RESUME=1 to continue"
+    return 3
+}
+
 # detox_main STAGE MODULE TEMPLATE_PATH [stage args...]
 detox_main() {
     local stage="$1" module="$2" template="$3"; shift 3
@@ -131,48 +144,73 @@ detox_main() {
         [[ -n "$job_log" ]] && log_dir="$(dirname "$job_log")"
         # %N-%n: host name and node index (two nodes can share a host, as on the CI cluster).
         local server_log="$log_dir/${SLURM_JOB_NAME:-detox}-${SLURM_JOB_ID:-0}.reward-%N-%n.out"
-        # shellcheck disable=SC2016  # expanded by the step's own shell, on each node
-        local step_cmd='export CUDA_VISIBLE_DEVICES="$("$PYTHON" slurm/launch_helpers.py gpus --role reward --reserve-reward 1)"'
-        local threads=""
-        if [[ "$DETOX_CPU" == 1 ]]; then step_cmd='true'; threads="--reward_server.torch_threads ${SLURM_CPUS_PER_TASK:-1}"; fi
-        # The server ignores SIGUSR1 (meant for the trainers) and keeps scoring until the training step is done.
-        # REWARD_SERVER_ARGS: the config's reward and reward_server settings; later overrides win.
-        step_cmd+='; trap "" USR1; exec "$PYTHON" -m rewards.server '
-        step_cmd+="$REWARD_SERVER_ARGS $threads"
         # Each node's port: REWARD_PORT, or REWARD_PORT + i for the i-th of several nodes sharing one host.
         local ports
         ports="$("$PYTHON" slurm/launch_helpers.py reward-ports --base "$REWARD_PORT" --master-port "$MASTER_PORT")" \
             || return 2
         eval "export $ports"   # REWARD_PORTS=node:port,...; slurm/task.sh reads it too
-        step_cmd+=' --reward_server.host 127.0.0.1 --reward_server.port "$("$PYTHON" slurm/launch_helpers.py reward-port)"'
+        # shellcheck disable=SC2016  # expanded by the step's own shell, on each node
+        local port_cmd='set -e; port="$("$PYTHON" slurm/launch_helpers.py reward-port)"; '
+        local step_cmd="$port_cmd"
+        local threads=""
+        if [[ "$DETOX_CPU" == 1 ]]; then
+            threads="--reward_server.torch_threads ${SLURM_CPUS_PER_TASK:-1}"
+        else
+            # shellcheck disable=SC2016
+            step_cmd+='gpus="$("$PYTHON" slurm/launch_helpers.py gpus --role reward --reserve-reward 1)"; '
+            step_cmd+='export CUDA_VISIBLE_DEVICES="$gpus"; '
+        fi
+        # The server ignores SIGUSR1 (meant for the trainers) and keeps scoring until the training step is done.
+        # REWARD_SERVER_ARGS: the config's reward and reward_server settings; later overrides win.
+        step_cmd+='trap "" USR1; exec "$PYTHON" -m rewards.server '
+        step_cmd+="$REWARD_SERVER_ARGS $threads"' --reward_server.host 127.0.0.1 --reward_server.port "$port"'
         detox_log "starting the reward server step, ports $REWARD_PORTS (log: $server_log)"
         # --kill-on-bad-exit: a server that fails on any node ends the step, which the wait below sees at once.
-        srun --overlap --nodes="$nodes" --ntasks="$nodes" --ntasks-per-node=1 --kill-on-bad-exit=1 \
+        srun --overlap --export=ALL --nodes="$nodes" --ntasks="$nodes" --ntasks-per-node=1 --kill-on-bad-exit=1 \
              --output="$server_log" bash -c "$step_cmd" &
         SERVER_PID=$!
         # Every node's server answers before training starts (they listen on 127.0.0.1: check from each node).
-        # shellcheck disable=SC2016  # expanded on each node
-        local check='"$PYTHON" slurm/launch_helpers.py wait-health --timeout "$HEALTH_TIMEOUT"'
-        check+=' "http://127.0.0.1:$("$PYTHON" slurm/launch_helpers.py reward-port)/health"'
-        srun --overlap --nodes="$nodes" --ntasks="$nodes" --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c "$check" &
+        # shellcheck disable=SC2016
+        local check="$port_cmd"'exec "$PYTHON" slurm/launch_helpers.py wait-health --timeout "$HEALTH_TIMEOUT" '
+        check+='"http://127.0.0.1:$port/health"'
+        srun --overlap --export=ALL --nodes="$nodes" --ntasks="$nodes" --ntasks-per-node=1 --kill-on-bad-exit=1 \
+             bash -c "$check" &
         local health_pid=$!
-        while kill -0 "$health_pid" 2>/dev/null && kill -0 "$SERVER_PID" 2>/dev/null; do sleep 1; done
+        while [[ "$STOP_REQUESTED" == 0 ]] && kill -0 "$health_pid" 2>/dev/null && kill -0 "$SERVER_PID" 2>/dev/null; do
+            sleep 1
+        done
+        if [[ "$STOP_REQUESTED" == 0 ]] && ! kill -0 "$health_pid" 2>/dev/null; then
+            detox_wait "$health_pid"
+            if [[ "$WAIT_STATUS" != 0 ]]; then
+                detox_log "error: not every node's reward server answered /health within" \
+                          "HEALTH_TIMEOUT=${HEALTH_TIMEOUT}s: see $server_log"
+                detox_stop_reward_server
+                return 1
+            fi
+        fi
         if kill -0 "$health_pid" 2>/dev/null; then
-            detox_log "error: the reward server step ended before every node's server answered: see $server_log"
             kill -TERM "$health_pid" 2>/dev/null || true
             detox_wait "$health_pid"
-            detox_stop_reward_server
-            return 1
         fi
-        detox_wait "$health_pid"
-        if [[ "$WAIT_STATUS" != 0 ]]; then
-            detox_stop_reward_server
+        if [[ "$STOP_REQUESTED" == 0 ]] && ! kill -0 "$SERVER_PID" 2>/dev/null; then
+            detox_wait "$SERVER_PID"
+            detox_log "error: the reward server step ended (status $WAIT_STATUS) before every node's server answered" \
+                      "or training started: see $server_log"
+            SERVER_PID=""
             return 1
         fi
     fi
 
+    # ---- asked to stop before training started: nothing to checkpoint, requeue (or stop) as a preempted job ---
+    local rc=0
+    if [[ "$STOP_REQUESTED" == 1 ]]; then
+        detox_stop_reward_server
+        detox_requeue_or_stop "$stage" "was asked to stop before it started" || rc=$?
+        return "$rc"
+    fi
+
     # ---- training / evaluation step: one task per machine --------------------------------------------------
-    srun --overlap --kill-on-bad-exit=1 bash slurm/task.sh "$module" "${args[@]}" &
+    srun --overlap --export=ALL --kill-on-bad-exit=1 bash slurm/task.sh "$module" "${args[@]}" &
     TRAIN_PID=$!
     detox_wait "$TRAIN_PID"
     local status="$WAIT_STATUS"
@@ -182,15 +220,8 @@ detox_main() {
     # ---- preempted (checkpoint written, status 3): requeue; the next run passes --resume ------------------
     if [[ -e "$DETOX_PREEMPTED_MARKER" ]]; then
         rm -f "$DETOX_PREEMPTED_MARKER"
-        if [[ "$REQUEUE" == 1 && -n "${SLURM_JOB_ID:-}" ]]; then
-            detox_log "$stage stopped after a checkpoint: requeueing job $SLURM_JOB_ID (it resumes with --resume)"
-            if scontrol requeue "$SLURM_JOB_ID"; then
-                sleep 120 || true   # the requeue ends this job (SIGTERM) before it could finish as FAILED
-                return 0
-            fi
-        fi
-        detox_log "$stage stopped after a checkpoint (REQUEUE=$REQUEUE): resubmit with RESUME=1 to continue"
-        return 3
+        detox_requeue_or_stop "$stage" "stopped after a checkpoint" || rc=$?
+        return "$rc"
     fi
     if [[ "$status" != 0 ]]; then
         detox_log "$stage failed with status $status (stop requested: $STOP_REQUESTED)"

@@ -79,20 +79,18 @@ def check_processes(cfg: ExperimentConfig, stage: str, num_processes: int) -> No
                           f"training processes: change the GPUs per node or pass e.g. --sft.batch_size {suggestion}")
     if stage != "ppo":
         return
-    p, k = cfg.ppo, cfg.rollout.samples_per_prompt
-    if k > 1 and p.batch_size % (k * num_processes):
-        raise LaunchError(
-            f"ppo.batch_size ({p.batch_size}) is {p.batch_size // k} prompts x {k} samples (rollout.samples_per_prompt), "
-            f"and a prompt's samples stay on one process: it must be a multiple of {k} x the {num_processes} training "
-            f"processes, e.g. --ppo.batch_size {k * num_processes * max(1, p.batch_size // (k * num_processes))}"
-        )
-    if p.batch_size % num_processes or p.mini_batch_size % num_processes:
-        raise LaunchError(
-            f"ppo.batch_size ({p.batch_size}) and ppo.mini_batch_size ({p.mini_batch_size}) are global and must be "
-            f"multiples of the {num_processes} training processes: change the GPUs per node (one is kept for the "
-            f"reward model when RESERVE_REWARD_GPU=1) or pass e.g. --ppo.mini_batch_size {num_processes} "
-            f"--ppo.batch_size {num_processes * max(1, p.batch_size // p.mini_batch_size)}"
-        )
+    from train.ppo_core import check_batch_sizes  # imports torch: only the `plan` command needs it
+
+    p, k, n = cfg.ppo, cfg.rollout.samples_per_prompt, num_processes
+    try:
+        check_batch_sizes(p.batch_size, p.mini_batch_size, p.gradient_accumulation_steps, n, samples_per_prompt=k)
+    except ConfigError as exc:
+        if k > 1 and p.batch_size % (k * n):
+            fix = f"--ppo.batch_size {k * n * max(1, p.batch_size // (k * n))}"
+        else:
+            fix = f"--ppo.mini_batch_size {n} --ppo.batch_size {n * max(1, p.batch_size // p.mini_batch_size)}"
+        raise LaunchError(f"{exc}: change the GPUs per node (one is kept for the reward model when "
+                          f"RESERVE_REWARD_GPU=1) or pass e.g. {fix}") from None
 
 
 def reward_server_args(cfg: ExperimentConfig, device: str) -> list[str]:
@@ -154,19 +152,27 @@ def split_gpus(gpus: Sequence[str], reserve_reward: bool) -> tuple[list[str], li
 # reward-ports / reward-port: where each node's reward server listens
 
 
-def reward_ports(nodes: Sequence[tuple[str, str]], base: int, master_port: int) -> dict[str, int]:
-    """Port of each node's reward server, from (node name, host name) pairs in allocation order.
+def reward_ports(nodes: Sequence[tuple[str, str, str]], base: int, master_port: int) -> dict[str, int]:
+    """Port of each node's reward server, from (node name, host name, address) triples in allocation order.
 
-    A node alone on its host (a real cluster) listens on `base`; nodes that share a host (several slurmd on one
-    machine, as on the CI cluster) take base, base + 1, ... in allocation order, so they do not collide. Ports stay
-    clear of the rendezvous port and within 1024..65535."""
-    ports: dict[str, int] = {}
-    per_host: dict[str, int] = {}
-    for name, host in nodes:
-        ports[name] = base + per_host.get(host, 0)
-        per_host[host] = per_host.get(host, 0) + 1
-    if not ports:
+    A node alone on its machine (a real cluster) listens on `base`; nodes that share a machine (the same host name
+    or address: several slurmd on one machine, as on the CI cluster) take base, base + 1, ... in allocation order,
+    so they do not collide. Ports stay clear of the rendezvous port and within 1024..65535."""
+    if not nodes:
         raise LaunchError("no nodes in the allocation (SLURM_JOB_NODELIST is empty)")
+    machine_of: dict[tuple[str, str], int] = {}  # ("host" | "addr", value) -> machine number
+    on_machine: list[int] = []  # nodes seen so far on each machine
+    ports: dict[str, int] = {}
+    for name, host, addr in nodes:
+        keys = [("host", host), ("addr", addr)]
+        machine = next((machine_of[k] for k in keys if k in machine_of), None)
+        if machine is None:
+            machine = len(on_machine)
+            on_machine.append(0)
+        for k in keys:
+            machine_of.setdefault(k, machine)
+        ports[name] = base + on_machine[machine]
+        on_machine[machine] += 1
     low, high = min(ports.values()), max(ports.values())
     if low < 1024 or high > 65535:
         raise LaunchError(f"reward server ports {low}..{high} fall outside 1024..65535: set REWARD_PORT to e.g. 19500")
@@ -176,8 +182,11 @@ def reward_ports(nodes: Sequence[tuple[str, str]], base: int, master_port: int) 
     return ports
 
 
-def allocation_nodes(nodelist: str) -> list[tuple[str, str]]:
-    """(node name, host name) of each node of a SLURM node list, in allocation order (scontrol)."""
+def allocation_nodes(nodelist: str) -> list[tuple[str, str, str]]:
+    """(node name, host name, address) of each node of a SLURM node list, in allocation order (scontrol).
+
+    One node needs no more than its name. When `scontrol show node` is not allowed (some sites hide nodes), every
+    node counts as sharing one machine: distinct ports are always safe."""
     def scontrol(*args: str) -> str:
         try:
             return subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=60, check=True).stdout
@@ -186,13 +195,20 @@ def allocation_nodes(nodelist: str) -> list[tuple[str, str]]:
             raise LaunchError(f"scontrol {' '.join(args)} failed ({str(detail).strip()}): run inside a SLURM job") from None
 
     names = scontrol("show", "hostnames", nodelist).split()
-    info = scontrol("-o", "show", "node", ",".join(names))
-    hosts = {}
+    if len(names) <= 1:
+        return [(name, name, name) for name in names]
+    try:
+        info = scontrol("-o", "show", "node", ",".join(names))
+    except LaunchError as exc:
+        print(f"warning: {exc}; giving each node its own reward port", file=sys.stderr)
+        return [(name, "?", "?") for name in names]
+    nodes = {}
     for line in info.splitlines():
         fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
         if "NodeName" in fields:
-            hosts[fields["NodeName"]] = fields.get("NodeHostName", fields["NodeName"])
-    return [(name, hosts.get(name, name)) for name in names]
+            name = fields["NodeName"]
+            nodes[name] = (name, fields.get("NodeHostName", name), fields.get("NodeAddr", name))
+    return [nodes.get(name, (name, name, name)) for name in names]
 
 
 def format_reward_ports(ports: dict[str, int]) -> str:
@@ -204,6 +220,8 @@ def node_reward_port(reward_ports_value: str, node: str) -> int:
     for item in reward_ports_value.split(","):
         name, _, port = item.rpartition(":")
         if name == node:
+            if not port.isdigit():
+                raise LaunchError(f"REWARD_PORTS={reward_ports_value!r} gives node {node!r} the port {port!r}, not a number")
             return int(port)
     raise LaunchError(f"node {node!r} has no reward server port in REWARD_PORTS={reward_ports_value!r}: run the step "
                       f"inside the job the template started (it sets REWARD_PORTS for the job's nodes)")
@@ -283,7 +301,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             train, reward = split_gpus(visible_gpus(), bool(args.reserve_reward))
             print(",".join(train if args.role == "train" else reward))
         elif args.command == "reward-ports":
-            nodes = allocation_nodes(args.nodelist) if args.nodelist else [("", "")]
+            nodes = allocation_nodes(args.nodelist) if args.nodelist else [("", "", "")]
             print(f"REWARD_PORTS={shlex.quote(format_reward_ports(reward_ports(nodes, args.base, args.master_port)))}")
         elif args.command == "reward-port":
             print(node_reward_port(os.environ.get("REWARD_PORTS", ""), args.node))

@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIALOGSUM = REPO_ROOT.parent / "shared" / "data" / "dialogsum"
 
@@ -31,6 +33,16 @@ BACKENDS = {
     "zero2-bf16": ["--use_deepspeed", "--zero_stage", "2", "--mixed_precision", "bf16"],
     "zero3": ["--use_deepspeed", "--zero_stage", "3", "--mixed_precision", "no"],
 }
+
+
+# A variant whose code path a default case already covers (e.g. ZeRO-2 in fp32 next to ZeRO-2 in bf16): it runs in
+# `make test-extended`, not in `make test`, to keep the default suite short.
+EXTENDED = pytest.mark.extended
+
+
+def backend_params(*extended: str) -> list:
+    """BACKENDS as parameters; the named backends run only in `make test-extended`."""
+    return [pytest.param(b, marks=EXTENDED) if b in extended else b for b in BACKENDS]
 
 
 def launcher(backend: str, processes: int = 2) -> list[str]:

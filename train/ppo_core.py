@@ -120,10 +120,10 @@ def check_batch_sizes(batch_size: int, mini_batch_size: int, accumulation: int, 
     if k > 1 and batch_size % (k * processes):
         raise ConfigError(f"ppo.batch_size ({batch_size}) is {batch_size / k:g} prompts x {k} samples "
                           f"(rollout.samples_per_prompt); a prompt's samples stay on one process, so it must be a "
-                          f"multiple of {k} x the number of processes ({processes})")
+                          f"multiple of {k} x the {processes} training processes")
     if batch_size % processes or mini_batch_size % processes:
         raise ConfigError(f"ppo.batch_size ({batch_size}) and ppo.mini_batch_size ({mini_batch_size}) are global "
-                          f"and must be multiples of the number of processes ({processes})")
+                          f"and must be multiples of the {processes} training processes")
     if batch_size % (mini_batch_size * accumulation):
         raise ConfigError(f"ppo.batch_size ({batch_size}) must be a multiple of ppo.mini_batch_size "
                           f"({mini_batch_size}) x ppo.gradient_accumulation_steps ({accumulation})")

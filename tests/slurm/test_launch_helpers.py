@@ -73,40 +73,57 @@ def test_wait_health_is_bounded(health_server):
 
 
 def test_reward_ports_offset_only_nodes_that_share_a_host():
-    # A real cluster: every node its own host, every server on REWARD_PORT.
-    nodes = [("gpu-01", "gpu-01"), ("gpu-02", "gpu-02"), ("gpu-03", "gpu-03")]
+    # A real cluster: every node its own machine, every server on REWARD_PORT.
+    nodes = [("gpu-01", "gpu-01", "10.0.0.1"), ("gpu-02", "gpu-02", "10.0.0.2"), ("gpu-03", "gpu-03", "10.0.0.3")]
     assert launch_helpers.reward_ports(nodes, 19500, 29500) == {"gpu-01": 19500, "gpu-02": 19500, "gpu-03": 19500}
-    # Several slurmd on one machine (the CI cluster), mixed with a node alone on its host.
-    nodes = [("ci-1", "vm"), ("ci-2", "vm"), ("other", "box"), ("ci-3", "vm")]
+    # Several slurmd on one machine (the CI cluster: one host name), mixed with a node alone on its machine.
+    nodes = [("ci-1", "vm", "127.0.0.1"), ("ci-2", "vm", "127.0.0.1"), ("other", "box", "10.0.0.9"),
+             ("ci-3", "vm", "127.0.0.1")]
     assert launch_helpers.reward_ports(nodes, 19500, 29500) == {"ci-1": 19500, "ci-2": 19501, "other": 19500,
                                                                   "ci-3": 19502}
+    # No NodeHostname in slurm.conf (it defaults to the node name) but one address: still one machine.
+    nodes = [("n1", "n1", "127.0.0.1"), ("n2", "n2", "127.0.0.1")]
+    assert launch_helpers.reward_ports(nodes, 19500, 29500) == {"n1": 19500, "n2": 19501}
     with pytest.raises(launch_helpers.LaunchError, match=r"65535..65536 fall outside .*set REWARD_PORT"):
-        launch_helpers.reward_ports([("a", "h"), ("b", "h")], 65535, 29500)
+        launch_helpers.reward_ports([("a", "h", "x"), ("b", "h", "x")], 65535, 29500)
     with pytest.raises(launch_helpers.LaunchError, match="include the rendezvous port MASTER_PORT=19501"):
-        launch_helpers.reward_ports([("a", "h"), ("b", "h")], 19500, 19501)
-    launch_helpers.reward_ports([("a", "h"), ("b", "g")], 19500, 19501)  # no overlap: both on 19500
+        launch_helpers.reward_ports([("a", "h", "x"), ("b", "h", "x")], 19500, 19501)
+    launch_helpers.reward_ports([("a", "h", "x"), ("b", "g", "y")], 19500, 19501)  # no overlap: both on 19500
     ports = launch_helpers.format_reward_ports({"ci-1": 19500, "ci-2": 19501})
     assert launch_helpers.node_reward_port(ports, "ci-2") == 19501
     with pytest.raises(launch_helpers.LaunchError, match="node 'ci-9' has no reward server port"):
         launch_helpers.node_reward_port(ports, "ci-9")
+    with pytest.raises(launch_helpers.LaunchError, match="the port 'x', not a number"):
+        launch_helpers.node_reward_port("ci-1:x", "ci-1")
 
 
-def test_reward_ports_cli_reads_the_allocation_from_scontrol(tmp_path):
-    """`reward-ports` on the batch host asks scontrol for the job's nodes and their hosts; `reward-port` on a node
-    prints its own. A stub scontrol answers as SLURM 22.05 does."""
+def _stub_scontrol(tmp_path, show_node_fails: bool = False):
+    """A scontrol that answers as SLURM 22.05 does for the allocation ci-[1-2],real-7 (or one node, solo-1)."""
     stub = tmp_path / "scontrol"
+    show_node = ('  echo "slurm_load_node error: Access/permission denied" >&2; exit 1\n' if show_node_fails else
+                 '  echo "NodeName=ci-1 Arch=x86_64 NodeAddr=127.0.0.1 NodeHostName=vm Port=17001 OS=Linux 6.1 #1 SMP"\n'
+                 '  echo "NodeName=ci-2 Arch=x86_64 NodeAddr=127.0.0.1 NodeHostName=vm Port=17002"\n'
+                 '  echo "NodeName=real-7 Arch=x86_64 NodeAddr=10.0.0.7 NodeHostName=real-7"; exit 0\n')
     stub.write_text(
         "#!/usr/bin/env bash\n"
         'if [[ "$1 $2 $3" == "show hostnames ci-[1-2],real-7" ]]; then printf "ci-1\\nci-2\\nreal-7\\n"; exit 0; fi\n'
-        'if [[ "$1 $2 $3 $4" == "-o show node ci-1,ci-2,real-7" ]]; then\n'
-        '  echo "NodeName=ci-1 Arch=x86_64 NodeAddr=127.0.0.1 NodeHostName=vm Port=17001"\n'
-        '  echo "NodeName=ci-2 Arch=x86_64 NodeAddr=127.0.0.1 NodeHostName=vm Port=17002"\n'
-        '  echo "NodeName=real-7 Arch=x86_64 NodeAddr=10.0.0.7 NodeHostName=real-7"; exit 0; fi\n'
+        'if [[ "$1 $2 $3" == "show hostnames solo-1" ]]; then echo solo-1; exit 0; fi\n'
+        'if [[ "$1 $2 $3 $4" == "-o show node ci-1,ci-2,real-7" ]]; then\n' + show_node + 'fi\n'
         'echo "unexpected: $*" >&2; exit 1\n')
     stub.chmod(0o755)
-    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "ci-[1-2],real-7"}
-    out = subprocess.run([PY, "slurm/launch_helpers.py", "reward-ports", "--base", "19500", "--master-port", "29500"],
-                         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
+    return {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "ci-[1-2],real-7"}
+
+
+def _reward_ports_cli(env) -> subprocess.CompletedProcess:
+    return subprocess.run([PY, "slurm/launch_helpers.py", "reward-ports", "--base", "19500", "--master-port", "29500"],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_reward_ports_cli_reads_the_allocation_from_scontrol(tmp_path):
+    """`reward-ports` on the batch host asks scontrol for the job's nodes and their machines; `reward-port` on a
+    node prints its own."""
+    env = _stub_scontrol(tmp_path)
+    out = _reward_ports_cli(env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "REWARD_PORTS=ci-1:19500,ci-2:19501,real-7:19500"
     ports = out.stdout.strip().split("=", 1)[1]
@@ -114,9 +131,14 @@ def test_reward_ports_cli_reads_the_allocation_from_scontrol(tmp_path):
         got = subprocess.run([PY, "slurm/launch_helpers.py", "reward-port"], cwd=REPO_ROOT, capture_output=True,
                              text=True, timeout=60, env={**env, "REWARD_PORTS": ports, "SLURMD_NODENAME": node})
         assert got.returncode == 0 and got.stdout.strip() == want, got.stderr
+    # One node: its name is all it takes (no `scontrol show node`, which the stub would refuse).
+    out = _reward_ports_cli({**env, "SLURM_JOB_NODELIST": "solo-1"})
+    assert out.returncode == 0 and out.stdout.strip() == "REWARD_PORTS=solo-1:19500" and not out.stderr, out.stderr
+    # A site that hides its nodes: a warning, and distinct ports (always safe).
+    out = _reward_ports_cli(_stub_scontrol(tmp_path, show_node_fails=True))
+    assert out.returncode == 0 and out.stdout.strip() == "REWARD_PORTS=ci-1:19500,ci-2:19501,real-7:19502"
+    assert "warning: scontrol -o show node ci-1,ci-2,real-7 failed (slurm_load_node error" in out.stderr
     # Outside SLURM (no scontrol answer): one line, no traceback.
-    broken = subprocess.run([PY, "slurm/launch_helpers.py", "reward-ports", "--base", "19500", "--master-port", "29500"],
-                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
-                            env={**env, "SLURM_JOB_NODELIST": "nope-[1-2]"})
+    broken = _reward_ports_cli({**env, "SLURM_JOB_NODELIST": "nope-[1-2]"})
     assert broken.returncode == 2 and broken.stderr.startswith("error: scontrol show hostnames nope-[1-2] failed")
     assert "Traceback" not in broken.stderr

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO_ROOT
+from helpers import EXTENDED, REPO_ROOT
 
 TEMPLATES = {stage: REPO_ROOT / f"slurm/{stage}.sbatch" for stage in ("sft", "ppo", "eval")}
 PY = sys.executable
@@ -186,7 +186,7 @@ def test_eval_through_sbatch_on_two_nodes_equals_one_process(cluster, ppo_run, t
     assert single["throughput"]["num_processes"] == 1 and single["metrics"] == summary["metrics"]
 
 
-@pytest.mark.parametrize("nodes", [1, 2])
+@pytest.mark.parametrize("nodes", [pytest.param(1, marks=EXTENDED), 2])  # one node: the same path, in test-extended
 def test_preempted_ppo_job_is_requeued_and_resumes(cluster, request, tmp_path, nodes):
     """SIGUSR1 mid-run (as --signal=B:USR1 sends it before the time limit): checkpoint, requeue, --resume, and
     the same steps and statistics as the uninterrupted run; on one node and across two."""
@@ -241,8 +241,9 @@ def test_ppo_on_two_nodes_shards_the_batch_and_each_node_scores_on_its_own_rewar
         assert a["params_sha256"] == b["params_sha256"]
     # One reward server per node, each on its own port (the two nodes share this host: REWARD_PORT and REWARD_PORT
     # + 1; one port for both would have failed to bind), each node's trainer on its own node's, and both scored.
-    ports = dict(re.findall(r"ports (detox-ci-1:\d+,detox-ci-2:\d+)", text)[0].replace(":", " ").split(",")[i].split()
-                 for i in range(2))
+    listed = re.search(r"reward server step, ports (detox-ci-1:\d+,detox-ci-2:\d+)", text)
+    assert listed, text[-3000:]
+    ports = dict(item.split(":") for item in listed.group(1).split(","))
     assert int(ports["detox-ci-2"]) == int(ports["detox-ci-1"]) + 1, ports
     trainer_urls = dict(re.findall(r"task \d/2 on (\S+): .* reward server http://127\.0\.0\.1:(\d+)", text))
     assert trainer_urls == ports, (trainer_urls, ports)
@@ -285,10 +286,29 @@ def test_a_reward_server_that_fails_on_the_second_node_fails_the_job_at_once(clu
     text = log.read_text()
     assert state == "FAILED", text[-3000:]
     assert f"ports detox-ci-1:{base},detox-ci-2:{base + 1}" in text
-    assert "the reward server step ended before every node's server answered" in text
+    assert re.search(r"the reward server step ended \(status \d+\) before every node.s server answered", text)
     assert not re.search(r"task \d/2 on", text), "no training step may start"
     [second] = tmp_path.glob(f"detox-ppo-{job_id}.reward-*-1.out")  # node index 1
     assert "address already in use" in second.read_text()
+
+
+def test_a_stop_signal_while_waiting_for_the_reward_server_stops_before_training(cluster, tmp_path):
+    """SIGUSR1 (the time-limit warning) while the reward server is still loading: the job stops there with status 3
+    (REQUEUE=0; requeued otherwise), rather than losing the signal and starting a training step it cannot finish."""
+    slow = tmp_path / "python"  # an interpreter whose reward server takes 5 minutes to start
+    slow.write_text(f'#!/usr/bin/env bash\nif [[ "$1 $2" == "-m rewards.server" ]]; then sleep 300; fi\nexec {PY} "$@"\n')
+    slow.chmod(0o755)
+    job_id = _sbatch(cluster, "ppo", tmp_path, [*PPO_ARGS, "--output_dir", str(tmp_path / "run")], "--cpus-per-task=1",
+                     PYTHON=str(slow), REQUEUE="0", HEALTH_TIMEOUT="600")
+    log = tmp_path / f"detox-ppo-{job_id}.out"
+    _wait_for(lambda: log.exists() and "starting the reward server step" in log.read_text(), "the reward server step")
+    time.sleep(2)
+    _sh("scancel", "--batch", "--signal=USR1", job_id)
+    state = _wait_ended(job_id, log)
+    text = log.read_text()
+    assert state == "FAILED" and _job_field(job_id, "ExitCode") == "3:0", (state, text[-3000:])
+    assert "received SIGUSR1" in text and "ppo was asked to stop before it started (REQUEUE=0)" in text
+    assert not re.search(r"task \d/1 on", text), "no training step may start"
 
 
 def test_sft_on_two_nodes_shards_the_batch_and_keeps_the_weights_identical(cluster, tmp_path):

@@ -243,7 +243,7 @@ def test_batch_sizes_that_do_not_split_are_one_clear_error():
     check_batch_sizes(8, 4, 1, processes=2, rows=8)  # two processes: mini-batch shares of 2 rows
     with pytest.raises(ConfigError, match="trajectory has 4 rows but ppo.batch_size is 8"):
         check_batch_sizes(8, 4, 1, processes=1, rows=4)
-    with pytest.raises(ConfigError, match="multiples of the number of processes"):
+    with pytest.raises(ConfigError, match="multiples of the 3 training processes"):
         check_batch_sizes(8, 4, 1, processes=3)
     with pytest.raises(ConfigError, match="mini_batch_size .4. x ppo.gradient_accumulation_steps .3."):
         check_batch_sizes(8, 4, 3, processes=1)
