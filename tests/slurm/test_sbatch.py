@@ -312,11 +312,13 @@ def test_a_stop_signal_while_waiting_for_the_reward_server_stops_before_training
 
 
 def test_sft_on_two_nodes_shards_the_batch_and_keeps_the_weights_identical(cluster, tmp_path):
+    """Submitted as sites that want a clean job environment do (`--export` of two variables only, which the job's
+    srun steps inherit unless told otherwise): the template's own settings still reach every step."""
     debug, out = tmp_path / "debug", tmp_path / "run"
     args = ["--config", "configs/tiny.yaml", "--output_dir", str(out), "--debug_dir", str(debug), "--sft.max_steps", "4",
             "--sft.batch_size", "4", "--sft.eval_every_steps", "100", "--sft.save_every_steps", "100",
             "--sft.eval_rouge_examples", "0", "--data.max_examples", "200"]
-    job_id = _sbatch(cluster, "sft", tmp_path, args, "--nodes=2", "--cpus-per-task=1")
+    job_id = _sbatch(cluster, "sft", tmp_path, args, "--nodes=2", "--cpus-per-task=1", f"--export=DETOX_CPU=1,PYTHON={PY}")
     log = tmp_path / f"detox-sft-{job_id}.out"
     _wait_done(job_id, log)
     tasks = re.findall(r"task (\d)/2 on (\S+): 1 process\(es\)", log.read_text())
