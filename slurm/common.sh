@@ -34,6 +34,7 @@ detox_on_signal() {
         fi
     fi
     STOP_REQUESTED=1
+    STOP_SIGNAL="$1"
 }
 
 detox_stop_reward_server() {
@@ -132,6 +133,7 @@ detox_main() {
               "(cpu=$DETOX_CPU, accelerate config ${ACCELERATE_CONFIG:-flags}), output $OUTPUT_DIR, args: ${args[*]}"
 
     STOP_REQUESTED=0
+    STOP_SIGNAL=""
     trap 'detox_on_signal USR1' USR1
     trap 'detox_on_signal TERM' TERM
 
@@ -179,39 +181,53 @@ detox_main() {
         while [[ "$STOP_REQUESTED" == 0 ]] && kill -0 "$health_pid" 2>/dev/null && kill -0 "$SERVER_PID" 2>/dev/null; do
             sleep 1
         done
+        local health_status=0 server_alive=1
         if [[ "$STOP_REQUESTED" == 0 ]] && ! kill -0 "$health_pid" 2>/dev/null; then
             detox_wait "$health_pid"
-            if [[ "$WAIT_STATUS" != 0 ]]; then
-                detox_log "error: not every node's reward server answered /health within" \
-                          "HEALTH_TIMEOUT=${HEALTH_TIMEOUT}s: see $server_log"
-                detox_stop_reward_server
-                return 1
-            fi
+            health_status="$WAIT_STATUS"
+        fi
+        kill -0 "$SERVER_PID" 2>/dev/null || server_alive=0
+        if [[ "$STOP_REQUESTED" == 0 && ( "$health_status" != 0 || "$server_alive" == 0 ) ]]; then
+            sleep 1   # a preempted job's steps get SIGTERM too: let this shell's own trap run before calling it a failure
         fi
         if kill -0 "$health_pid" 2>/dev/null; then
             kill -TERM "$health_pid" 2>/dev/null || true
             detox_wait "$health_pid"
         fi
-        if [[ "$STOP_REQUESTED" == 0 ]] && ! kill -0 "$SERVER_PID" 2>/dev/null; then
+        if [[ "$STOP_REQUESTED" == 0 && "$server_alive" == 0 ]]; then
             detox_wait "$SERVER_PID"
             detox_log "error: the reward server step ended (status $WAIT_STATUS) before every node's server answered" \
                       "or training started: see $server_log"
             SERVER_PID=""
             return 1
         fi
+        if [[ "$STOP_REQUESTED" == 0 && "$health_status" != 0 ]]; then
+            detox_log "error: not every node's reward server answered /health within" \
+                      "HEALTH_TIMEOUT=${HEALTH_TIMEOUT}s: see $server_log"
+            detox_stop_reward_server
+            return 1
+        fi
     fi
 
-    # ---- asked to stop before training started: nothing to checkpoint, requeue (or stop) as a preempted job ---
+    # ---- asked to stop before training started: nothing to checkpoint ----------------------------------------
     local rc=0
     if [[ "$STOP_REQUESTED" == 1 ]]; then
         detox_stop_reward_server
-        detox_requeue_or_stop "$stage" "was asked to stop before it started" || rc=$?
-        return "$rc"
+        if [[ "$STOP_SIGNAL" == TERM ]]; then   # preempted: run again later
+            detox_requeue_or_stop "$stage" "was preempted before it started" || rc=$?
+            return "$rc"
+        fi
+        # The time-limit warning (or a SIGUSR1 by hand): a requeued run would only stop the same way again.
+        detox_log "$stage got SIG$STOP_SIGNAL before training started (nothing to checkpoint; not requeued): give the" \
+                  "job more --time than its reward servers need to start"
+        return 3
     fi
 
     # ---- training / evaluation step: one task per machine --------------------------------------------------
     srun --overlap --export=ALL --kill-on-bad-exit=1 bash slurm/task.sh "$module" "${args[@]}" &
     TRAIN_PID=$!
+    # A signal that came between the check above and TRAIN_PID: pass it on now.
+    if [[ "$STOP_REQUESTED" == 1 ]]; then STOP_REQUESTED=0; detox_on_signal "$STOP_SIGNAL"; fi
     detox_wait "$TRAIN_PID"
     local status="$WAIT_STATUS"
     TRAIN_PID=""

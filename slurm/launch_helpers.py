@@ -85,12 +85,16 @@ def check_processes(cfg: ExperimentConfig, stage: str, num_processes: int) -> No
     try:
         check_batch_sizes(p.batch_size, p.mini_batch_size, p.gradient_accumulation_steps, n, samples_per_prompt=k)
     except ConfigError as exc:
+        gpus = "change the GPUs per node (one is kept for the reward model when RESERVE_REWARD_GPU=1) or "
         if k > 1 and p.batch_size % (k * n):
-            fix = f"--ppo.batch_size {k * n * max(1, p.batch_size // (k * n))}"
-        else:
-            fix = f"--ppo.mini_batch_size {n} --ppo.batch_size {n * max(1, p.batch_size // p.mini_batch_size)}"
-        raise LaunchError(f"{exc}: change the GPUs per node (one is kept for the reward model when "
-                          f"RESERVE_REWARD_GPU=1) or pass e.g. {fix}") from None
+            fix = f"{gpus}pass e.g. --ppo.batch_size {k * n * max(1, p.batch_size // (k * n))}"
+        elif p.batch_size % n or p.mini_batch_size % n:
+            fix = (f"{gpus}pass e.g. --ppo.mini_batch_size {n} "
+                   f"--ppo.batch_size {n * max(1, p.batch_size // p.mini_batch_size)}")
+        else:  # mini-batches x accumulation do not divide the batch: the number of processes is not the problem
+            step = p.mini_batch_size * p.gradient_accumulation_steps
+            fix = f"pass e.g. --ppo.batch_size {step * max(1, p.batch_size // step)}"
+        raise LaunchError(f"{exc}: {fix}") from None
 
 
 def reward_server_args(cfg: ExperimentConfig, device: str) -> list[str]:
@@ -160,19 +164,22 @@ def reward_ports(nodes: Sequence[tuple[str, str, str]], base: int, master_port: 
     so they do not collide. Ports stay clear of the rendezvous port and within 1024..65535."""
     if not nodes:
         raise LaunchError("no nodes in the allocation (SLURM_JOB_NODELIST is empty)")
-    machine_of: dict[tuple[str, str], int] = {}  # ("host" | "addr", value) -> machine number
-    on_machine: list[int] = []  # nodes seen so far on each machine
+    # Machines: the connected groups of nodes linked by a shared host name or address (union-find on those keys).
+    parent: dict[tuple[str, str], tuple[str, str]] = {}
+
+    def root(key: tuple[str, str]) -> tuple[str, str]:
+        while parent.setdefault(key, key) != key:
+            key = parent[key]
+        return key
+
+    for _, host, addr in nodes:
+        parent[root(("host", host))] = root(("addr", addr))
+    on_machine: dict[tuple[str, str], int] = {}  # nodes numbered so far on each machine
     ports: dict[str, int] = {}
-    for name, host, addr in nodes:
-        keys = [("host", host), ("addr", addr)]
-        machine = next((machine_of[k] for k in keys if k in machine_of), None)
-        if machine is None:
-            machine = len(on_machine)
-            on_machine.append(0)
-        for k in keys:
-            machine_of.setdefault(k, machine)
-        ports[name] = base + on_machine[machine]
-        on_machine[machine] += 1
+    for name, host, _ in nodes:
+        machine = root(("host", host))
+        ports[name] = base + on_machine.get(machine, 0)
+        on_machine[machine] = on_machine.get(machine, 0) + 1
     low, high = min(ports.values()), max(ports.values())
     if low < 1024 or high > 65535:
         raise LaunchError(f"reward server ports {low}..{high} fall outside 1024..65535: set REWARD_PORT to e.g. 19500")

@@ -21,6 +21,16 @@ pytest.register_assert_rewrite("helpers")  # before the import: its asserts repo
 from helpers import REPO_ROOT, SHARED_DIALOGSUM, build_tiny_classifier, sft_args  # noqa: E402
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Leave the `extended` variants out of a plain run; a -m expression or a test named by its id decides alone."""
+    if config.option.markexpr or any("::" in arg for arg in config.args):
+        return
+    extended = [item for item in items if item.get_closest_marker("extended")]
+    if extended:
+        config.hook.pytest_deselected(items=extended)
+        items[:] = [item for item in items if not item.get_closest_marker("extended")]
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT

@@ -51,6 +51,12 @@ def test_plan_reads_the_config_and_checks_ppo_batches():
     with pytest.raises(launch_helpers.LaunchError, match=r"16\) is 4 prompts x 4 samples .* multiple of 4 x the 8"):
         launch_helpers.plan("ppo", 4, 2, group, "cpu")
     launch_helpers.plan("ppo", 2, 2, group, "cpu")
+    # Mini-batches x accumulation that do not divide the batch: the suggestion is about the batch, not the GPUs.
+    accumulate = ["--config", "configs/tiny.yaml", "--ppo.batch_size", "8", "--ppo.mini_batch_size", "4",
+                  "--ppo.gradient_accumulation_steps", "3"]
+    with pytest.raises(launch_helpers.LaunchError, match=r"x ppo.gradient_accumulation_steps \(3\): pass e.g. "
+                                                         r"--ppo.batch_size 12$"):
+        launch_helpers.plan("ppo", 1, 1, accumulate, "cpu")
     with pytest.raises(launch_helpers.LaunchError, match=r"sft.batch_size \(8\) is global .* 3 training processes"):
         launch_helpers.plan("sft", 3, 1, ["--config", "configs/tiny.yaml"], "cpu")  # SFT batches are global too
     launch_helpers.plan("sft", 2, 2, ["--config", "configs/tiny.yaml"], "cpu")
@@ -84,6 +90,9 @@ def test_reward_ports_offset_only_nodes_that_share_a_host():
     # No NodeHostname in slurm.conf (it defaults to the node name) but one address: still one machine.
     nodes = [("n1", "n1", "127.0.0.1"), ("n2", "n2", "127.0.0.1")]
     assert launch_helpers.reward_ports(nodes, 19500, 29500) == {"n1": 19500, "n2": 19501}
+    # Links through either key make one machine, whatever the order they are seen in.
+    nodes = [("a", "h1", "a1"), ("b", "h2", "a2"), ("c", "h1", "a2"), ("d", "h2", "a1")]
+    assert sorted(launch_helpers.reward_ports(nodes, 19500, 29500).values()) == [19500, 19501, 19502, 19503]
     with pytest.raises(launch_helpers.LaunchError, match=r"65535..65536 fall outside .*set REWARD_PORT"):
         launch_helpers.reward_ports([("a", "h", "x"), ("b", "h", "x")], 65535, 29500)
     with pytest.raises(launch_helpers.LaunchError, match="include the rendezvous port MASTER_PORT=19501"):

@@ -293,13 +293,14 @@ def test_a_reward_server_that_fails_on_the_second_node_fails_the_job_at_once(clu
 
 
 def test_a_stop_signal_while_waiting_for_the_reward_server_stops_before_training(cluster, tmp_path):
-    """SIGUSR1 (the time-limit warning) while the reward server is still loading: the job stops there with status 3
-    (REQUEUE=0; requeued otherwise), rather than losing the signal and starting a training step it cannot finish."""
+    """SIGUSR1 (the time-limit warning) while the reward server is still loading: the job stops there with status 3,
+    not requeued (a new run would stop the same way), rather than losing the signal and starting a training step it
+    cannot finish."""
     slow = tmp_path / "python"  # an interpreter whose reward server takes 5 minutes to start
     slow.write_text(f'#!/usr/bin/env bash\nif [[ "$1 $2" == "-m rewards.server" ]]; then sleep 300; fi\nexec {PY} "$@"\n')
     slow.chmod(0o755)
     job_id = _sbatch(cluster, "ppo", tmp_path, [*PPO_ARGS, "--output_dir", str(tmp_path / "run")], "--cpus-per-task=1",
-                     PYTHON=str(slow), REQUEUE="0", HEALTH_TIMEOUT="600")
+                     PYTHON=str(slow), HEALTH_TIMEOUT="600")
     log = tmp_path / f"detox-ppo-{job_id}.out"
     _wait_for(lambda: log.exists() and "starting the reward server step" in log.read_text(), "the reward server step")
     time.sleep(2)
@@ -307,7 +308,8 @@ def test_a_stop_signal_while_waiting_for_the_reward_server_stops_before_training
     state = _wait_ended(job_id, log)
     text = log.read_text()
     assert state == "FAILED" and _job_field(job_id, "ExitCode") == "3:0", (state, text[-3000:])
-    assert "received SIGUSR1" in text and "ppo was asked to stop before it started (REQUEUE=0)" in text
+    assert "received SIGUSR1" in text and "ppo got SIGUSR1 before training started (nothing to checkpoint" in text
+    assert _job_field(job_id, "Restarts") == "0"
     assert not re.search(r"task \d/1 on", text), "no training step may start"
 
 
