@@ -6,7 +6,8 @@ Each step is a subprocess with its own time limit, so a failure costs only its o
    model reads);
 2. `train.ppo` with the original notebook's recipe (configs/flan_t5_base.yaml: bf16, LoRA r=32 on q,v, value head, batch 16 /
    mini-batch 4, LengthSampler(100, 400)) on that model with the tiny prompts and reward model (on the same GPU),
-   4 steps each: one process without DeepSpeed, DeepSpeed ZeRO-2 on one process, and a 4-bit base
+   4 steps each: one process without DeepSpeed, the same with rollout.compile (static KV cache and compiled decoder
+   step; its first step holds the compile), DeepSpeed ZeRO-2 on one process, and a 4-bit base
    (bitsandbytes). From each log.jsonl: the median s/step of steps 2-4, the first mini-batch's ratio (1 up to
    bf16 rounding) and torch.cuda.max_memory_allocated against the planner's estimate for the same settings;
 3. `bench/ppo_step_vs_notebook.py --device cuda --model-size base --dtype bfloat16 --steps 1`: s/step against the
@@ -98,6 +99,7 @@ def log_figures(log_file: Path) -> dict[str, float]:
     return {
         "steps": len(records),
         "s_per_step": statistics.median(timed),
+        "first_step_s": records[0]["time/step"],  # with rollout.compile: the compile
         "first_ratio": records[0]["ppo/policy/first_ratio"],
         "max_allocated_gib": max(r.get("memory/max_allocated_gib", float("nan")) for r in records),
         "reward_mean": records[-1]["env/reward_mean"],
@@ -139,14 +141,17 @@ def main() -> None:
     if args.dry_run:
         common += ["--model.dtype", "float32", "--ppo.steps", "2", "--rollout.max_new_tokens", "24",
                    "--rollout.max_new_tokens_min", "8"]
-    runs = [("ppo-1proc", "1 process, no DeepSpeed (bf16)", [], 0, None),
-            ("ppo-zero2", "DeepSpeed ZeRO-2, 1 process (bf16)", ["--use_deepspeed", "--zero_stage", "2"], 2, None),
-            ("ppo-4bit", "4-bit base (bitsandbytes), 1 process", [], 0, "4bit")]
+    # (name, label, launcher flags, ZeRO stage, quantization, config overrides)
+    runs = [("ppo-1proc", "1 process, no DeepSpeed (bf16)", [], 0, None, []),
+            ("ppo-compile", "1 process, rollout.compile: static cache + compiled decoding (bf16)", [], 0, None,
+             ["--rollout.compile", "true"]),
+            ("ppo-zero2", "DeepSpeed ZeRO-2, 1 process (bf16)", ["--use_deepspeed", "--zero_stage", "2"], 2, None, []),
+            ("ppo-4bit", "4-bit base (bitsandbytes), 1 process", [], 0, "4bit", [])]
     rows = []
-    for name, label, flags, zero, quant in runs:
+    for name, label, flags, zero, quant, overrides in runs:
         if quant and args.dry_run:
             continue  # bitsandbytes needs CUDA
-        extra = ["--model.quantization", quant] if quant else []
+        extra = (["--model.quantization", quant] if quant else []) + overrides
         ok, status = run(name, [*launch, *flags, "-m", "train.ppo", *common, *extra, "--output_dir", str(out / name)],
                          out, budget, 240, env={"DS_ACCELERATOR": "cpu"} if args.dry_run else None)
         figures = log_figures(out / name / "ppo" / "log.jsonl") if ok else {}
@@ -158,10 +163,11 @@ def main() -> None:
 
     lines += ["", f"Device: {device}. The original notebook's recipe on the random model, tiny prompts (longest {prompt_len} "
               "tokens) and tiny reward model on the same GPU; s/step is the median of steps 2-4.", "",
-              "| run | s/step | first mini-batch ratio | max allocated (GiB) | planner peak (GiB) | status |",
-              "|---|---:|---:|---:|---:|---|"]
+              "| run | s/step | first step s | first mini-batch ratio | max allocated (GiB) | planner peak (GiB) | status |",
+              "|---|---:|---:|---:|---:|---:|---|"]
     for label, f, planned, status in rows:
-        cells = [f"{f['s_per_step']:.2f}", f"{f['first_ratio']:.6f}", f"{f['max_allocated_gib']:.2f}"] if f else ["-"] * 3
+        cells = ([f"{f['s_per_step']:.2f}", f"{f['first_step_s']:.1f}", f"{f['first_ratio']:.6f}",
+                  f"{f['max_allocated_gib']:.2f}"] if f else ["-"] * 4)
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {planned:.2f} | {status} |")
 
     notebook = ["--device", "cpu"] if args.dry_run else ["--device", "cuda", "--model-size", "base", "--dtype", "bfloat16"]

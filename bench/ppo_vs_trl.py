@@ -47,9 +47,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import random
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from datetime import datetime, timezone
@@ -145,11 +147,12 @@ def time_ours(policy, tokenizer, prompts, reward_fn, cfg, steps: int, device: st
     generation, scoring, update (= forward + ppo_step), forward (the no-grad passes), ppo_step, total (seconds),
     summaries and response_tokens (eos included) per step. `prompts`: rows of the PPO dataset."""
     step = ours_steps(policy, tokenizer, prompts, reward_fn, cfg, device)
-    records = []
+    records, warmup = [], 0.0
     for i in range(steps + 1):
         trajectory, info, started, made, done = step()
         if i == 0:
-            continue  # the warm-up step: allocators, kernels, lazy imports
+            warmup = done - started  # allocators, kernels, lazy imports; with rollout.compile, the compile
+            continue
         # RolloutInfo's forward time is not synchronised with the device: take it as the rest of make_experience.
         forward = made - started - info.time_generate - info.time_score
         records.append({
@@ -157,7 +160,7 @@ def time_ours(policy, tokenizer, prompts, reward_fn, cfg, steps: int, device: st
             "forward": forward, "ppo_step": done - made, "total": done - started,
             "summaries": len(trajectory), "response_tokens": float(info.response_lengths.sum()),
         })
-    return _medians(records)
+    return {**_medians(records), "warmup": warmup}
 
 
 # The profiler ranges of one of our PPO steps (train/rollout.py, train/ppo.py), in the order they run.
@@ -418,6 +421,9 @@ def main(argv: list[str] | None = None) -> list[str]:
     if configs[0][1].ppo.advantage_estimator != "gae" or configs[0][1].rollout.samples_per_prompt != 1:
         parser.error("this compares PPO (ppo.advantage_estimator gae, one summary per prompt) with TRL's PPOTrainer; "
                      "bench/estimators.py times RLOO and GRPO against it")
+    if configs[0][1].rollout.compile and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        # The compile is timed as a first run pays it: without the compiled code earlier runs left on disk.
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="ppo_vs_trl_inductor_")
     rows, profiles = [], []
     for lengths, cfg in configs:
         if args.profile:
@@ -428,7 +434,11 @@ def main(argv: list[str] | None = None) -> list[str]:
         print(f"max_new_tokens {lengths}: ours {ours:.3f} s/step; vs TRL batched {batched:.3f} s/step: "
               f"{batched / ours:.2f}x; vs TRL notebook loop {loop:.3f} s/step: {loop / ours:.2f}x", flush=True)
     cfg = configs[0][1]
-    lines = table(rows, cfg.rollout.batch_size) + profiles
+    lines = table(rows, cfg.rollout.batch_size)
+    lines += ["", "Our warm-up step (not in the medians" + ("; it compiles the decoder step, from an empty compile "
+              "cache" if cfg.rollout.compile else "") + "): " + "; ".join(
+              f"{lengths} new tokens {results['ours']['warmup']:.1f} s" for lengths, results in rows) + "."]
+    lines += profiles
     print("\n".join(lines))
 
     if args.append:

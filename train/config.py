@@ -82,6 +82,10 @@ class GenerationSettings:
     # or "multinomial" (transformers' own, one random number per vocabulary entry: slower on a CPU). The same
     # distribution; a seed gives other samples with each. Beam search always uses transformers'.
     sampler: Literal["inverse_cdf", "multinomial"] = "inverse_cdf"
+    # Decode with a static KV cache and a torch.compile'd decoder step (transformers' generate; CUDA graphs on a GPU).
+    # Prompts are padded to data.max_prompt_tokens and the cache sized for max_new_tokens, so one compile serves a
+    # whole run; the compile itself costs tens of seconds, so it pays on long runs only (bench/RESULTS.md).
+    compile: bool = False
 
 
 @dataclass
@@ -399,6 +403,10 @@ def validate(cfg: ExperimentConfig) -> None:
     for name, g in (("rollout", cfg.rollout), ("eval.generation", cfg.eval.generation)):
         if g.max_new_tokens_min is not None and not g.max_new_tokens_min < g.max_new_tokens:
             raise ConfigError(f"{name}.max_new_tokens_min must be below {name}.max_new_tokens")
+        if g.compile and cfg.model.quantization:
+            # transformers would silently decode uncompiled: its bitsandbytes quantizers are not compileable.
+            raise ConfigError(f"{name}.compile: transformers cannot compile a {cfg.model.quantization} "
+                              f"(bitsandbytes) base (model.quantization): turn one of them off")
     cfg.trackers = check_trackers(cfg.trackers)
     check_judges(cfg.eval.judges)
 

@@ -63,7 +63,20 @@ def generation_kwargs(settings: GenerationSettings, rng: Optional[random.Random]
         kwargs.update(do_sample=True, top_k=settings.top_k, top_p=settings.top_p, temperature=settings.temperature)
     else:
         kwargs.update(do_sample=False)
+    if settings.compile:
+        kwargs.update(compiled_decoding_kwargs(settings.max_new_tokens))
     return kwargs
+
+
+def compiled_decoding_kwargs(max_new_tokens: int) -> dict:
+    """`generate()` keyword arguments for a static KV cache and a compiled decoder step. The self-attention cache is
+    sized for the longest allowed summary (the start token plus `max_new_tokens`), so that calls with any sampled
+    length have the same shapes and reuse one compiled graph."""
+    from transformers import CompileConfig
+
+    config = CompileConfig(dynamic=False)  # transformers' default mode: CUDA graphs on a GPU
+    config._compile_all_devices = True  # transformers compiles on accelerators only unless told; asked for is asked for
+    return dict(cache_implementation="static", max_cache_len=max_new_tokens + 1, compile_config=config)
 
 
 @torch.inference_mode()
@@ -82,7 +95,9 @@ def generate_texts(
     batches = range(0, len(prompts), settings.batch_size)
     for start in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
         batch = list(prompts[start : start + settings.batch_size])
-        enc = tokenizer(batch, return_tensors="pt", padding=True, truncation=True, max_length=max_prompt_tokens).to(device)
+        # A compiled decoder step needs one width for every batch (its cross-attention cache): the longest allowed.
+        enc = tokenizer(batch, return_tensors="pt", padding="max_length" if settings.compile else True, truncation=True,
+                        max_length=max_prompt_tokens).to(device)
         ids = model.generate(**enc, **generation_kwargs(settings))
         outputs.extend(tokenizer.batch_decode(ids, skip_special_tokens=True))
     return [o.strip() for o in outputs]

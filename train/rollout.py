@@ -198,6 +198,7 @@ def generate_responses(
     rng: Optional[random.Random] = None,
     encoder_hidden_states: Optional[torch.Tensor] = None,
     samples_per_prompt: int = 1,
+    prompt_width: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sample `samples_per_prompt` (k) responses for each prompt, `settings.batch_size` prompts per `generate()` call.
 
@@ -206,7 +207,8 @@ def generate_responses(
     response_ids[:, 0] is the decoder start token; every position after a row's first eos is padding (pad id,
     mask 0). `rng` draws max_new_tokens per call when `settings.max_new_tokens_min` is set.
     `encoder_hidden_states` (B, Q, d): `encode_prompts` of the same prompts and batch size; generate() then
-    decodes from it instead of running the encoder.
+    decodes from it instead of running the encoder. `prompt_width`: what generate() sees is padded to this many
+    columns (masked out), one shape for every call, as a compiled decoder step (`settings.compile`) needs.
     """
     from transformers.modeling_outputs import BaseModelOutput
 
@@ -218,7 +220,12 @@ def generate_responses(
         encoded = {}
         if encoder_hidden_states is not None:
             hidden = encoder_hidden_states[start : start + settings.batch_size, : ids.shape[1]]
+            if prompt_width is not None:
+                hidden = F.pad(hidden, (0, 0, 0, max(prompt_width - hidden.shape[1], 0)))
             encoded["encoder_outputs"] = BaseModelOutput(last_hidden_state=hidden.repeat_interleave(k, dim=0))
+        if prompt_width is not None:
+            columns = max(prompt_width - ids.shape[1], 0)
+            ids, mask = F.pad(ids, (0, columns), value=pad_id), F.pad(mask, (0, columns))
         # Each prompt k times in a row (what num_return_sequences would do, which greedy-mode generate refuses and
         # our sampler runs in); the encoder output, computed once per prompt, is repeated likewise.
         out = model.generate(
@@ -380,7 +387,8 @@ def make_experience(
         with adapter_merged(model.peft_model) if merges_for_rollout(cfg) else nullcontext(), \
                 record_function("rollout/generate"):
             query_ids, query_mask, response_ids, response_mask = generate_responses(
-                model, tokenizer, prompts["input_ids"], cfg.rollout, device, rng, encoded, k
+                model, tokenizer, prompts["input_ids"], cfg.rollout, device, rng, encoded, k,
+                prompt_width=cfg.data.max_prompt_tokens if cfg.rollout.compile else None,
             )
     summaries = [s.strip() for s in tokenizer.batch_decode(response_ids, skip_special_tokens=True)]
     time_generate = time.perf_counter() - started

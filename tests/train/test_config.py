@@ -103,6 +103,9 @@ def test_bad_yaml_gives_one_clear_error(tmp_path, yaml_text, message):
         (["--ppo.kl_penalty", "both"], "ppo.kl_penalty"),
         (["--ppo.advantage_estimator", "group", "--rollout.samples_per_prompt", "4", "--ppo.vf_coef", "0.5"],
          "ppo.vf_coef set, but ppo.advantage_estimator group has no value head"),
+        (["--model.quantization", "4bit", "--rollout.compile", "true"],
+         "rollout.compile: transformers cannot compile a 4bit \\(bitsandbytes\\) base"),
+        (["--model.quantization", "8bit", "--eval.generation.compile", "true"], "eval.generation.compile: "),
     ],
 )
 def test_bad_overrides_give_one_clear_error(repo_root, overrides, message):

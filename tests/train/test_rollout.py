@@ -337,3 +337,59 @@ def test_make_experience_with_k_samples_gives_the_plain_passes_for_either_refere
     for key in ("logprobs", "ref_logprobs", "values", "masks"):
         torch.testing.assert_close(getattr(trajectory, key), getattr(expected, key), atol=1e-5, rtol=1e-5)
     assert (trajectory.logprobs - trajectory.ref_logprobs).abs().max() > 1e-3  # policy and reference differ
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_compiled_decoding_with_a_static_cache_gives_the_plain_rollout_and_compiles_once(tiny_artifacts):
+    """rollout.compile: a static KV cache sized for max_new_tokens, prompts padded to one width, a compiled decoder
+    step. Same summaries (greedy, and sampled with the same seed and sampled lengths), same log-probs; one compiled
+    graph serves every call whatever its prompt width or sampled length."""
+    import random
+
+    from torch._dynamo.utils import counters
+
+    from train.config import GenerationSettings
+    from train.rollout import encode_prompts, forward_trajectory
+
+    policy, tokenizer, ppo = tiny_ppo_policy(tiny_artifacts)
+    policy.eval()
+    # The two batches of 4 have different widths: each would be another shape without the padding to `width`.
+    prompts = [tokenizer(f"#Person1#: hello number {i}. " + "#Person2#: hi, how are you? " * (i // 2)).input_ids
+               for i in range(8)]
+    width = 48
+    assert max(len(p) for p in prompts) < width
+    encoded = encode_prompts(policy.encode, prompts, 4, tokenizer.pad_token_id, "cpu")
+    torch._dynamo.reset()
+    counters.clear()
+    compiled_graphs = []
+    # One run's settings: a cache for max_new_tokens 16 from the first call on, whose sampled length (4 to 15) is
+    # shorter than the greedy call's 16 after it.
+    for settings in (GenerationSettings(batch_size=4, max_new_tokens=16, max_new_tokens_min=4, min_length=5),
+                     GenerationSettings(batch_size=4, do_sample=False, max_new_tokens=16)):
+        torch.manual_seed(7)
+        plain = generate_responses(policy, tokenizer, prompts, settings, "cpu", random.Random(1), encoded)
+        torch.manual_seed(7)
+        fast = generate_responses(policy, tokenizer, prompts, dataclasses.replace(settings, compile=True), "cpu",
+                                  random.Random(1), encoded, prompt_width=width)
+        compiled_graphs.append(counters["stats"]["unique_graphs"])
+        for a, b in zip(plain, fast):
+            assert torch.equal(a, b)
+        rollout = dict(query_ids=plain[0], query_mask=plain[1], response_ids=plain[2], response_mask=plain[3],
+                       scores=torch.zeros(8))
+        expected = rollout_trajectory(policy, rollout, ppo, chunk_size=4)
+        got = forward_trajectory(policy, **{**rollout, "response_ids": fast[2]}, chunk_size=4,
+                                 encoder_hidden_states=encoded)
+        torch.testing.assert_close(got.logprobs, expected.logprobs, atol=1e-5, rtol=1e-5)
+    # One graph for the four compiled calls: two prompt widths, a sampled length, then the longest.
+    assert compiled_graphs == [1, 1], f"compiled graphs after each setting: {compiled_graphs} (one was expected)"
+
+    # Evaluation's generation (eval.generation.compile): the tokenizer pads every batch to the longest allowed width.
+    from train.generation import generate_texts
+
+    texts = [tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
+    greedy = GenerationSettings(batch_size=4, do_sample=False, max_new_tokens=16)
+    plain = generate_texts(policy, tokenizer, texts, greedy, width, "cpu", progress=False)
+    fast = generate_texts(policy, tokenizer, texts, dataclasses.replace(greedy, compile=True), width, "cpu",
+                          progress=False)
+    assert fast == plain and len(set(plain)) > 1
+    assert counters["stats"]["unique_graphs"] == 2  # its own graph: the encoder's width, its batch
