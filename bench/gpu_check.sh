@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The standing GPU check: run it whenever a session is lent a GPU (about 6 minutes on one H200; at most 8).
+# The standing GPU check: run it whenever a session is lent a GPU (about 7 minutes on one H200; at most 8).
 #
 # Prepare on the CPU machine first:
 #   bash bench/fetch_gpu_wheels.sh       # .gpu_wheels/: packages the GPU image lacks

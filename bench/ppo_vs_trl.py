@@ -435,8 +435,8 @@ def main(argv: list[str] | None = None) -> list[str]:
               f"{batched / ours:.2f}x; vs TRL notebook loop {loop:.3f} s/step: {loop / ours:.2f}x", flush=True)
     cfg = configs[0][1]
     lines = table(rows, cfg.rollout.batch_size)
-    lines += ["", "Our warm-up step (not in the medians" + ("; it compiles the decoder step, from an empty compile "
-              "cache" if cfg.rollout.compile else "") + "): " + "; ".join(
+    lines += ["", "Our warm-up step (not in the medians" + ("; it compiles the decoder step, the first regime's "
+              "from an empty compile cache" if cfg.rollout.compile else "") + "): " + "; ".join(
               f"{lengths} new tokens {results['ours']['warmup']:.1f} s" for lengths, results in rows) + "."]
     lines += profiles
     print("\n".join(lines))

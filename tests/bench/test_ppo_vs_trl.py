@@ -74,6 +74,8 @@ def test_recipe_lengths_table_has_the_three_variants(repo_root, tiny_artifacts, 
     assert all(phases[p] > 0 for p in PHASES), phases
     assert sum(phases.values()) == pytest.approx(wall * 1e3, abs=1.0)
     assert "| `aten::" in text  # the operator table
+    (warmup,) = re.findall(r"Our warm-up step \(not in the medians\): 32 new tokens ([0-9.]+) s\.", text)
+    assert float(warmup) > 0
 
 
 def test_sampled_lengths_and_config_overrides(repo_root, tiny_artifacts, tmp_path):
@@ -88,3 +90,4 @@ def test_sampled_lengths_and_config_overrides(repo_root, tiny_artifacts, tmp_pat
     rows = _rows(text)
     assert set(rows) == {("4-12 (sampled)", v) for v in VARIANTS}
     _check(rows, "4-12 (sampled)", 12)
+    assert "Our warm-up step (not in the medians): 4-12 (sampled) new tokens" in text

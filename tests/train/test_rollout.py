@@ -393,3 +393,19 @@ def test_compiled_decoding_with_a_static_cache_gives_the_plain_rollout_and_compi
                           progress=False)
     assert fast == plain and len(set(plain)) > 1
     assert counters["stats"]["unique_graphs"] == 2  # its own graph: the encoder's width, its batch
+
+    # As in a run: the adapter merged for the rollout, then trained, then merged again. The compiled step reads the
+    # weights of each call (none baked in): the second rollout is the new policy's.
+    from train.models import adapter_merged
+
+    compiled = dataclasses.replace(greedy, compile=True)
+    for _ in range(2):
+        with torch.no_grad():
+            for name, param in policy.peft_model.named_parameters():
+                if "lora_B" in name:
+                    param.add_(torch.randn_like(param) * 0.3)
+        plain = generate_responses(policy, tokenizer, prompts, greedy, "cpu")
+        with adapter_merged(policy.peft_model):
+            fast = generate_responses(policy, tokenizer, prompts, compiled, "cpu", prompt_width=width)
+        for a, b in zip(plain, fast):
+            assert torch.equal(a, b)
