@@ -46,9 +46,11 @@ Everything is seeded from the config's seed, so a run repeats the same samples (
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import os
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -424,6 +426,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     if configs[0][1].rollout.compile and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
         # The compile is timed as a first run pays it: without the compiled code earlier runs left on disk.
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="ppo_vs_trl_inductor_")
+        atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
     rows, profiles = [], []
     for lengths, cfg in configs:
         if args.profile:

@@ -404,9 +404,10 @@ def evaluate(cfg: ExperimentConfig) -> dict[str, Any]:
             "judges": [{**j.describe(), "model": judge.model_name_or_path, "toxic_label": judge.toxic_label}
                        for j, judge in zip(judges, cfg.eval.judges)],
             "samples_per_prompt": cfg.eval.samples_per_prompt,
-            # The rollout's sampling settings; its samples_per_prompt is training's, not this evaluation's k.
+            # The rollout's sampling settings; its samples_per_prompt is training's, not this evaluation's k, and
+            # its compile is training's decoding (evaluation decodes uncompiled).
             "sampling": {key: value for key, value in dataclasses.asdict(cfg.rollout).items()
-                         if key != "samples_per_prompt"},
+                         if key not in ("samples_per_prompt", "compile")},
             "bootstrap": {"samples": cfg.eval.bootstrap_samples, "confidence": cfg.eval.confidence, "seed": cfg.seed},
             "metrics": compute_metrics(records, [s.name for s in systems], before, after, cfg.eval.bootstrap_samples,
                                        cfg.eval.confidence, cfg.seed, adapters={s.name: s.adapter for s in systems}),

@@ -82,10 +82,6 @@ class GenerationSettings:
     # or "multinomial" (transformers' own, one random number per vocabulary entry: slower on a CPU). The same
     # distribution; a seed gives other samples with each. Beam search always uses transformers'.
     sampler: Literal["inverse_cdf", "multinomial"] = "inverse_cdf"
-    # Decode with a static KV cache and a torch.compile'd decoder step (transformers' generate; CUDA graphs on a GPU).
-    # Prompts are padded to data.max_prompt_tokens and the cache sized for max_new_tokens, so one compile serves a
-    # whole run; the compile itself costs tens of seconds, so it pays on long runs only (bench/RESULTS.md).
-    compile: bool = False
 
 
 @dataclass
@@ -94,6 +90,11 @@ class RolloutSettings(GenerationSettings):
     # once for them, and the k rows of a prompt stay on one process. ppo.batch_size counts rows (prompts x k).
     # The critic-free estimators (ppo.advantage_estimator rloo / group) compare a prompt's samples: k >= 2.
     samples_per_prompt: int = 1
+    # Decode with a static KV cache and a torch.compile'd decoder step (transformers' generate; inductor, no CUDA
+    # graphs). Prompts are padded to data.max_prompt_tokens and the cache sized for max_new_tokens, so one compile
+    # serves a run (two when a process's last rollout batch is smaller); the compile costs tens of seconds, so it
+    # pays on long runs only (bench/RESULTS.md). Identical samples in float32; in bf16 its kernels round otherwise.
+    compile: bool = False
 
 
 @dataclass
@@ -403,10 +404,13 @@ def validate(cfg: ExperimentConfig) -> None:
     for name, g in (("rollout", cfg.rollout), ("eval.generation", cfg.eval.generation)):
         if g.max_new_tokens_min is not None and not g.max_new_tokens_min < g.max_new_tokens:
             raise ConfigError(f"{name}.max_new_tokens_min must be below {name}.max_new_tokens")
-        if g.compile and cfg.model.quantization:
-            # transformers would silently decode uncompiled: its bitsandbytes quantizers are not compileable.
-            raise ConfigError(f"{name}.compile: transformers cannot compile a {cfg.model.quantization} "
-                              f"(bitsandbytes) base (model.quantization): turn one of them off")
+    # transformers would decode uncompiled without a word: bitsandbytes bases are not compileable, beam search never is.
+    if cfg.rollout.compile and cfg.model.quantization:
+        raise ConfigError(f"rollout.compile: transformers cannot compile a {cfg.model.quantization} (bitsandbytes) base "
+                          "(model.quantization): turn one of them off")
+    if cfg.rollout.compile and cfg.rollout.num_beams > 1:
+        raise ConfigError("rollout.compile: transformers' beam search never runs the compiled decoder step: set "
+                          "rollout.num_beams to 1 or rollout.compile to false")
     cfg.trackers = check_trackers(cfg.trackers)
     check_judges(cfg.eval.judges)
 

@@ -63,8 +63,6 @@ def generation_kwargs(settings: GenerationSettings, rng: Optional[random.Random]
         kwargs.update(do_sample=True, top_k=settings.top_k, top_p=settings.top_p, temperature=settings.temperature)
     else:
         kwargs.update(do_sample=False)
-    if settings.compile:
-        kwargs.update(compiled_decoding_kwargs(settings.max_new_tokens))
     return kwargs
 
 
@@ -74,7 +72,9 @@ def compiled_decoding_kwargs(max_new_tokens: int) -> dict:
     length have the same shapes and reuse one compiled graph."""
     from transformers import CompileConfig
 
-    config = CompileConfig(dynamic=False)  # transformers' default mode: CUDA graphs on a GPU
+    # No CUDA graphs (transformers' default mode): generate() builds a new static cache per call, whose new addresses
+    # would make them re-record on every call, each recording kept for the rest of the run.
+    config = CompileConfig(dynamic=False, mode="default")
     config._compile_all_devices = True  # transformers compiles on accelerators only unless told; asked for is asked for
     return dict(cache_implementation="static", max_cache_len=max_new_tokens + 1, compile_config=config)
 
@@ -95,9 +95,7 @@ def generate_texts(
     batches = range(0, len(prompts), settings.batch_size)
     for start in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
         batch = list(prompts[start : start + settings.batch_size])
-        # A compiled decoder step needs one width for every batch (its cross-attention cache): the longest allowed.
-        enc = tokenizer(batch, return_tensors="pt", padding="max_length" if settings.compile else True, truncation=True,
-                        max_length=max_prompt_tokens).to(device)
+        enc = tokenizer(batch, return_tensors="pt", padding=True, truncation=True, max_length=max_prompt_tokens).to(device)
         ids = model.generate(**enc, **generation_kwargs(settings))
         outputs.extend(tokenizer.batch_decode(ids, skip_special_tokens=True))
     return [o.strip() for o in outputs]

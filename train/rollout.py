@@ -44,7 +44,7 @@ from rewards.scorer import RewardScores
 from train.config import ExperimentConfig, GenerationSettings
 from train.distributed import Collectives, zero_stage
 from train.errors import ConfigError, DataError
-from train.generation import generation_kwargs
+from train.generation import compiled_decoding_kwargs, generation_kwargs
 from train.models import adapter_merged, merges_for_rollout
 from train.ppo_core import Trajectory, logprobs_from_logits, response_loss_mask, response_mask_from_ids
 
@@ -198,7 +198,7 @@ def generate_responses(
     rng: Optional[random.Random] = None,
     encoder_hidden_states: Optional[torch.Tensor] = None,
     samples_per_prompt: int = 1,
-    prompt_width: Optional[int] = None,
+    compiled_width: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sample `samples_per_prompt` (k) responses for each prompt, `settings.batch_size` prompts per `generate()` call.
 
@@ -207,8 +207,9 @@ def generate_responses(
     response_ids[:, 0] is the decoder start token; every position after a row's first eos is padding (pad id,
     mask 0). `rng` draws max_new_tokens per call when `settings.max_new_tokens_min` is set.
     `encoder_hidden_states` (B, Q, d): `encode_prompts` of the same prompts and batch size; generate() then
-    decodes from it instead of running the encoder. `prompt_width`: what generate() sees is padded to this many
-    columns (masked out), one shape for every call, as a compiled decoder step (`settings.compile`) needs.
+    decodes from it instead of running the encoder. `compiled_width` (rollout.compile): decode with a static KV
+    cache and a compiled decoder step, the prompts padded to this many columns (masked out): one shape for every
+    call, whatever its prompts' width or sampled length.
     """
     from transformers.modeling_outputs import BaseModelOutput
 
@@ -220,17 +221,19 @@ def generate_responses(
         encoded = {}
         if encoder_hidden_states is not None:
             hidden = encoder_hidden_states[start : start + settings.batch_size, : ids.shape[1]]
-            if prompt_width is not None:
-                hidden = F.pad(hidden, (0, 0, 0, max(prompt_width - hidden.shape[1], 0)))
+            if compiled_width is not None:
+                hidden = F.pad(hidden, (0, 0, 0, max(compiled_width - hidden.shape[1], 0)))
             encoded["encoder_outputs"] = BaseModelOutput(last_hidden_state=hidden.repeat_interleave(k, dim=0))
-        if prompt_width is not None:
-            columns = max(prompt_width - ids.shape[1], 0)
+        compiled = {}
+        if compiled_width is not None:
+            columns = max(compiled_width - ids.shape[1], 0)
             ids, mask = F.pad(ids, (0, columns), value=pad_id), F.pad(mask, (0, columns))
+            compiled = compiled_decoding_kwargs(settings.max_new_tokens)
         # Each prompt k times in a row (what num_return_sequences would do, which greedy-mode generate refuses and
         # our sampler runs in); the encoder output, computed once per prompt, is repeated likewise.
         out = model.generate(
             input_ids=ids.repeat_interleave(k, dim=0).to(device), attention_mask=mask.repeat_interleave(k, dim=0).to(device),
-            pad_token_id=pad_id, eos_token_id=eos_id, **encoded, **generation_kwargs(settings, rng),
+            pad_token_id=pad_id, eos_token_id=eos_id, **encoded, **generation_kwargs(settings, rng), **compiled,
         ).cpu()
         out_mask = response_mask_from_ids(out, eos_id)
         out = out.masked_fill(out_mask == 0, pad_id)
@@ -388,7 +391,7 @@ def make_experience(
                 record_function("rollout/generate"):
             query_ids, query_mask, response_ids, response_mask = generate_responses(
                 model, tokenizer, prompts["input_ids"], cfg.rollout, device, rng, encoded, k,
-                prompt_width=cfg.data.max_prompt_tokens if cfg.rollout.compile else None,
+                compiled_width=cfg.data.max_prompt_tokens if cfg.rollout.compile else None,
             )
     summaries = [s.strip() for s in tokenizer.batch_decode(response_ids, skip_special_tokens=True)]
     time_generate = time.perf_counter() - started

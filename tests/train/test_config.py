@@ -105,7 +105,8 @@ def test_bad_yaml_gives_one_clear_error(tmp_path, yaml_text, message):
          "ppo.vf_coef set, but ppo.advantage_estimator group has no value head"),
         (["--model.quantization", "4bit", "--rollout.compile", "true"],
          "rollout.compile: transformers cannot compile a 4bit \\(bitsandbytes\\) base"),
-        (["--model.quantization", "8bit", "--eval.generation.compile", "true"], "eval.generation.compile: "),
+        (["--rollout.num_beams", "2", "--rollout.compile", "true"], "beam search never runs the compiled"),
+        (["--eval.generation.compile", "true"], "unknown option --eval.generation.compile"),
     ],
 )
 def test_bad_overrides_give_one_clear_error(repo_root, overrides, message):

@@ -339,14 +339,31 @@ def test_make_experience_with_k_samples_gives_the_plain_passes_for_either_refere
     assert (trajectory.logprobs - trajectory.ref_logprobs).abs().max() > 1e-3  # policy and reference differ
 
 
+@pytest.fixture
+def compiled_decoding(monkeypatch):
+    """A clean slate for torch.compile, dropped again afterwards; transformers' compile sets TOKENIZERS_PARALLELISM,
+    which must not leak into later tests."""
+    import os
+
+    from torch._dynamo.utils import counters
+
+    if "TOKENIZERS_PARALLELISM" in os.environ:
+        monkeypatch.setenv("TOKENIZERS_PARALLELISM", os.environ["TOKENIZERS_PARALLELISM"])
+    else:
+        monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    torch._dynamo.reset()
+    counters.clear()
+    yield counters
+    torch._dynamo.reset()
+
+
 @pytest.mark.usefixtures("one_torch_thread")
-def test_compiled_decoding_with_a_static_cache_gives_the_plain_rollout_and_compiles_once(tiny_artifacts):
+def test_compiled_decoding_with_a_static_cache_gives_the_plain_rollout_and_compiles_once(tiny_artifacts,
+                                                                                       compiled_decoding):
     """rollout.compile: a static KV cache sized for max_new_tokens, prompts padded to one width, a compiled decoder
     step. Same summaries (greedy, and sampled with the same seed and sampled lengths), same log-probs; one compiled
     graph serves every call whatever its prompt width or sampled length."""
     import random
-
-    from torch._dynamo.utils import counters
 
     from train.config import GenerationSettings
     from train.rollout import encode_prompts, forward_trajectory
@@ -359,8 +376,6 @@ def test_compiled_decoding_with_a_static_cache_gives_the_plain_rollout_and_compi
     width = 48
     assert max(len(p) for p in prompts) < width
     encoded = encode_prompts(policy.encode, prompts, 4, tokenizer.pad_token_id, "cpu")
-    torch._dynamo.reset()
-    counters.clear()
     compiled_graphs = []
     # One run's settings: a cache for max_new_tokens 16 from the first call on, whose sampled length (4 to 15) is
     # shorter than the greedy call's 16 after it.
@@ -369,9 +384,9 @@ def test_compiled_decoding_with_a_static_cache_gives_the_plain_rollout_and_compi
         torch.manual_seed(7)
         plain = generate_responses(policy, tokenizer, prompts, settings, "cpu", random.Random(1), encoded)
         torch.manual_seed(7)
-        fast = generate_responses(policy, tokenizer, prompts, dataclasses.replace(settings, compile=True), "cpu",
-                                  random.Random(1), encoded, prompt_width=width)
-        compiled_graphs.append(counters["stats"]["unique_graphs"])
+        fast = generate_responses(policy, tokenizer, prompts, settings, "cpu", random.Random(1), encoded,
+                                  compiled_width=width)
+        compiled_graphs.append(compiled_decoding["stats"]["unique_graphs"])
         for a, b in zip(plain, fast):
             assert torch.equal(a, b)
         rollout = dict(query_ids=plain[0], query_mask=plain[1], response_ids=plain[2], response_mask=plain[3],
@@ -383,29 +398,46 @@ def test_compiled_decoding_with_a_static_cache_gives_the_plain_rollout_and_compi
     # One graph for the four compiled calls: two prompt widths, a sampled length, then the longest.
     assert compiled_graphs == [1, 1], f"compiled graphs after each setting: {compiled_graphs} (one was expected)"
 
-    # Evaluation's generation (eval.generation.compile): the tokenizer pads every batch to the longest allowed width.
-    from train.generation import generate_texts
 
-    texts = [tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
-    greedy = GenerationSettings(batch_size=4, do_sample=False, max_new_tokens=16)
-    plain = generate_texts(policy, tokenizer, texts, greedy, width, "cpu", progress=False)
-    fast = generate_texts(policy, tokenizer, texts, dataclasses.replace(greedy, compile=True), width, "cpu",
-                          progress=False)
-    assert fast == plain and len(set(plain)) > 1
-    assert counters["stats"]["unique_graphs"] == 2  # its own graph: the encoder's width, its batch
+@pytest.mark.usefixtures("one_torch_thread")
+def test_make_experience_with_rollout_compile_gives_the_plain_trajectory_step_after_step(tiny_artifacts,
+                                                                                         compiled_decoding):
+    """As in a run (float32: the adapter merged for each rollout): two rollouts with a trained adapter between
+    them, sampled lengths, k = 2 and a smaller last batch: the same trajectory as without rollout.compile, so the
+    compiled step reads each rollout's weights (none baked in)."""
+    import random
 
-    # As in a run: the adapter merged for the rollout, then trained, then merged again. The compiled step reads the
-    # weights of each call (none baked in): the second rollout is the new policy's.
-    from train.models import adapter_merged
+    from rewards.scorer import RewardScores
+    from train.rollout import make_experience
 
-    compiled = dataclasses.replace(greedy, compile=True)
-    for _ in range(2):
-        with torch.no_grad():
+    policy, tokenizer, _ = tiny_ppo_policy(tiny_artifacts)
+    texts = [f"#Person1#: hello number {i}. " + "#Person2#: hi, how are you? " * (i % 3) for i in range(3)]
+    prompts = {"input_ids": [tokenizer(t).input_ids for t in texts], "query": texts, "id": ["a", "b", "c"]}
+
+    def reward_fn(queries, summaries):
+        n = len(summaries)
+        return RewardScores(torch.zeros(n), torch.zeros(n), torch.zeros(n, 2))
+
+    options = ["--model.dtype", "float32", "--rollout.samples_per_prompt", "2", "--rollout.batch_size", "2",
+               "--rollout.max_new_tokens", "12", "--rollout.max_new_tokens_min", "4", "--data.max_prompt_tokens", "40"]
+    trajectories = {}
+    for compiled in (False, True):
+        cfg = load_config(None, options + ["--rollout.compile", str(compiled).lower()])
+        start = {name: param.detach().clone() for name, param in policy.peft_model.named_parameters()}
+        runs = []
+        for step in range(2):
+            torch.manual_seed(step)
+            runs.append(make_experience(policy, tokenizer, prompts, reward_fn, cfg, rng=random.Random(step))[0])
+            with torch.no_grad():  # a PPO update in between
+                for name, param in policy.peft_model.named_parameters():
+                    if "lora_B" in name and param.requires_grad:
+                        param.add_(0.1 * (step + 1))
+        with torch.no_grad():  # the same starting policy for the other mode
             for name, param in policy.peft_model.named_parameters():
-                if "lora_B" in name:
-                    param.add_(torch.randn_like(param) * 0.3)
-        plain = generate_responses(policy, tokenizer, prompts, greedy, "cpu")
-        with adapter_merged(policy.peft_model):
-            fast = generate_responses(policy, tokenizer, prompts, compiled, "cpu", prompt_width=width)
-        for a, b in zip(plain, fast):
-            assert torch.equal(a, b)
+                param.copy_(start[name])
+        trajectories[compiled] = runs
+    assert compiled_decoding["stats"]["unique_graphs"] >= 1  # it did compile
+    assert not torch.equal(trajectories[False][0].response_ids, trajectories[False][1].response_ids)
+    for plain, fast in zip(trajectories[False], trajectories[True]):
+        assert torch.equal(plain.response_ids, fast.response_ids)
+        torch.testing.assert_close(fast.logprobs, plain.logprobs, atol=0, rtol=0)
