@@ -217,18 +217,17 @@ def generate_responses(
     responses: list[torch.Tensor] = []
     response_masks: list[torch.Tensor] = []
     k = samples_per_prompt
+    compiled = compiled_decoding_kwargs(settings.max_new_tokens) if compiled_width is not None else {}
     for start, ids, mask in prompt_batches(query_ids, settings.batch_size, pad_id):
-        encoded = {}
-        if encoder_hidden_states is not None:
-            hidden = encoder_hidden_states[start : start + settings.batch_size, : ids.shape[1]]
-            if compiled_width is not None:
-                hidden = F.pad(hidden, (0, 0, 0, max(compiled_width - hidden.shape[1], 0)))
-            encoded["encoder_outputs"] = BaseModelOutput(last_hidden_state=hidden.repeat_interleave(k, dim=0))
-        compiled = {}
         if compiled_width is not None:
             columns = max(compiled_width - ids.shape[1], 0)
             ids, mask = F.pad(ids, (0, columns), value=pad_id), F.pad(mask, (0, columns))
-            compiled = compiled_decoding_kwargs(settings.max_new_tokens)
+        encoded = {}
+        if encoder_hidden_states is not None:
+            # Zero columns past the states' own width (the compiled width's padding), masked out like it.
+            hidden = encoder_hidden_states[start : start + settings.batch_size, : ids.shape[1]]
+            hidden = F.pad(hidden, (0, 0, 0, ids.shape[1] - hidden.shape[1]))
+            encoded["encoder_outputs"] = BaseModelOutput(last_hidden_state=hidden.repeat_interleave(k, dim=0))
         # Each prompt k times in a row (what num_return_sequences would do, which greedy-mode generate refuses and
         # our sampler runs in); the encoder output, computed once per prompt, is repeated likewise.
         out = model.generate(
