@@ -53,7 +53,7 @@ from rewards.reward_fn import make_reward_fn  # noqa: E402
 from train.config import load_config  # noqa: E402
 from train.data import build_ppo_datasets  # noqa: E402
 from train.generation import generation_kwargs  # noqa: E402
-from train.ppo import estimator_for, ppo_step  # noqa: E402
+from train.ppo import estimator_for, make_optimizer, ppo_step  # noqa: E402
 from train.ppo_core import ScoreShaper, Trajectory, make_kl_controller, response_mask_from_ids  # noqa: E402
 from train.rollout import PromptStream, forward_trajectory, make_experience, pad_right  # noqa: E402
 from bench_policy import load_bench_policy  # bench/bench_policy.py
@@ -103,7 +103,7 @@ def time_steps(
     policy, tokenizer = load_bench_policy(cfg, model_size, device)
     prompts = build_ppo_datasets(cfg.data, tokenizer)["train"]
     stream = PromptStream(len(prompts), cfg.ppo.batch_size, cfg.seed)
-    optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=cfg.ppo.learning_rate)
+    optimizer = make_optimizer(policy, cfg.ppo.learning_rate)
     p = cfg.ppo
     kl_ctl, shaper = make_kl_controller(p.init_kl_coef, p.adaptive_kl, p.kl_target, p.kl_horizon), ScoreShaper()
     generator = torch.Generator().manual_seed(cfg.seed)

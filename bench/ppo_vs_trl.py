@@ -73,7 +73,7 @@ from rewards.reward_fn import make_reward_fn  # noqa: E402
 from train.config import load_config  # noqa: E402
 from train.data import build_ppo_datasets  # noqa: E402
 from train.errors import ConfigError  # noqa: E402
-from train.ppo import estimator_for, ppo_step  # noqa: E402
+from train.ppo import estimator_for, make_optimizer, ppo_step  # noqa: E402
 from train.ppo_core import ScoreShaper, make_kl_controller  # noqa: E402
 from train.rollout import PromptStream, make_experience  # noqa: E402
 from machine import machine_line, versions_line  # bench/machine.py
@@ -128,7 +128,7 @@ def ours_steps(policy, tokenizer, prompts, reward_fn, cfg, device: str):
     seed_everything(cfg.seed)
     k = cfg.rollout.samples_per_prompt
     stream, estimator = PromptStream(len(prompts), cfg.ppo.batch_size // k, cfg.seed), estimator_for(cfg.ppo, k)
-    optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=cfg.ppo.learning_rate)
+    optimizer = make_optimizer(policy, cfg.ppo.learning_rate)
     p = cfg.ppo
     kl_ctl, shaper = make_kl_controller(p.init_kl_coef, p.adaptive_kl, p.kl_target, p.kl_horizon), ScoreShaper()
     generator, rng = torch.Generator().manual_seed(cfg.seed), random.Random(cfg.seed)
@@ -236,6 +236,8 @@ def trl_trainer(policy, tokenizer, cfg, device: str):
             # Its Accelerator would otherwise pick a visible GPU whatever --device says.
             accelerator_kwargs={"cpu": device == "cpu"},
         )
+        # TRL's users load with transformers' own attention; ours shares the position-bias mask across layers.
+        policy.peft_model.get_base_model().set_attn_implementation("sdpa")
         model = AutoModelForSeq2SeqLMWithValueHead.from_pretrained(
             policy.peft_model, summary_dropout_prob=cfg.model.value_head_dropout)
         model.v_head.summary.load_state_dict(policy.value_head.summary.state_dict())

@@ -72,7 +72,7 @@ def worker(args) -> None:
     from train.data import build_eval_dataset
     from train.generation import generate_texts
     from train.distributed import Collectives
-    from train.ppo import estimator_for, ppo_step
+    from train.ppo import estimator_for, make_optimizer, ppo_step
     from train.ppo_core import ScoreShaper, make_kl_controller
     from train.rollout import forward_trajectory, gather_trajectory
     from train.rouge import compute_rouge
@@ -120,7 +120,7 @@ def worker(args) -> None:
     results["reward"] = len(texts) / _timed(lambda: scorer.score(mine), accelerator)
 
     # PPO update: a synthetic rollout of this process's rows.
-    optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=cfg.ppo.learning_rate)
+    optimizer = make_optimizer(policy, cfg.ppo.learning_rate)
     prepared, optimizer = accelerator.prepare(policy, optimizer)
     response = torch.randint(2, vocab, (rows, new_tokens + 1), device=device)
     response[:, 0] = policy.config.decoder_start_token_id

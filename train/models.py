@@ -28,6 +28,7 @@ from torch import nn
 
 from rewards.hub import hub_access
 from rewards.sources import DTYPES, is_hub_id
+from train.attention import use_shared_mask_attention
 from train.config import LoraSettings, ModelConfig
 from train.errors import ModelError
 
@@ -162,6 +163,7 @@ def load_base_model(model_cfg: ModelConfig, device_map: Any = None) -> nn.Module
             )
     except (OSError, ValueError) as e:
         raise _load_error(model_cfg.name_or_path, "model", e) from None
+    use_shared_mask_attention(model)
     if quantization is not None:
         from peft import prepare_model_for_kbit_training
 
@@ -595,6 +597,7 @@ def build_from_architecture(name_or_path: str, device: str | torch.device = "met
     config = AutoConfig.from_pretrained(str(resolve_architecture(name_or_path)))
     with torch.device(device):
         model = AutoModelForSeq2SeqLM.from_config(config)
+    use_shared_mask_attention(model)
     # transformers 5 records the config's tie_word_embeddings: false (FLAN-T5) as scale_decoder_outputs=False.
     if getattr(config, "scale_decoder_outputs", True) is False:
         untie_lm_head(model)

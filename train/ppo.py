@@ -73,6 +73,13 @@ def estimator_for(p: PPOConfig, samples_per_prompt: int = 1) -> Estimator:
     return make_estimator(p.advantage_estimator, p.kl_penalty, samples_per_prompt, p.gamma, p.lam, p.whiten_rewards)
 
 
+def make_optimizer(policy: Any, learning_rate: float) -> torch.optim.Optimizer:
+    """TRL's optimizer: Adam on the trainable parameters, constant rate. `foreach` runs each update operation once
+    over all the adapter's tensors instead of once per tensor (torch picks it by itself for CUDA tensors only); the
+    arithmetic is the same, bit for bit."""
+    return torch.optim.Adam([q for q in policy.parameters() if q.requires_grad], lr=learning_rate, foreach=True)
+
+
 def main(argv: Optional[list[str]] = None) -> dict[str, float]:
     args, cfg = config_from_cli(__doc__.splitlines()[0], argv, add_resume_arguments)
     run = PPORun(cfg)
@@ -132,8 +139,7 @@ class PPORun:
                      else "the base model (adapter off)", len(self.prompts),
                      parameter_report(policy).format().replace("\n", "; "))
 
-        # TRL's optimizer (Adam on the trainable parameters, constant rate); DeepSpeed gets our batch and clipping.
-        optimizer = torch.optim.Adam([q for q in policy.parameters() if q.requires_grad], lr=p.learning_rate)
+        optimizer = make_optimizer(policy, p.learning_rate)  # DeepSpeed gets our batch and clipping below
         configure_deepspeed(accelerator, p.mini_batch_size // accelerator.num_processes, p.gradient_accumulation_steps,
                             p.max_grad_norm)
         self.policy, self.optimizer = accelerator.prepare(policy, optimizer)

@@ -25,7 +25,7 @@ from trl import PPOConfig as TrlPPOConfig
 
 from train.config import PPOConfig
 from train.models import Seq2SeqPolicy, ValueHead, untie_lm_head
-from train.ppo import estimator_for, ppo_step
+from train.ppo import estimator_for, make_optimizer, ppo_step
 from train.ppo_core import ScoreShaper, gae_advantages, kl_penalized_rewards, make_kl_controller
 from train.rollout import forward_trajectory
 
@@ -133,7 +133,7 @@ def _run_both(monkeypatch, batch: int, mini: int, epochs: int, accumulation: int
 
     # Ours, on deep copies.
     policy = Seq2SeqPolicy(copy.deepcopy(peft_model), copy.deepcopy(value_head))
-    optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate)
+    optimizer = make_optimizer(policy, cfg.learning_rate)  # ours, against TRL's own Adam
     trajectory = forward_trajectory(policy, *_pad(queries), *_pad(responses), scores.clone(), chunk_size=mini,
                                     trl_first_token_mask=True)
     kl_ctl = make_kl_controller(cfg.init_kl_coef, cfg.adaptive_kl, cfg.kl_target, cfg.kl_horizon)
