@@ -53,11 +53,15 @@ Activations kept for the backward of one PPO mini-batch (per GPU: B = ceil(mini_
     decoder layer, per encoder token:  b * 2 inner (cross-attention keys/values) + L_in
   with inner = num_heads * d_kv. 6 d_ff: the gated-GELU feed-forward keeps both projections and the
   intermediate results of the tanh-GELU; 4/6 inner: q, k, v and the attention output of each attention
-  (SDPA keeps no (length x length) matrix); 6 bytes per layer norm and d_model: its input in the model
+  (SDPA keeps no attention weights); 6 bytes per layer norm and d_model: its input in the model
   dtype plus the fp32 upcast T5's RMSNorm computes in. L_in: each LoRA-targeted Linear casts its input to
   fp32 for the adapter (4 bytes * in_features per token; 0 when the model is fp32). Plus the value-head
   input (fp32 decoder states, 4 d_model per decoder token; gae only: without a value head the forward asks for
   no hidden states) and the log-softmax over the vocabulary kept for the backward (4 V per predicted token).
+  Plus, per row and head, the additive attention masks of a padded batch (position bias + padding, b bytes each),
+  which SDPA keeps for its backward: Q x Q (encoder), R x R (decoder) and R x Q (cross-attention), one of each
+  for all the layers (train/attention.py; transformers' own SDPA path keeps one per layer, 18% more memory in
+  `tests/train/test_plan.py`'s 400-token case).
   With gradient checkpointing, only each block's input is kept (b * d_model per token and layer) plus one
   block's full activations while it is recomputed. NOTE: transformers only checkpoints in training mode,
   and `ppo_core` runs the policy in eval mode (dropout off): the knob needs the policy in train mode with
@@ -236,6 +240,7 @@ class Arch:
     d_model: int
     d_ff: int
     inner: int  # num_heads * d_kv
+    heads: int
     enc_layers: int
     dec_layers: int
     vocab: int
@@ -247,6 +252,7 @@ class Arch:
             d_model=config.d_model,
             d_ff=config.d_ff,
             inner=config.num_heads * config.d_kv,
+            heads=config.num_heads,
             enc_layers=config.num_layers,
             dec_layers=config.num_decoder_layers or config.num_layers,
             vocab=config.vocab_size,
@@ -286,6 +292,9 @@ def activation_bytes(
     head = batch * (response_len - 1) * arch.vocab * 4  # log-softmax
     if value_head:
         head += batch * response_len * 4 * arch.d_model  # its fp32 input
+    # A padded batch's additive attention masks (position bias + padding, per row and head), which SDPA keeps for its
+    # backward: one per attention kind, shared by the layers (train/attention.py): encoder, decoder self, cross.
+    head += batch * arch.heads * (prompt_len ** 2 + response_len ** 2 + response_len * prompt_len) * b
     if not gradient_checkpointing:
         return arch.enc_layers * enc_layer + arch.dec_layers * dec_layer + head
     block_inputs = batch * b * arch.d_model * (arch.enc_layers * prompt_len + arch.dec_layers * response_len)

@@ -87,16 +87,19 @@ def test_bytes_match_real_flan_t5_small(dtype, small_base):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_activation_model_matches_saved_tensors(dtype, small_base):
-    """The formula against the bytes autograd really keeps for one PPO-style forward of flan-t5-small."""
+    """The formula against the bytes autograd really keeps for one PPO-style forward of flan-t5-small, on a batch
+    padded as rollouts are (prompts and responses of several lengths)."""
     torch.manual_seed(0)
     lora = LoraSettings()
     base = copy.deepcopy(small_base).to(getattr(torch, dtype))
     model = apply_lora(base, lora)
     head = ValueHead(base.config.d_model)
     model.eval()
-    batch, prompt_len, decoder_len = 2, 40, 17
+    batch, prompt_len, decoder_len = 2, 400, 17  # long prompts: the (length x length) masks matter
     ids = torch.randint(2, 1000, (batch, prompt_len))
     dec = torch.randint(2, 1000, (batch, decoder_len))
+    mask, dec_mask = torch.ones_like(ids), torch.ones_like(dec)
+    mask[1, 250:], dec_mask[0, 12:] = 0, 0
     params = {p.untyped_storage().data_ptr() for p in list(model.parameters()) + list(head.parameters())}
     kept: dict[int, int] = {}
 
@@ -107,14 +110,14 @@ def test_activation_model_matches_saved_tensors(dtype, small_base):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), decoder_input_ids=dec,
+        out = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, decoder_attention_mask=dec_mask,
                     output_hidden_states=True, use_cache=False)
         values = head(out.decoder_hidden_states[-1])
         logprobs = logprobs_from_logits(out.logits[:, :-1].float(), dec[:, 1:])
     del logprobs, values  # autograd keeps its tensors at forward time: no backward needed to measure them
     measured = sum(kept.values())
     predicted = activation_bytes(Arch.from_config(base.config), batch, prompt_len, decoder_len, dtype, lora.target_modules)
-    assert abs(predicted - measured) / measured < 0.10, (predicted, measured)
+    assert abs(predicted - measured) / measured < 0.03, (predicted, measured)
     # Gradient checkpointing keeps far less (only block inputs plus one block).
     checkpointed = activation_bytes(Arch.from_config(base.config), batch, prompt_len, decoder_len, dtype,
                                     lora.target_modules, gradient_checkpointing=True)
