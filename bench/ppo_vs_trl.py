@@ -28,7 +28,9 @@ the rollout levers among them change only ours.
 All variants score with one `rewards` scorer (the config's classifier, e.g. artifacts/tiny/roberta-hate, reward =
 the nothate logit) placed on `--device`, on summaries decoded with special tokens skipped.
 
-Each variant runs one warm-up step, then `--steps` timed steps; each phase is the median over the timed steps:
+Each variant runs one warm-up step, then `--steps` timed steps, the variants taking turns step by step (each on its
+own random state, so its samples are those it would draw alone): a machine that slows down during the run slows
+every variant alike, and the ratios hold. Each phase is the median over the timed steps:
 generation (generate() calls + decoding the summaries), scoring (reward calls) and update (TRL: `ppo_trainer.step`,
 its no-grad forward passes included, which its own time/ppo/forward_pass stat reports; ours: the no-grad forward
 passes of make_experience + `ppo_step`). Total is the median of the per-step totals. Rows are measured for the
@@ -39,8 +41,9 @@ weights, the original notebook's LoRA (configs/flan_t5_base.yaml: r 32 on q, v),
 and reward model (tiny prompt ids are valid flan-t5 ids; generated ids beyond the tiny vocabulary decode to nothing,
 which only changes what the reward model reads).
 
-Everything is seeded from the config's seed, so a run repeats the same samples (timings aside). `time_ours` and
-`time_trl` are importable: time a policy prepared by the caller, e.g. with a rollout lever set in `cfg`.
+Everything is seeded from the config's seed, so a run repeats the same samples (timings aside). `time_ours` (ours
+alone), `ours_records`, `trl_records` and `interleave` are importable: time a policy prepared by the caller, e.g. with
+a rollout lever set in `cfg`.
 """
 
 from __future__ import annotations
@@ -91,6 +94,37 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)  # TRL's LengthSampler and mini-batch order draw from numpy
     torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+class RandomState:
+    """The python, numpy and torch (CPU and CUDA) random states of one variant, kept while the others take a step."""
+
+    def __init__(self) -> None:
+        self.capture()
+
+    def capture(self) -> None:
+        self.python, self.numpy, self.torch = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+
+    def restore(self) -> None:
+        random.setstate(self.python)
+        np.random.set_state(self.numpy)
+        torch.set_rng_state(self.torch)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
+
+
+def interleave(steppers: dict[str, Any], steps: int) -> dict[str, dict[str, float]]:
+    """{variant: medians}: one warm-up step of each variant, then `steps` rounds in which every variant takes one
+    step. `steppers`: {variant: (step function returning that step's record, its RandomState)}; the warm-up's total
+    is kept as "warmup" (allocators, kernels, lazy imports; with rollout.compile, the compile)."""
+    records: dict[str, list[dict[str, float]]] = {variant: [] for variant in steppers}
+    for _ in range(steps + 1):
+        for variant, (step, state) in steppers.items():
+            state.restore()
+            records[variant].append(step())
+            state.capture()
+    return {variant: {**_medians(done[1:]), "warmup": done[0]["total"]} for variant, done in records.items()}
 
 
 def _now(device: str) -> float:
@@ -144,25 +178,30 @@ def ours_steps(policy, tokenizer, prompts, reward_fn, cfg, device: str):
     return step
 
 
-def time_ours(policy, tokenizer, prompts, reward_fn, cfg, steps: int, device: str) -> dict[str, float]:
-    """Medians over `steps` timed PPO steps (after one warm-up) of ours on `policy` (trained in place):
+def ours_records(policy, tokenizer, prompts, reward_fn, cfg, device: str):
+    """(a function running one of our PPO steps per call and returning its record, the variant's RandomState):
     generation, scoring, update (= forward + ppo_step), forward (the no-grad passes), ppo_step, total (seconds),
-    summaries and response_tokens (eos included) per step. `prompts`: rows of the PPO dataset."""
+    summaries and response_tokens (eos included). `prompts`: rows of the PPO dataset."""
     step = ours_steps(policy, tokenizer, prompts, reward_fn, cfg, device)
-    records, warmup = [], 0.0
-    for i in range(steps + 1):
+    state = RandomState()
+
+    def record() -> dict[str, float]:
         trajectory, info, started, made, done = step()
-        if i == 0:
-            warmup = done - started  # allocators, kernels, lazy imports; with rollout.compile, the compile
-            continue
         # RolloutInfo's forward time is not synchronised with the device: take it as the rest of make_experience.
         forward = made - started - info.time_generate - info.time_score
-        records.append({
+        return {
             "generation": info.time_generate, "scoring": info.time_score, "update": forward + done - made,
             "forward": forward, "ppo_step": done - made, "total": done - started,
             "summaries": len(trajectory), "response_tokens": float(info.response_lengths.sum()),
-        })
-    return {**_medians(records), "warmup": warmup}
+        }
+
+    return record, state
+
+
+def time_ours(policy, tokenizer, prompts, reward_fn, cfg, steps: int, device: str) -> dict[str, float]:
+    """Medians over `steps` timed PPO steps (after one warm-up) of ours alone on `policy` (trained in place): the
+    records of `ours_records`, and "warmup", the warm-up step's seconds."""
+    return interleave({"ours": ours_records(policy, tokenizer, prompts, reward_fn, cfg, device)}, steps)["ours"]
 
 
 # The profiler ranges of one of our PPO steps (train/rollout.py, train/ppo.py), in the order they run.
@@ -254,8 +293,8 @@ def notebook_generation_kwargs(settings) -> dict:
     return kwargs
 
 
-def time_trl(policy, tokenizer, prompts, reward_fn, cfg, steps: int, device: str, batched: bool) -> dict[str, float]:
-    """As `time_ours`, for TRL 0.11.4's PPOTrainer: one generate() per prompt (the notebook loop) or, with
+def trl_records(policy, tokenizer, prompts, reward_fn, cfg, device: str, batched: bool):
+    """As `ours_records`, for TRL 0.11.4's PPOTrainer: one generate() per prompt (the notebook loop) or, with
     `batched`, `rollout.batch_size` prompts per generate(); forward = its own time/ppo/forward_pass stat."""
     from trl.core import LengthSampler
 
@@ -274,8 +313,9 @@ def time_trl(policy, tokenizer, prompts, reward_fn, cfg, steps: int, device: str
             sampler = lambda: rng.randrange(low, high)  # noqa: E731
         else:
             sampler = LengthSampler(low, high)  # the notebook's: one numpy draw per prompt
-    records = []
-    for i in range(steps + 1):
+    state = RandomState()
+
+    def record() -> dict[str, float]:
         batch = prompts.select(stream.next_rows())
         query_tensors = [torch.tensor(ids, device=device) for ids in batch["input_ids"]]
         started = _now(device)
@@ -299,16 +339,15 @@ def time_trl(policy, tokenizer, prompts, reward_fn, cfg, steps: int, device: str
             warnings.simplefilter("ignore")
             stats = trainer.step(query_tensors, responses, rewards)
         done = _now(device)
-        if i == 0:
-            continue
         # A row's tokens after its decoder start token, up to and including its eos (as RolloutInfo counts them).
         tokens = sum(_response_length(r, tokenizer.eos_token_id) for r in responses)
-        records.append({
+        return {
             "generation": generated - started, "scoring": scored - generated, "update": done - scored,
             "forward": float(stats["time/ppo/forward_pass"]), "total": done - started,
             "summaries": len(responses), "response_tokens": float(tokens),
-        })
-    return _medians(records)
+        }
+
+    return record, state
 
 
 def _response_length(response: torch.Tensor, eos_id: int) -> int:
@@ -317,22 +356,22 @@ def _response_length(response: torch.Tensor, eos_id: int) -> int:
 
 
 def measure(cfg, model_size: str, device: str, steps: int) -> dict[str, dict[str, float]]:
-    """{variant: medians} for the three variants, each on a fresh copy of the seeded policy."""
+    """{variant: medians} for the three variants, each on a fresh copy of the seeded policy, taking turns step by
+    step (`interleave`)."""
     reward_fn = make_reward_fn(dataclasses.replace(cfg.reward, device=device))
-    results = {}
     try:
+        steppers = {}
         for variant in VARIANTS:
             policy, tokenizer = load_policy_for(cfg, model_size, device)
             prompts = build_ppo_datasets(cfg.data, tokenizer)["train"]
             if variant == "ours":
-                results[variant] = time_ours(policy, tokenizer, prompts, reward_fn, cfg, steps, device)
+                steppers[variant] = ours_records(policy, tokenizer, prompts, reward_fn, cfg, device)
             else:
-                results[variant] = time_trl(policy, tokenizer, prompts, reward_fn, cfg, steps, device,
-                                            batched=variant == "trl_batched")
-            del policy
+                steppers[variant] = trl_records(policy, tokenizer, prompts, reward_fn, cfg, device,
+                                                batched=variant == "trl_batched")
+        return interleave(steppers, steps)
     finally:
         reward_fn.close()
-    return results
 
 
 def lengths_label(settings) -> str:
@@ -440,8 +479,10 @@ def main(argv: list[str] | None = None) -> list[str]:
               f"{batched / ours:.2f}x; vs TRL notebook loop {loop:.3f} s/step: {loop / ours:.2f}x", flush=True)
     cfg = configs[0][1]
     lines = table(rows, cfg.rollout.batch_size)
-    lines += ["", "Our warm-up step (not in the medians" + ("; it compiles the decoder step, the first regime's "
-              "from an empty compile cache" if cfg.rollout.compile else "") + "): " + "; ".join(
+    compiled = ("" if not cfg.rollout.compile else "; it compiles the decoder step, from the kernels the profiled step "
+                "compiled" if args.profile else "; it compiles the decoder step, the first regime's from an empty "
+                "compile cache")
+    lines += ["", "Our warm-up step (not in the medians" + compiled + "): " + "; ".join(
               f"{lengths} new tokens {results['ours']['warmup']:.1f} s" for lengths, results in rows) + "."]
     lines += profiles
     print("\n".join(lines))

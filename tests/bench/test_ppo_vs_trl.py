@@ -3,9 +3,13 @@ table (one timed step here; the figures in bench/RESULTS.md come from the full c
 
 from __future__ import annotations
 
+import importlib
+import random
 import re
 
+import numpy as np
 import pytest
+import torch
 
 from helpers import run_bench_script
 
@@ -91,3 +95,30 @@ def test_sampled_lengths_and_config_overrides(repo_root, tiny_artifacts, tmp_pat
     assert set(rows) == {("4-12 (sampled)", v) for v in VARIANTS}
     _check(rows, "4-12 (sampled)", 12)
     assert "Our warm-up step (not in the medians): 4-12 (sampled) new tokens" in text
+
+
+def test_interleaved_variants_draw_what_they_would_draw_alone(repo_root, monkeypatch):
+    """The variants take turns step by step, each on its own python, numpy and torch random state: each draws the
+    numbers it draws when timed alone; the first step is the warm-up, the rest give the medians."""
+    monkeypatch.syspath_prepend(str(repo_root / "bench"))
+    bench = importlib.import_module("ppo_vs_trl")
+
+    def stepper(seed: int):
+        bench.seed_everything(seed)
+        draws: list[tuple[float, float, float]] = []
+
+        def step() -> dict[str, float]:
+            draws.append((random.random(), float(np.random.rand()), float(torch.rand(1))))
+            return {"total": float(len(draws))}
+
+        return (step, bench.RandomState()), draws
+
+    alone = {}
+    for seed in (1, 2):
+        timed, alone[seed] = stepper(seed)
+        bench.interleave({"alone": timed}, 3)
+    (first, first_draws), (second, second_draws) = stepper(1), stepper(2)
+    results = bench.interleave({"first": first, "second": second}, 3)
+    assert first_draws == alone[1] and second_draws == alone[2] and len(first_draws) == 4
+    assert first_draws != second_draws
+    assert results["first"] == {"total": 3.0, "warmup": 1.0}  # steps 2-4 timed (median 3), step 1 the warm-up
