@@ -504,7 +504,8 @@ def main(argv: list[str] | None = None) -> list[str]:
             f"forward_batch_size {cfg.ppo.forward_batch_size}, LoRA r {cfg.lora.r} on {', '.join(cfg.lora.target_modules)}"
             f"{'; overrides ' + ' '.join(overrides) if overrides else ''}; median of {args.steps} steps after one warm-up",
             "",
-            "Seconds per step: generation (generate + decoding), scoring (reward model), update (TRL: "
+            "Seconds per step (the variants take turns step by step): generation (generate + decoding), scoring "
+            "(reward model), update (TRL: "
             "`ppo_trainer.step`; ours: no-grad forward passes + `ppo_step`), total. Ours faster by: the variant's total / "
             "ours. TRL runs as it does for its users: it generates in training mode (LoRA dropout on, which costs it "
             "time per decoding step), and its notebook loop draws a length per prompt, so its response tokens per "

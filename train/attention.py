@@ -6,7 +6,8 @@ the bias is a permuted view). Every layer of a stack receives the same two tenso
 builds the combined mask and the others reuse it: one (B, H, Q, K) tensor per stack and forward pass instead of one
 per layer (12 per pass for flan-t5-base, 24 for flan-t5-xxl), and autograd saves that one tensor for the backward
 instead of one per layer. Outputs are bit-for-bit the stock ones: position_bias + 0 is position_bias, and
-finfo.min + bias rounds to finfo.min for any bias smaller than 2^100 in magnitude, as `torch.where` writes it. Only
+finfo.min + bias rounds to finfo.min, as `torch.where` writes it (in float32 and bfloat16 for any bias smaller than
+2^100 in magnitude; float16, whose finfo.min is near its overflow, is clamped back to finfo.min). Only
 a trainable relative bias (not LoRA's case: the base is frozen) gets its gradient summed over the layers in another
 order, equal up to float rounding.
 
@@ -34,6 +35,9 @@ def combined_mask(position_bias: torch.Tensor, attention_mask: torch.Tensor, dty
     padding.masked_fill_(~attention_mask, torch.finfo(dtype).min)
     # A contiguous bias makes the sum contiguous, which SDPA's kernels would otherwise copy it into.
     combined = position_bias.contiguous() + padding
+    if dtype == torch.float16:
+        # float16's finfo.min is only 32 ulps from infinity: a bias below -16 would overflow it to -inf.
+        combined.clamp_(min=torch.finfo(dtype).min)
     cache.append((attention_mask, combined))
     return combined
 

@@ -130,6 +130,18 @@ def test_combined_mask_is_keyed_by_both_tensors():
     assert a.is_contiguous() and a.shape == (2, 2, 3, 3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_combined_mask_is_the_stock_where_in_every_dtype(dtype):
+    """Large negative and positive biases next to masked positions: finfo.min exactly where masked (float16's sum
+    would overflow to -inf below a bias of -16), the bias where not."""
+    bias = torch.tensor([-40.0, -16.5, 0.0, 3.0, 1e4]).to(dtype).view(1, 1, 1, 5).expand(1, 2, 5, 5)
+    mask = torch.tensor([[True, False, True, False, False], [False, True, False, True, True]]).view(2, 1, 1, 5)
+    mask = mask.expand(2, 1, 5, 5)
+    combined = combined_mask(bias, mask, dtype)
+    assert torch.equal(combined, torch.where(mask, bias, torch.finfo(dtype).min))
+    assert torch.isfinite(combined).all()
+
+
 def test_the_loaders_switch_t5_to_it_and_saved_configs_do_not_name_it(tiny_artifacts, tmp_path):
     from transformers import AutoModelForSeq2SeqLM
 
