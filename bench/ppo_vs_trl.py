@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import dataclasses
+import gc
 import os
 import random
 import shutil
@@ -104,7 +105,7 @@ class RandomState:
 
     def capture(self) -> None:
         self.python, self.numpy, self.torch = random.getstate(), np.random.get_state(), torch.get_rng_state()
-        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
 
     def restore(self) -> None:
         random.setstate(self.python)
@@ -116,11 +117,16 @@ class RandomState:
 
 def interleave(steppers: dict[str, Any], steps: int) -> dict[str, dict[str, float]]:
     """{variant: medians}: one warm-up step of each variant, then `steps` rounds in which every variant takes one
-    step. `steppers`: {variant: (step function returning that step's record, its RandomState)}; the warm-up's total
-    is kept as "warmup" (allocators, kernels, lazy imports; with rollout.compile, the compile)."""
+    step, the order rotating from round to round (no variant always follows the same one), after an untimed garbage
+    collection (no step pays for the one before it). `steppers`: {variant: (step function returning that step's
+    record, its RandomState)}; the warm-up's total is kept as "warmup" (allocators, kernels, lazy imports; with
+    rollout.compile, the compile)."""
     records: dict[str, list[dict[str, float]]] = {variant: [] for variant in steppers}
-    for _ in range(steps + 1):
-        for variant, (step, state) in steppers.items():
+    order = list(steppers)
+    for round_ in range(steps + 1):
+        for variant in order[round_ % len(order):] + order[: round_ % len(order)]:
+            step, state = steppers[variant]
+            gc.collect()
             state.restore()
             records[variant].append(step())
             state.capture()

@@ -61,7 +61,8 @@ Activations kept for the backward of one PPO mini-batch (per GPU: B = ceil(mini_
   Plus, per row and head, the additive attention masks of a padded batch (position bias + padding, b bytes each),
   which SDPA keeps for its backward: Q x Q (encoder), R x R (decoder) and R x Q (cross-attention), one of each
   for all the layers (train/attention.py; transformers' own SDPA path keeps one per layer, 18% more memory in
-  `tests/train/test_plan.py`'s 400-token case).
+  `tests/train/test_plan.py`'s 400-token case); a batch without padding keeps one for all its rows (counted as
+  per row: an upper bound).
   With gradient checkpointing, only each block's input is kept (b * d_model per token and layer) plus one
   block's full activations while it is recomputed. NOTE: transformers only checkpoints in training mode,
   and `ppo_core` runs the policy in eval mode (dropout off): the knob needs the policy in train mode with

@@ -98,16 +98,20 @@ def test_sampled_lengths_and_config_overrides(repo_root, tiny_artifacts, tmp_pat
 
 
 def test_interleaved_variants_draw_what_they_would_draw_alone(repo_root, monkeypatch):
-    """The variants take turns step by step, each on its own python, numpy and torch random state: each draws the
-    numbers it draws when timed alone; the first step is the warm-up, the rest give the medians."""
+    """The variants take turns step by step, in an order rotating from round to round, each on its own python, numpy
+    and torch random state: each draws the numbers it draws when timed alone; the first step is the warm-up, the rest
+    give the medians."""
     monkeypatch.syspath_prepend(str(repo_root / "bench"))
     bench = importlib.import_module("ppo_vs_trl")
+
+    calls: list[int] = []
 
     def stepper(seed: int):
         bench.seed_everything(seed)
         draws: list[tuple[float, float, float]] = []
 
         def step() -> dict[str, float]:
+            calls.append(seed)
             draws.append((random.random(), float(np.random.rand()), float(torch.rand(1))))
             return {"total": float(len(draws))}
 
@@ -118,7 +122,9 @@ def test_interleaved_variants_draw_what_they_would_draw_alone(repo_root, monkeyp
         timed, alone[seed] = stepper(seed)
         bench.interleave({"alone": timed}, 3)
     (first, first_draws), (second, second_draws) = stepper(1), stepper(2)
+    calls.clear()
     results = bench.interleave({"first": first, "second": second}, 3)
+    assert calls == [1, 2, 2, 1, 1, 2, 2, 1]  # the order rotates from round to round
     assert first_draws == alone[1] and second_draws == alone[2] and len(first_draws) == 4
     assert first_draws != second_draws
     assert results["first"] == {"total": 3.0, "warmup": 1.0}  # steps 2-4 timed (median 3), step 1 the warm-up

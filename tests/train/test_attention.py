@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from train import attention
-from train.attention import NAME, combined_mask, use_shared_mask_attention
+from train.attention import NAME, stack_mask, use_shared_mask_attention
 
 VOCAB, PAD, EOS = 64, 0, 1
 
@@ -78,6 +78,20 @@ def test_cached_decoding_equals_the_stock_attention(one_torch_thread):
     assert all(torch.equal(a, b) for a, b in zip(plain.scores, ours.scores))
 
 
+def test_a_static_cache_prefill_equals_the_stock_attention(one_torch_thread):
+    """A decoder prefix of several tokens into an (uncompiled) static cache: transformers crops the keys to the
+    queries before it builds the causal mask; left to it."""
+    stock, shared = _both()
+    ids, mask, _, _ = _batch()
+    kwargs = dict(input_ids=ids, attention_mask=mask, decoder_input_ids=torch.tensor([[PAD, 5, 9]] * 3),
+                  max_new_tokens=6, min_new_tokens=6, do_sample=False, cache_implementation="static",
+                  disable_compile=True, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        plain, ours = (m.generate(**kwargs) for m in (stock, shared))
+    assert torch.equal(plain.sequences, ours.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(plain.scores, ours.scores))
+
+
 def test_gradients_equal_the_stock_attention(one_torch_thread):
     stock, shared = _both()
     ids, mask, decoder, decoder_mask = _batch()
@@ -98,48 +112,87 @@ def test_gradients_equal_the_stock_attention(one_torch_thread):
     assert all(torch.equal(grads[0][name], grads[1][name]) for name in grads[0] if name not in biases)
 
 
-def test_each_stack_builds_its_mask_once_per_forward_pass(monkeypatch, one_torch_thread):
-    """Three layers, three attentions (encoder self, decoder self, cross): three masks per forward pass, not nine."""
-    _, shared = _both()
+@pytest.mark.parametrize("padded", [True, False])
+def test_each_stack_builds_its_mask_once_per_forward_pass(padded, monkeypatch, one_torch_thread):
+    """Three layers, three attentions (encoder self, decoder self, cross): three masks per forward pass, not nine;
+    per row for a padded batch, shared by the rows without padding (where transformers passes no boolean mask)."""
+    stock, shared = _both()
     ids, mask, decoder, decoder_mask = _batch()
+    if not padded:
+        mask, decoder_mask = torch.ones_like(mask), torch.ones_like(decoder_mask)
     built = []
 
-    def counting_combined(position_bias, attention_mask, dtype):
+    def counting(position_bias, attention_mask, is_causal, query, key):
         cache_size = len(position_bias.__dict__.get("_shared_masks", []))
-        result = combined_mask(position_bias, attention_mask, dtype)
+        result = stack_mask(position_bias, attention_mask, is_causal, query, key)
         if len(position_bias.__dict__["_shared_masks"]) > cache_size:
             built.append(tuple(result.shape))
         return result
 
-    monkeypatch.setattr(attention, "combined_mask", counting_combined)
+    monkeypatch.setattr(attention, "stack_mask", counting)
     with torch.no_grad():
-        shared(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder, decoder_attention_mask=decoder_mask)
-    assert sorted(built) == sorted([(3, 4, 11, 11), (3, 4, 7, 7), (3, 4, 7, 11)])
+        outputs = [m(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder,
+                     decoder_attention_mask=decoder_mask).logits for m in (stock, shared)]
+    rows = 3 if padded else 1
+    assert sorted(built) == sorted([(rows, 4, 11, 11), (rows, 4, 7, 7), (rows, 4, 7, 11)])
+    assert torch.equal(outputs[0], outputs[1])
 
 
-def test_combined_mask_is_keyed_by_both_tensors():
-    """One bias with two different masks gives two masks; the same pair gives the same tensor back; contiguous,
-    which SDPA would otherwise copy it into."""
-    bias = torch.randn(3, 3, 2).permute(2, 0, 1).unsqueeze(0)  # (1, H, Q, K) as T5's compute_bias returns it
-    first, second = torch.tensor([True, True, False]), torch.tensor([True, False, False])
-    first, second = (m.view(1, 1, 1, 3).expand(2, 1, 3, 3) for m in (first, second))
-    a, b = combined_mask(bias, first, torch.float32), combined_mask(bias, second, torch.float32)
-    assert combined_mask(bias, first, torch.float32) is a
+def _query_key(dtype: torch.dtype = torch.float32):
+    return torch.zeros(2, 2, 3, 4, dtype=dtype), torch.zeros(2, 2, 5, 4, dtype=dtype)
+
+
+def test_the_mask_is_cached_per_boolean_mask_and_causality():
+    """One bias with two masks, or with none (causal or not), gives one mask each; the same pair gives the same
+    tensor back; contiguous, which SDPA would otherwise copy it into."""
+    bias = torch.randn(3, 5, 2).permute(2, 0, 1).unsqueeze(0)  # (1, H, Q, K) as T5's compute_bias returns it
+    first, second = torch.tensor([True, True, False, True, True]), torch.tensor([True, False, False, True, False])
+    first, second = (m.view(1, 1, 1, 5).expand(2, 1, 3, 5) for m in (first, second))
+    q, k = _query_key()
+    a, b = stack_mask(bias, first, False, q, k), stack_mask(bias, second, False, q, k)
+    plain, causal = stack_mask(bias, None, False, q, k), stack_mask(bias, None, True, q, k)
+    assert stack_mask(bias, first, False, q, k) is a and stack_mask(bias, None, True, q, k) is causal
     minimum = torch.finfo(torch.float32).min
     assert torch.equal(a, torch.where(first, bias, minimum)) and torch.equal(b, torch.where(second, bias, minimum))
-    assert a.is_contiguous() and a.shape == (2, 2, 3, 3)
+    assert torch.equal(plain, bias)
+    assert torch.equal(causal, torch.where(torch.ones(3, 5, dtype=torch.bool).tril(), bias, minimum))
+    assert a.is_contiguous() and a.shape == (2, 2, 3, 5) and plain.is_contiguous()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_combined_mask_is_the_stock_where_in_every_dtype(dtype):
-    """Large negative and positive biases next to masked positions: finfo.min exactly where masked (float16's sum
-    would overflow to -inf below a bias of -16), the bias where not."""
-    bias = torch.tensor([-40.0, -16.5, 0.0, 3.0, 1e4]).to(dtype).view(1, 1, 1, 5).expand(1, 2, 5, 5)
+def test_the_mask_is_the_stock_one_in_every_dtype(dtype):
+    """Large negative and positive biases next to masked positions: finfo.min exactly where masked, the bias where
+    not (an addition would overflow float16 or round finfo.min up next to a large bias)."""
+    bias = torch.tensor([-40.0, -16.5, 0.0, 3.0, 1e4]).to(dtype).view(1, 1, 1, 5).expand(1, 2, 3, 5)
     mask = torch.tensor([[True, False, True, False, False], [False, True, False, True, True]]).view(2, 1, 1, 5)
-    mask = mask.expand(2, 1, 5, 5)
-    combined = combined_mask(bias, mask, dtype)
+    combined = stack_mask(bias, mask.expand(2, 1, 3, 5), False, *_query_key(dtype))
     assert torch.equal(combined, torch.where(mask, bias, torch.finfo(dtype).min))
-    assert torch.isfinite(combined).all()
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_training_with_gradient_checkpointing_leaves_no_mask_alive(reentrant, one_torch_thread):
+    """Under gradient checkpointing in training T5's zero cross-attention bias, and a reentrant checkpoint's inputs,
+    are leaves that require grad: a mask cached on them would form a cycle gc cannot free, one per step and layer."""
+    import gc
+
+    model = use_shared_mask_attention(_t5())
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.endswith(".q.weight"))  # a frozen base with trainable parts, as LoRA's
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.train()
+    ids, mask, decoder, decoder_mask = _batch()
+
+    def cached_masks() -> int:
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if type(o) is torch.Tensor and "_shared_masks" in o.__dict__)
+
+    before = cached_masks()
+    for _ in range(2):
+        out = model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder, decoder_attention_mask=decoder_mask)
+        out.logits.logsumexp(-1).sum().backward()
+        model.zero_grad(set_to_none=True)
+        del out
+        assert cached_masks() == before
 
 
 def test_the_loaders_switch_t5_to_it_and_saved_configs_do_not_name_it(tiny_artifacts, tmp_path):
