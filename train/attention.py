@@ -40,27 +40,29 @@ def stack_mask(position_bias: torch.Tensor, attention_mask: Optional[torch.Tenso
         # reentrant checkpoint's detached input): the mask's autograd graph would hold the bias that holds the mask,
         # a cycle through C++ that Python's gc cannot free.
         return build()
-    cache = position_bias.__dict__.setdefault("_shared_masks", [])
+    cache = position_bias.__dict__.get("_shared_masks", [])
     for mask, causal, combined in cache:
         if mask is attention_mask and causal == is_causal:
             return combined
     combined = build()
-    cache.append((attention_mask, is_causal, combined))
+    if combined is not position_bias:  # no mask to add (a contiguous bias is its own mask): caching it is a cycle
+        position_bias.__dict__["_shared_masks"] = [*cache, (attention_mask, is_causal, combined)]
     return combined
 
 
 def shared_mask_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: Optional[torch.Tensor], position_bias: Optional[torch.Tensor] = None, **kwargs):
     """transformers' SDPA attention function, with the position-bias mask from `stack_mask`."""
+    from transformers.integrations import sdpa_attention
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     def stock():
         return sdpa_attention_forward(module, query, key, value, attention_mask, position_bias=position_bias,
                                       **kwargs)
 
-    if (position_bias is None or torch.compiler.is_compiling()
+    if (position_bias is None or torch.compiler.is_compiling() or sdpa_attention._is_torch_npu_available
             or (attention_mask is not None and attention_mask.dtype != torch.bool)):
-        return stock()
+        return stock()  # (transformers turns float masks into boolean ones on Ascend NPUs: no bias in there)
     is_causal = False
     if attention_mask is None:  # as sdpa_attention_forward decides it
         is_causal = kwargs.get("is_causal")
