@@ -74,6 +74,7 @@ import datasets  # noqa: E402
 import transformers  # noqa: E402
 
 from rewards.reward_fn import make_reward_fn  # noqa: E402
+from train.checkpoint import capture_rng_state, restore_rng_state  # noqa: E402
 from train.config import load_config  # noqa: E402
 from train.data import build_ppo_datasets  # noqa: E402
 from train.errors import ConfigError  # noqa: E402
@@ -98,21 +99,17 @@ def seed_everything(seed: int) -> None:
 
 
 class RandomState:
-    """The python, numpy and torch (CPU and CUDA) random states of one variant, kept while the others take a step."""
+    """The python, numpy and torch (CPU and CUDA) random states of one variant (as a checkpoint captures them), kept
+    while the others take a step."""
 
     def __init__(self) -> None:
         self.capture()
 
     def capture(self) -> None:
-        self.python, self.numpy, self.torch = random.getstate(), np.random.get_state(), torch.get_rng_state()
-        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+        self.state = capture_rng_state()
 
     def restore(self) -> None:
-        random.setstate(self.python)
-        np.random.set_state(self.numpy)
-        torch.set_rng_state(self.torch)
-        if self.cuda is not None:
-            torch.cuda.set_rng_state_all(self.cuda)
+        restore_rng_state(self.state)
 
 
 def interleave(steppers: dict[str, Any], steps: int) -> dict[str, dict[str, float]]:
