@@ -60,6 +60,24 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def compiled_decoding(monkeypatch):
+    """A clean slate for torch.compile, dropped again afterwards; transformers' compile sets TOKENIZERS_PARALLELISM,
+    which must not leak into later tests."""
+    import os
+
+    from torch._dynamo.utils import counters
+
+    if "TOKENIZERS_PARALLELISM" in os.environ:
+        monkeypatch.setenv("TOKENIZERS_PARALLELISM", os.environ["TOKENIZERS_PARALLELISM"])
+    else:
+        monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    torch._dynamo.reset()
+    counters.clear()
+    yield counters
+    torch._dynamo.reset()
+
+
 @pytest.fixture(scope="session")
 def trained(tiny_artifacts, repo_root, tmp_path_factory) -> Path:
     """One single-process SFT run (40 steps) shared by tests/train/test_sft.py, test_merge_adapter.py and

@@ -32,6 +32,11 @@ class InverseCdfSampler:
         )
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        tokens = self.draw(input_ids, scores)
+        return torch.full_like(scores, float("-inf")).scatter_(1, tokens, 0.0)
+
+    def draw(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """The next token (B, 1) of each row, for next-token scores (B, V)."""
         probs = torch.softmax(self.warpers(input_ids, scores).float(), dim=-1)
         # float64: past half the mass float32 steps are 6e-8, which would zero (or double) the chance of rare tokens.
         cdf = probs.double().cumsum(dim=-1)
@@ -43,8 +48,7 @@ class InverseCdfSampler:
         # u in [0, total): the first index whose cumulative mass exceeds u; a zero-probability token is never taken.
         u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device) * total
         tokens = torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1)
-        tokens = torch.where(probs.gather(1, tokens) > 0, tokens, probs.argmax(dim=-1, keepdim=True))
-        return torch.full_like(scores, float("-inf")).scatter_(1, tokens, 0.0)
+        return torch.where(probs.gather(1, tokens) > 0, tokens, probs.argmax(dim=-1, keepdim=True))
 
 
 def generation_kwargs(settings: GenerationSettings, rng: Optional[random.Random] = None) -> dict:
@@ -66,17 +70,111 @@ def generation_kwargs(settings: GenerationSettings, rng: Optional[random.Random]
     return kwargs
 
 
+def decoding_compile_config():
+    """transformers' `CompileConfig` for the compiled decoder step (rollout.compile)."""
+    from transformers import CompileConfig
+
+    # No CUDA graphs (transformers' default mode): each call builds a new static cache, whose new addresses would make
+    # them re-record on every call, each recording kept for the rest of the run.
+    config = CompileConfig(dynamic=False, mode="default")
+    config._compile_all_devices = True  # transformers compiles on accelerators only unless told; asked for is asked for
+    return config
+
+
 def compiled_decoding_kwargs(max_new_tokens: int) -> dict:
     """`generate()` keyword arguments for a static KV cache and a compiled decoder step. The self-attention cache is
     sized for the longest allowed summary (the start token plus `max_new_tokens`), so that calls with any sampled
     length have the same shapes and reuse one compiled graph."""
-    from transformers import CompileConfig
+    return dict(cache_implementation="static", max_cache_len=max_new_tokens + 1, compile_config=decoding_compile_config())
 
-    # No CUDA graphs (transformers' default mode): generate() builds a new static cache per call, whose new addresses
-    # would make them re-record on every call, each recording kept for the rest of the run.
-    config = CompileConfig(dynamic=False, mode="default")
-    config._compile_all_devices = True  # transformers compiles on accelerators only unless told; asked for is asked for
-    return dict(cache_implementation="static", max_cache_len=max_new_tokens + 1, compile_config=config)
+
+# generation_config entries that change nothing `decode_compiled` does differently from generate(): special tokens, and
+# settings that `generation_kwargs` always passes (which override the model's).
+_PLAIN_GENERATION_CONFIG = {"decoder_start_token_id", "bos_token_id", "eos_token_id", "pad_token_id", "transformers_version",
+                            "_from_model_config", "max_length", "max_new_tokens", "min_length", "num_beams", "do_sample",
+                            "top_k", "top_p", "temperature"}
+
+
+def generation_config_extras(model) -> list[str]:
+    """The entries of `model`'s generation_config that would make generate() do more than `decode_compiled` does
+    (a repetition penalty, suppressed tokens, ...): empty for FLAN-T5's."""
+    return sorted(set(model.generation_config.to_diff_dict()) - _PLAIN_GENERATION_CONFIG)
+
+
+@torch.no_grad()
+def decode_compiled(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    settings: GenerationSettings,
+    pad_token_id: int,
+    eos_token_id: int,
+    encoder_hidden_states: Optional[torch.Tensor] = None,
+    rng: Optional[random.Random] = None,
+) -> torch.Tensor:
+    """What `model.generate(input_ids, attention_mask, **generation_kwargs(settings, rng),
+    **compiled_decoding_kwargs(settings.max_new_tokens))` returns (B, 1 + steps), token for token and from the same
+    random numbers, but decoded by a loop of our own around transformers' compiled model call.
+
+    generate() spends, per decoding step, about as long in its own Python (inputs and masks rebuilt, signature
+    inspection, the logits-processor list) as a small model spends computing; here a step is the compiled call, the
+    min-length rule and the token draw. `model`: a transformers seq2seq LM or a wrapper with `get_base_model()` (peft,
+    `Seq2SeqPolicy`); its generation_config must have no `generation_config_extras`. `encoder_hidden_states` (B, Q, d):
+    the encoder's output for the prompts, if computed already. Sampling with top-k/top-p/temperature as
+    `generation_kwargs` asks for it: `InverseCdfSampler`, transformers' warpers and multinomial draw, or greedy.
+    """
+    from transformers.cache_utils import EncoderDecoderCache, StaticCache
+    from transformers.modeling_outputs import BaseModelOutput
+
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if settings.num_beams != 1:
+        raise ValueError("decode_compiled samples or decodes greedily: beam search is generate()'s")
+    kwargs = generation_kwargs(settings, rng)  # draws the sampled length as generate_responses' generate() would
+    max_new_tokens, min_length = kwargs["max_new_tokens"], kwargs["min_length"]
+    processors = kwargs.get("logits_processor")
+    sampler = processors[0] if processors else None
+    warpers = InverseCdfSampler(settings.top_k, settings.top_p, settings.temperature).warpers if kwargs["do_sample"] else None
+
+    batch = input_ids.shape[0]
+    device = input_ids.device
+    if encoder_hidden_states is None:
+        encoder_hidden_states = lm.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    encoder_outputs = BaseModelOutput(last_hidden_state=encoder_hidden_states)
+    decoder_config = lm.config.get_text_config(decoder=True)
+    # The self-attention cache sized for the longest allowed summary, as compiled_decoding_kwargs sizes generate()'s:
+    # every call, whatever its sampled length, has the shapes of the one compiled graph.
+    cache = EncoderDecoderCache(StaticCache(config=decoder_config, max_cache_len=settings.max_new_tokens + 1),
+                                StaticCache(config=decoder_config, max_cache_len=input_ids.shape[1]))
+    start = lm.generation_config.decoder_start_token_id
+    if start is None:
+        start = lm.config.decoder_start_token_id
+    ids = torch.full((batch, max_new_tokens + 1), pad_token_id, dtype=torch.long, device=device)
+    ids[:, 0] = start
+    unfinished = torch.ones(batch, dtype=torch.bool, device=device)
+    # The first step fills the cross-attention cache from the prompts: uncompiled, as generate() runs it.
+    forward, compiled = lm, lm.get_compiled_call(decoding_compile_config())
+    tokens = ids[:, :1].clone()
+    for length in range(1, max_new_tokens + 1):  # `length` tokens decoded so far, the start token included
+        out = forward(decoder_input_ids=tokens, encoder_outputs=encoder_outputs, attention_mask=attention_mask,
+                      cache=cache, use_cache=True, return_dict=True)
+        forward = compiled
+        scores = out.logits[:, -1].to(copy=True, dtype=torch.float32)
+        del out
+        if length < min_length:  # transformers' MinLengthLogitsProcessor
+            scores[:, eos_token_id] = float("-inf")
+        if sampler is not None:
+            tokens = sampler.draw(ids[:, :length], scores)
+        elif warpers is not None:  # transformers' sampling
+            tokens = torch.multinomial(torch.softmax(warpers(ids[:, :length], scores), dim=-1), num_samples=1)
+        else:
+            tokens = scores.argmax(dim=-1, keepdim=True)
+        # A finished row gets padding, as in generate().
+        tokens = torch.where(unfinished[:, None], tokens, pad_token_id)
+        ids[:, length] = tokens[:, 0]
+        unfinished &= tokens[:, 0] != eos_token_id
+        if not unfinished.any():
+            return ids[:, : length + 1]
+    return ids
 
 
 @torch.inference_mode()

@@ -435,6 +435,14 @@ class Seq2SeqPolicy(nn.Module):
     def generate(self, **kwargs):
         return self.peft_model.generate(**kwargs)
 
+    def get_base_model(self) -> nn.Module:
+        """The transformers model inside (the adapter's layers in it), as peft's `get_base_model`."""
+        return self.peft_model.get_base_model()
+
+    @property
+    def generation_config(self):
+        return self.peft_model.generation_config
+
 
 def merges_for_rollout(cfg) -> bool:
     """Whether rollouts generate with the adapter merged (ppo.merge_adapter_for_rollout): "auto" = a float32 base only.

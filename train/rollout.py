@@ -44,7 +44,7 @@ from rewards.scorer import RewardScores
 from train.config import ExperimentConfig, GenerationSettings
 from train.distributed import Collectives, zero_stage
 from train.errors import ConfigError, DataError
-from train.generation import compiled_decoding_kwargs, generation_kwargs
+from train.generation import compiled_decoding_kwargs, decode_compiled, generation_config_extras, generation_kwargs
 from train.models import adapter_merged, merges_for_rollout
 from train.ppo_core import Trajectory, logprobs_from_logits, response_loss_mask, response_mask_from_ids
 
@@ -188,6 +188,9 @@ def encode_prompts(encode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     return torch.cat(states)
 
 
+_WARNED_EXTRAS: set[tuple[str, ...]] = set()
+
+
 @torch.no_grad()  # not inference_mode: the ids feed the PPO forward passes that are back-propagated
 def generate_responses(
     model: Any,
@@ -208,8 +211,8 @@ def generate_responses(
     mask 0). `rng` draws max_new_tokens per call when `settings.max_new_tokens_min` is set.
     `encoder_hidden_states` (B, Q, d): `encode_prompts` of the same prompts and batch size; generate() then
     decodes from it instead of running the encoder. `compiled_width` (rollout.compile): decode with a static KV
-    cache and a compiled decoder step, the prompts padded to this many columns (masked out): one shape for every
-    call, whatever its prompts' width or sampled length.
+    cache and a compiled decoder step (`decode_compiled`: the same tokens as generate()), the prompts padded to this
+    many columns (masked out): one shape for every call, whatever its prompts' width or sampled length.
     """
     from transformers.modeling_outputs import BaseModelOutput
 
@@ -218,22 +221,31 @@ def generate_responses(
     response_masks: list[torch.Tensor] = []
     k = samples_per_prompt
     compiled = compiled_decoding_kwargs(settings.max_new_tokens) if compiled_width is not None else {}
+    extras = generation_config_extras(model) if compiled_width is not None else []
+    own_loop = compiled_width is not None and not extras
+    if extras and tuple(extras) not in _WARNED_EXTRAS:
+        _WARNED_EXTRAS.add(tuple(extras))
+        log.warning("rollout.compile: the model's generation_config sets %s, which only transformers' generate() "
+                    "applies: decoding with generate() around the compiled step, slower than our own loop",
+                    ", ".join(extras))
     for start, ids, mask in prompt_batches(query_ids, settings.batch_size, pad_id):
         if compiled_width is not None:
             columns = max(compiled_width - ids.shape[1], 0)
             ids, mask = F.pad(ids, (0, columns), value=pad_id), F.pad(mask, (0, columns))
-        encoded = {}
+        hidden = None
         if encoder_hidden_states is not None:
             # Zero columns past the states' own width (the compiled width's padding), masked out like it.
             hidden = encoder_hidden_states[start : start + settings.batch_size, : ids.shape[1]]
-            hidden = F.pad(hidden, (0, 0, 0, ids.shape[1] - hidden.shape[1]))
-            encoded["encoder_outputs"] = BaseModelOutput(last_hidden_state=hidden.repeat_interleave(k, dim=0))
+            hidden = F.pad(hidden, (0, 0, 0, ids.shape[1] - hidden.shape[1])).repeat_interleave(k, dim=0)
         # Each prompt k times in a row (what num_return_sequences would do, which greedy-mode generate refuses and
         # our sampler runs in); the encoder output, computed once per prompt, is repeated likewise.
-        out = model.generate(
-            input_ids=ids.repeat_interleave(k, dim=0).to(device), attention_mask=mask.repeat_interleave(k, dim=0).to(device),
-            pad_token_id=pad_id, eos_token_id=eos_id, **encoded, **generation_kwargs(settings, rng), **compiled,
-        ).cpu()
+        ids, mask = ids.repeat_interleave(k, dim=0).to(device), mask.repeat_interleave(k, dim=0).to(device)
+        if own_loop:
+            out = decode_compiled(model, ids, mask, settings, pad_id, eos_id, hidden, rng).cpu()
+        else:
+            encoded = {} if hidden is None else {"encoder_outputs": BaseModelOutput(last_hidden_state=hidden)}
+            out = model.generate(input_ids=ids, attention_mask=mask, pad_token_id=pad_id, eos_token_id=eos_id,
+                                 **encoded, **generation_kwargs(settings, rng), **compiled).cpu()
         out_mask = response_mask_from_ids(out, eos_id)
         out = out.masked_fill(out_mask == 0, pad_id)
         for row, row_mask in zip(out, out_mask):

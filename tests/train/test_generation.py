@@ -83,3 +83,62 @@ def test_rare_tokens_keep_their_chance_and_broken_rows_are_refused(monkeypatch):
     for broken in ([[1.0, float("nan"), 0.0]], [[float("-inf")] * 3]):
         with pytest.raises(RuntimeError, match="NaN or no mass"):
             sampler(torch.zeros(1, 1, dtype=torch.long), torch.tensor(broken))
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_decode_compiled_returns_what_generate_returns(tiny_artifacts, compiled_decoding):
+    """rollout.compile's own decoding loop against transformers' generate() with the same static cache and compiled
+    step: the same ids, shape included (both stop once every row has ended), from the same random numbers, for
+    greedy decoding, our sampler with min_length and sampled lengths, and transformers' multinomial sampling with
+    top-k, top-p and temperature; from the prompts or from their encoder output."""
+    import random
+
+    from transformers import AutoTokenizer, T5ForConditionalGeneration
+
+    from train.generation import compiled_decoding_kwargs, decode_compiled, generation_config_extras
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_artifacts.t5))
+    model = T5ForConditionalGeneration.from_pretrained(str(tiny_artifacts.t5)).eval()
+    assert len(tokenizer) == model.config.vocab_size == 1811
+    assert generation_config_extras(model) == []
+    with torch.no_grad():  # an eos about as likely as a frequent token: rows end at different steps, calls stop early
+        model.lm_head.weight[tokenizer.eos_token_id] = 3 * model.lm_head.weight[751]
+    texts = [f"#Person1#: hello number {i}. " + "#Person2#: hi, how are you? " * (i % 3) for i in range(6)]
+    enc = tokenizer(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        hidden = model.get_encoder()(**enc).last_hidden_state
+    special = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    cases = [GenerationSettings(do_sample=False, max_new_tokens=24),
+             GenerationSettings(max_new_tokens=24, max_new_tokens_min=4, min_length=6),
+             GenerationSettings(sampler="multinomial", top_k=20, top_p=0.9, temperature=0.7, max_new_tokens=24,
+                                min_length=3)]
+    padded_after_eos = stopped_early = False
+    for settings in cases:
+        for seed in range(3):
+            torch.manual_seed(seed)
+            with torch.no_grad():
+                expected = model.generate(**enc, **special, **generation_kwargs(settings, random.Random(seed)),
+                                          **compiled_decoding_kwargs(settings.max_new_tokens))
+            torch.manual_seed(seed)
+            got = decode_compiled(model, enc.input_ids, enc.attention_mask, settings, **special,
+                                  encoder_hidden_states=hidden if seed else None, rng=random.Random(seed))
+            assert torch.equal(got, expected), (settings, seed)
+            eos_at = [row[1:].tolist().index(tokenizer.eos_token_id) + 1 for row in got
+                      if tokenizer.eos_token_id in row[1:].tolist()]
+            assert all(position >= settings.min_length - 1 for position in eos_at)
+            padded_after_eos |= any(position < got.shape[1] - 1 for position in eos_at)
+            stopped_early |= settings.max_new_tokens_min is None and got.shape[1] < 1 + settings.max_new_tokens
+    assert padded_after_eos and stopped_early  # both ways of ending were compared
+
+
+def test_generation_config_extras_name_what_only_generate_applies():
+    from transformers import GenerationConfig
+
+    from train.generation import generation_config_extras
+
+    class Model:
+        generation_config = GenerationConfig(decoder_start_token_id=0, eos_token_id=1, pad_token_id=0, max_length=200)
+
+    assert generation_config_extras(Model()) == []
+    Model.generation_config = GenerationConfig(decoder_start_token_id=0, repetition_penalty=1.2, suppress_tokens=[5])
+    assert generation_config_extras(Model()) == ["repetition_penalty", "suppress_tokens"]

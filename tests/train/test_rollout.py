@@ -69,6 +69,30 @@ def test_generate_responses_batches_with_masks_and_pads_after_first_eos():
     assert r_mask.tolist() == [[1, 1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0, 0], [1] * 7]
 
 
+def test_rollout_compile_leaves_a_generation_config_only_generate_applies_to_generate(monkeypatch, caplog):
+    """A model whose generation_config asks for what our decoding loop does not do (a repetition penalty) decodes
+    with transformers' generate() around the compiled step, with one warning per run that says so."""
+    import logging
+
+    from transformers import GenerationConfig
+
+    from train import rollout
+
+    class Penalized(_ScriptedModel):
+        generation_config = GenerationConfig(decoder_start_token_id=0, repetition_penalty=1.3)
+
+    monkeypatch.setattr(rollout, "_WARNED_EXTRAS", set())
+    settings = dataclasses.replace(load_config(None).rollout, batch_size=1, max_new_tokens=6, max_new_tokens_min=None)
+    model = Penalized([torch.tensor([[0, 5, 1]]), torch.tensor([[0, 4, 1]])])
+    with caplog.at_level(logging.WARNING, logger="train.ppo"):
+        for _ in range(2):
+            generate_responses(model, _Tok(), [[11, 1]], settings, "cpu", compiled_width=4)
+    assert [call[2]["cache_implementation"] for call in model.calls] == ["static", "static"]
+    assert model.calls[0][0].shape == (1, 4)  # padded to the compiled width
+    warnings = [r.getMessage() for r in caplog.records if "rollout.compile" in r.getMessage()]
+    assert len(warnings) == 1 and "repetition_penalty" in warnings[0]
+
+
 def test_score_responses_rejects_missing_or_non_finite_scores():
     def reward_fn(values):
         return lambda prompts, summaries: RewardScores(torch.tensor(values), torch.zeros(len(values)), torch.zeros(len(values), 2))
@@ -337,24 +361,6 @@ def test_make_experience_with_k_samples_gives_the_plain_passes_for_either_refere
     for key in ("logprobs", "ref_logprobs", "values", "masks"):
         torch.testing.assert_close(getattr(trajectory, key), getattr(expected, key), atol=1e-5, rtol=1e-5)
     assert (trajectory.logprobs - trajectory.ref_logprobs).abs().max() > 1e-3  # policy and reference differ
-
-
-@pytest.fixture
-def compiled_decoding(monkeypatch):
-    """A clean slate for torch.compile, dropped again afterwards; transformers' compile sets TOKENIZERS_PARALLELISM,
-    which must not leak into later tests."""
-    import os
-
-    from torch._dynamo.utils import counters
-
-    if "TOKENIZERS_PARALLELISM" in os.environ:
-        monkeypatch.setenv("TOKENIZERS_PARALLELISM", os.environ["TOKENIZERS_PARALLELISM"])
-    else:
-        monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
-    torch._dynamo.reset()
-    counters.clear()
-    yield counters
-    torch._dynamo.reset()
 
 
 @pytest.mark.usefixtures("one_torch_thread")
