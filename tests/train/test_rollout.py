@@ -249,6 +249,28 @@ def test_a_head_tied_to_the_embeddings_keeps_its_adapter_path():
     assert all(torch.equal(model.state_dict()[n], t) for n, t in before.items())
 
 
+def test_encode_prompts_encodes_by_length_and_returns_each_prompt_in_its_row():
+    """Prompts go to the encoder shortest first, half a generation batch per call, each call padded to its own
+    longest prompt only; every row of the result is its own prompt's output, zeros past the call's width."""
+    from train.rollout import encode_prompts
+
+    calls = []
+
+    def encode(ids, mask):  # a stand-in encoder whose output spells its input: (b, q, 2) = (id, mask)
+        calls.append(mask.sum(dim=1).tolist())
+        return torch.stack([ids.float(), mask.float()], dim=-1)
+
+    lengths = [5, 2, 9, 3, 7, 4, 8]
+    prompts = [[10 * i + j + 1 for j in range(n)] for i, n in enumerate(lengths)]
+    states = encode_prompts(encode, prompts, 4, 0, "cpu")
+    assert calls == [[2, 3], [4, 5], [7, 8], [9]]  # by length, 4 / 2 prompts per call
+    assert states.shape == (7, 9, 2)
+    for row, prompt in enumerate(prompts):
+        assert states[row, : len(prompt), 0].tolist() == prompt and states[row, : len(prompt), 1].eq(1).all()
+        call_width = next(max(c) for c in calls if len(prompt) in c)
+        assert states[row, call_width:].eq(0).all() and states[row, len(prompt) : call_width, 1].eq(0).all()
+
+
 @pytest.mark.usefixtures("one_torch_thread")
 def test_the_encoded_prompts_give_the_plain_rollout_and_trajectory(tiny_artifacts):
     """make_experience encodes the prompts once: generate() and the policy's old log-probs and values reuse it."""
