@@ -90,10 +90,12 @@ class RolloutSettings(GenerationSettings):
     # once for them, and the k rows of a prompt stay on one process. ppo.batch_size counts rows (prompts x k).
     # The critic-free estimators (ppo.advantage_estimator rloo / group) compare a prompt's samples: k >= 2.
     samples_per_prompt: int = 1
-    # Decode with a static KV cache and a torch.compile'd decoder step (transformers' generate; inductor, no CUDA
-    # graphs). Prompts are padded to data.max_prompt_tokens and the cache sized for max_new_tokens, so one compile
-    # serves a run (two when a process's last rollout batch is smaller); the compile costs tens of seconds, so it
-    # pays on long runs only (bench/RESULTS.md). Identical samples in float32; in bf16 its kernels round otherwise.
+    # Decode with a static KV cache and a torch.compile'd decoder step (transformers' compiled model call in our own
+    # decoding loop, train.generation.decode_compiled: generate()'s tokens; inductor, no CUDA graphs). Prompts are
+    # padded to data.max_prompt_tokens and the cache sized for max_new_tokens, so a few compiled graphs serve a run
+    # (one per self-attention window: 64, 128, 256, ... slots up to the cache length; again for a process's smaller
+    # last rollout batch); compiling costs tens of seconds, so it pays on long runs only (bench/RESULTS.md).
+    # Identical samples in float32; in bf16 its kernels round otherwise.
     compile: bool = False
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import random
 from typing import Optional, Sequence
 
@@ -101,6 +102,32 @@ def generation_config_extras(model) -> list[str]:
     return sorted(set(model.generation_config.to_diff_dict()) - _PLAIN_GENERATION_CONFIG)
 
 
+def attention_window(length: int, cache_len: int) -> int:
+    """The self-attention cache slots a decoding step reads when `length` tokens are in it: the next power of two
+    (64 at least), at most the whole cache. Reading every slot of a cache sized for 400 tokens made self-attention
+    most of a small model's step; a few windows keep the compiled graphs few (one per window)."""
+    return min(cache_len, max(64, 1 << (length - 1).bit_length()))
+
+
+@functools.lru_cache(maxsize=None)  # one class: compiled graphs guard on the cache layers' type
+def _windowed_static_layer():
+    from transformers.cache_utils import StaticLayer
+
+    class WindowedStaticLayer(StaticLayer):
+        """A static cache layer whose attention reads only its first `window` slots (the rest hold no token yet)."""
+
+        window: int
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            keys, values = super().update(key_states, value_states, *args, **kwargs)
+            return keys[:, :, : self.window], values[:, :, : self.window]
+
+        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+            return self.window, 0
+
+    return WindowedStaticLayer
+
+
 @torch.no_grad()
 def decode_compiled(
     model,
@@ -118,7 +145,8 @@ def decode_compiled(
 
     generate() spends, per decoding step, about as long in its own Python (inputs and masks rebuilt, signature
     inspection, the logits-processor list) as a small model spends computing; here a step is the compiled call, the
-    min-length rule and the token draw. `model`: a transformers seq2seq LM or a wrapper with `get_base_model()` (peft,
+    min-length rule and the token draw, and self-attention reads only the cache slots of an `attention_window` rather
+    than all of a cache sized for the longest summary (same results: the slots past it are masked out). `model`: a transformers seq2seq LM or a wrapper with `get_base_model()` (peft,
     `Seq2SeqPolicy`); its generation_config must have no `generation_config_extras`. `encoder_hidden_states` (B, Q, d):
     the encoder's output for the prompts, if computed already. Sampling with top-k/top-p/temperature as
     `generation_kwargs` asks for it: `InverseCdfSampler`, transformers' warpers and multinomial draw, or greedy.
@@ -142,9 +170,12 @@ def decode_compiled(
     encoder_outputs = BaseModelOutput(last_hidden_state=encoder_hidden_states)
     decoder_config = lm.config.get_text_config(decoder=True)
     # The self-attention cache sized for the longest allowed summary, as compiled_decoding_kwargs sizes generate()'s:
-    # every call, whatever its sampled length, has the shapes of the one compiled graph.
-    cache = EncoderDecoderCache(StaticCache(config=decoder_config, max_cache_len=settings.max_new_tokens + 1),
-                                StaticCache(config=decoder_config, max_cache_len=input_ids.shape[1]))
+    # every call, whatever its sampled length, reuses the same few compiled graphs (one per `attention_window`).
+    cache_len = settings.max_new_tokens + 1
+    self_cache = StaticCache(config=decoder_config, max_cache_len=cache_len)
+    layer_class = _windowed_static_layer()
+    self_cache.layers = [layer_class(max_cache_len=cache_len) for _ in self_cache.layers]
+    cache = EncoderDecoderCache(self_cache, StaticCache(config=decoder_config, max_cache_len=input_ids.shape[1]))
     start = lm.generation_config.decoder_start_token_id
     if start is None:
         start = lm.config.decoder_start_token_id
@@ -154,26 +185,30 @@ def decode_compiled(
     # The first step fills the cross-attention cache from the prompts: uncompiled, as generate() runs it.
     forward, compiled = lm, lm.get_compiled_call(decoding_compile_config())
     tokens = ids[:, :1].clone()
-    for length in range(1, max_new_tokens + 1):  # `length` tokens decoded so far, the start token included
-        out = forward(decoder_input_ids=tokens, encoder_outputs=encoder_outputs, attention_mask=attention_mask,
-                      cache=cache, use_cache=True, return_dict=True)
-        forward = compiled
-        scores = out.logits[:, -1].to(copy=True, dtype=torch.float32)
-        del out
-        if length < min_length:  # transformers' MinLengthLogitsProcessor
-            scores[:, eos_token_id] = float("-inf")
-        if sampler is not None:
-            tokens = sampler.draw(ids[:, :length], scores)
-        elif warpers is not None:  # transformers' sampling
-            tokens = torch.multinomial(torch.softmax(warpers(ids[:, :length], scores), dim=-1), num_samples=1)
-        else:
-            tokens = scores.argmax(dim=-1, keepdim=True)
-        # A finished row gets padding, as in generate().
-        tokens = torch.where(unfinished[:, None], tokens, pad_token_id)
-        ids[:, length] = tokens[:, 0]
-        unfinished &= tokens[:, 0] != eos_token_id
-        if not unfinished.any():
-            return ids[:, : length + 1]
+    # A graph per attention window, and per batch size (a smaller last batch): more than dynamo's default 8.
+    with torch._dynamo.config.patch(recompile_limit=max(torch._dynamo.config.recompile_limit, 64)):
+        for length in range(1, max_new_tokens + 1):  # `length` tokens decoded so far, the start token included
+            for layer in self_cache.layers:
+                layer.window = attention_window(length, cache_len)
+            out = forward(decoder_input_ids=tokens, encoder_outputs=encoder_outputs, attention_mask=attention_mask,
+                          cache=cache, use_cache=True, return_dict=True)
+            forward = compiled
+            scores = out.logits[:, -1].to(copy=True, dtype=torch.float32)
+            del out
+            if length < min_length:  # transformers' MinLengthLogitsProcessor
+                scores[:, eos_token_id] = float("-inf")
+            if sampler is not None:
+                tokens = sampler.draw(ids[:, :length], scores)
+            elif warpers is not None:  # transformers' sampling
+                tokens = torch.multinomial(torch.softmax(warpers(ids[:, :length], scores), dim=-1), num_samples=1)
+            else:
+                tokens = scores.argmax(dim=-1, keepdim=True)
+            # A finished row gets padding, as in generate().
+            tokens = torch.where(unfinished[:, None], tokens, pad_token_id)
+            ids[:, length] = tokens[:, 0]
+            unfinished &= tokens[:, 0] != eos_token_id
+            if not unfinished.any():
+                return ids[:, : length + 1]
     return ids
 
 

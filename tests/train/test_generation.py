@@ -95,19 +95,37 @@ def test_decode_compiled_returns_what_generate_returns(tiny_artifacts, compiled_
 
     from transformers import AutoTokenizer, T5ForConditionalGeneration
 
-    from train.generation import compiled_decoding_kwargs, decode_compiled, generation_config_extras
+    from train.generation import attention_window, compiled_decoding_kwargs, decode_compiled, generation_config_extras
 
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_artifacts.t5))
     model = T5ForConditionalGeneration.from_pretrained(str(tiny_artifacts.t5)).eval()
     assert len(tokenizer) == model.config.vocab_size == 1811
     assert generation_config_extras(model) == []
-    with torch.no_grad():  # an eos about as likely as a frequent token: rows end at different steps, calls stop early
-        model.lm_head.weight[tokenizer.eos_token_id] = 3 * model.lm_head.weight[751]
     texts = [f"#Person1#: hello number {i}. " + "#Person2#: hi, how are you? " * (i % 3) for i in range(6)]
     enc = tokenizer(texts, return_tensors="pt", padding=True)
+    special = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+
+    def both(settings, seed, hidden=None):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            expected = model.generate(**enc, **special, **generation_kwargs(settings, random.Random(seed)),
+                                      **compiled_decoding_kwargs(settings.max_new_tokens))
+        torch.manual_seed(seed)
+        got = decode_compiled(model, enc.input_ids, enc.attention_mask, settings, **special,
+                              encoder_hidden_states=hidden, rng=random.Random(seed))
+        return expected, got
+
+    # Past 64 tokens a step reads a wider window of the self-attention cache (here all of its 81 slots): the
+    # untouched model never ends a summary, so all 80 tokens are decoded.
+    assert [attention_window(n, 81) for n in (1, 64, 65, 80)] == [64, 64, 81, 81]
+    for settings in (GenerationSettings(do_sample=False, max_new_tokens=80),
+                     GenerationSettings(max_new_tokens=80, min_length=3)):
+        expected, got = both(settings, 0)
+        assert got.shape == (6, 81) and torch.equal(got, expected)
+    with torch.no_grad():  # an eos about as likely as a frequent token: rows end at different steps, calls stop early
+        model.lm_head.weight[tokenizer.eos_token_id] = 3 * model.lm_head.weight[751]
     with torch.no_grad():
         hidden = model.get_encoder()(**enc).last_hidden_state
-    special = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     cases = [GenerationSettings(do_sample=False, max_new_tokens=24),
              GenerationSettings(max_new_tokens=24, max_new_tokens_min=4, min_length=6),
              GenerationSettings(sampler="multinomial", top_k=20, top_p=0.9, temperature=0.7, max_new_tokens=24,
@@ -115,13 +133,7 @@ def test_decode_compiled_returns_what_generate_returns(tiny_artifacts, compiled_
     padded_after_eos = stopped_early = False
     for settings in cases:
         for seed in range(3):
-            torch.manual_seed(seed)
-            with torch.no_grad():
-                expected = model.generate(**enc, **special, **generation_kwargs(settings, random.Random(seed)),
-                                          **compiled_decoding_kwargs(settings.max_new_tokens))
-            torch.manual_seed(seed)
-            got = decode_compiled(model, enc.input_ids, enc.attention_mask, settings, **special,
-                                  encoder_hidden_states=hidden if seed else None, rng=random.Random(seed))
+            expected, got = both(settings, seed, hidden if seed else None)
             assert torch.equal(got, expected), (settings, seed)
             eos_at = [row[1:].tolist().index(tokenizer.eos_token_id) + 1 for row in got
                       if tokenizer.eos_token_id in row[1:].tolist()]
