@@ -210,7 +210,7 @@ def time_ours(policy, tokenizer, prompts, reward_fn, cfg, steps: int, device: st
 # The profiler ranges of one of our PPO steps (train/rollout.py, train/ppo.py), in the order they run.
 PHASES = {
     "rollout/encode": "encoder on the prompts (once: generation and old log-probs share it)",
-    "rollout/generate": "generate() decoding steps",
+    "rollout/generate": "decoding steps (rollout.compile: our decode_compiled loop; else generate())",
     "rollout/score": "reward model",
     "rollout/policy_forward": "no-grad policy decoder pass (old log-probs, values)",
     "rollout/reference_forward": "no-grad reference pass (encoder + decoder, adapter off)",

@@ -89,11 +89,13 @@ def compiled_decoding_kwargs(max_new_tokens: int) -> dict:
     return dict(cache_implementation="static", max_cache_len=max_new_tokens + 1, compile_config=decoding_compile_config())
 
 
-# generation_config entries that change nothing `decode_compiled` does differently from generate(): special tokens, and
-# settings that `generation_kwargs` always passes (which override the model's).
+# generation_config entries that change nothing `decode_compiled` does differently from generate(): special tokens,
+# settings that `generation_kwargs` always passes (which override the model's), and what generate() returns besides
+# the tokens or whether it caches (a model built from a config copies use_cache and output_* into its own).
 _PLAIN_GENERATION_CONFIG = {"decoder_start_token_id", "bos_token_id", "eos_token_id", "pad_token_id", "transformers_version",
                             "_from_model_config", "max_length", "max_new_tokens", "min_length", "num_beams", "do_sample",
-                            "top_k", "top_p", "temperature"}
+                            "top_k", "top_p", "temperature", "use_cache", "output_attentions", "output_hidden_states",
+                            "output_scores", "output_logits", "return_dict_in_generate"}
 
 
 def generation_config_extras(model) -> list[str]:

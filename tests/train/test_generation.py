@@ -144,7 +144,7 @@ def test_decode_compiled_returns_what_generate_returns(tiny_artifacts, compiled_
 
 
 def test_generation_config_extras_name_what_only_generate_applies():
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig, T5Config, T5ForConditionalGeneration
 
     from train.generation import generation_config_extras
 
@@ -152,5 +152,9 @@ def test_generation_config_extras_name_what_only_generate_applies():
         generation_config = GenerationConfig(decoder_start_token_id=0, eos_token_id=1, pad_token_id=0, max_length=200)
 
     assert generation_config_extras(Model()) == []
+    # A model built from a config (bench/ppo_vs_trl.py --model-size, train.models.build_from_architecture).
+    Model.generation_config = T5ForConditionalGeneration(T5Config(d_model=8, d_ff=8, d_kv=4, num_layers=1, num_heads=2,
+                                                                  vocab_size=16)).generation_config
+    assert "use_cache" in Model.generation_config.to_diff_dict() and generation_config_extras(Model()) == []
     Model.generation_config = GenerationConfig(decoder_start_token_id=0, repetition_penalty=1.2, suppress_tokens=[5])
     assert generation_config_extras(Model()) == ["repetition_penalty", "suppress_tokens"]

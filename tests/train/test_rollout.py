@@ -13,6 +13,7 @@ from rewards.scorer import RewardScores
 from train.config import PPOConfig, load_config
 from train.errors import ConfigError
 from train.ppo_core import kl_penalized_rewards
+from train.generation import decode_compiled
 from train.rollout import PromptStream, generate_responses, score_responses
 from helpers import generated_rollout, rollout_trajectory, tiny_ppo_policy
 
@@ -429,14 +430,20 @@ def test_compiled_decoding_with_a_static_cache_gives_the_plain_rollout_and_compi
 
 @pytest.mark.usefixtures("one_torch_thread")
 def test_make_experience_with_rollout_compile_gives_the_plain_trajectory_step_after_step(tiny_artifacts,
-                                                                                         compiled_decoding):
+                                                                                         compiled_decoding,
+                                                                                         monkeypatch):
     """As in a run (float32: the adapter merged for each rollout): two rollouts with a trained adapter between
     them, sampled lengths, k = 2 and a smaller last batch: the same trajectory as without rollout.compile, so the
-    compiled step reads each rollout's weights (none baked in)."""
+    compiled step reads each rollout's weights (none baked in); our decoding loop is the one that ran."""
     import random
 
     from rewards.scorer import RewardScores
+    from train import rollout
     from train.rollout import make_experience
+
+    own_loop_calls = []
+    monkeypatch.setattr(rollout, "decode_compiled",
+                        lambda *args, **kwargs: own_loop_calls.append(1) or decode_compiled(*args, **kwargs))
 
     policy, tokenizer, _ = tiny_ppo_policy(tiny_artifacts)
     texts = [f"#Person1#: hello number {i}. " + "#Person2#: hi, how are you? " * (i % 3) for i in range(3)]
@@ -465,6 +472,7 @@ def test_make_experience_with_rollout_compile_gives_the_plain_trajectory_step_af
                 param.copy_(start[name])
         trajectories[compiled] = runs
     assert compiled_decoding["stats"]["unique_graphs"] >= 1  # it did compile
+    assert len(own_loop_calls) == 4  # two rollouts of two decoding calls (batches of 2 prompts, then 1)
     assert not torch.equal(trajectories[False][0].response_ids, trajectories[False][1].response_ids)
     for plain, fast in zip(trajectories[False], trajectories[True]):
         assert torch.equal(plain.response_ids, fast.response_ids)
