@@ -86,16 +86,20 @@ def compiled_decoding_kwargs(max_new_tokens: int) -> dict:
     """`generate()` keyword arguments for a static KV cache and a compiled decoder step. The self-attention cache is
     sized for the longest allowed summary (the start token plus `max_new_tokens`), so that calls with any sampled
     length have the same shapes and reuse one compiled graph."""
-    return dict(cache_implementation="static", max_cache_len=max_new_tokens + 1, compile_config=decoding_compile_config())
+    return dict(cache_implementation="static", max_cache_len=max_new_tokens + 1,
+                compile_config=decoding_compile_config())
 
 
 # generation_config entries that change nothing `decode_compiled` does differently from generate(): special tokens,
-# settings that `generation_kwargs` always passes (which override the model's), and what generate() returns besides
-# the tokens or whether it caches (a model built from a config copies use_cache and output_* into its own).
-_PLAIN_GENERATION_CONFIG = {"decoder_start_token_id", "bos_token_id", "eos_token_id", "pad_token_id", "transformers_version",
-                            "_from_model_config", "max_length", "max_new_tokens", "min_length", "num_beams", "do_sample",
-                            "top_k", "top_p", "temperature", "use_cache", "output_attentions", "output_hidden_states",
-                            "output_scores", "output_logits", "return_dict_in_generate"}
+# the settings `generation_kwargs` passes (which override the model's; top_k/top_p/temperature only when sampling with
+# multinomial, and generate() ignores them otherwise), and what generate() returns besides the tokens or whether it
+# caches (a model built from a config copies use_cache and output_* into its own).
+_PLAIN_GENERATION_CONFIG = {
+    "decoder_start_token_id", "bos_token_id", "eos_token_id", "pad_token_id", "transformers_version",
+    "_from_model_config", "max_length", "max_new_tokens", "min_length", "num_beams", "do_sample", "top_k", "top_p",
+    "temperature", "use_cache", "output_attentions", "output_hidden_states", "output_scores", "output_logits",
+    "return_dict_in_generate",
+}
 
 
 def generation_config_extras(model) -> list[str]:
@@ -116,7 +120,8 @@ def _windowed_static_layer():
     from transformers.cache_utils import StaticLayer
 
     class WindowedStaticLayer(StaticLayer):
-        """A static cache layer whose attention reads only its first `window` slots (the rest hold no token yet)."""
+        """A static cache layer whose attention reads only its first `window` slots (the rest hold no token yet).
+        For one-token decoding steps only: the mask it asks for is one query row over `window` keys."""
 
         window: int
 
@@ -143,12 +148,14 @@ def decode_compiled(
 ) -> torch.Tensor:
     """What `model.generate(input_ids, attention_mask, **generation_kwargs(settings, rng),
     **compiled_decoding_kwargs(settings.max_new_tokens))` returns (B, 1 + steps), token for token and from the same
-    random numbers, but decoded by a loop of our own around transformers' compiled model call.
+    random numbers (on CPU and CUDA; on Apple's MPS generate() draws for one step more), but decoded by a loop of our
+    own around transformers' compiled model call.
 
     generate() spends, per decoding step, about as long in its own Python (inputs and masks rebuilt, signature
     inspection, the logits-processor list) as a small model spends computing; here a step is the compiled call, the
     min-length rule and the token draw, and self-attention reads only the cache slots of an `attention_window` rather
-    than all of a cache sized for the longest summary (same results: the slots past it are masked out). `model`: a transformers seq2seq LM or a wrapper with `get_base_model()` (peft,
+    than all of a cache sized for the longest summary (same results: the slots past it are masked out, adding exact
+    zeros; tested in float32 on a CPU). `model`: a transformers seq2seq LM or a wrapper with `get_base_model()` (peft,
     `Seq2SeqPolicy`); its generation_config must have no `generation_config_extras`. `encoder_hidden_states` (B, Q, d):
     the encoder's output for the prompts, if computed already. Sampling with top-k/top-p/temperature as
     `generation_kwargs` asks for it: `InverseCdfSampler`, transformers' warpers and multinomial draw, or greedy.
@@ -163,7 +170,9 @@ def decode_compiled(
     max_new_tokens, min_length = kwargs["max_new_tokens"], kwargs["min_length"]
     processors = kwargs.get("logits_processor")
     sampler = processors[0] if processors else None
-    warpers = InverseCdfSampler(settings.top_k, settings.top_p, settings.temperature).warpers if kwargs["do_sample"] else None
+    warpers = None
+    if kwargs["do_sample"]:  # transformers' own sampling: its warpers, in the order generate() applies them
+        warpers = InverseCdfSampler(settings.top_k, settings.top_p, settings.temperature).warpers
 
     batch = input_ids.shape[0]
     device = input_ids.device
@@ -177,17 +186,25 @@ def decode_compiled(
     self_cache = StaticCache(config=decoder_config, max_cache_len=cache_len)
     layer_class = _windowed_static_layer()
     self_cache.layers = [layer_class(max_cache_len=cache_len) for _ in self_cache.layers]
-    cache = EncoderDecoderCache(self_cache, StaticCache(config=decoder_config, max_cache_len=input_ids.shape[1]))
-    start = lm.generation_config.decoder_start_token_id
+    if encoder_hidden_states.shape[1] != attention_mask.shape[1]:
+        raise ValueError(f"encoder output for {encoder_hidden_states.shape[1]} prompt positions, attention mask for "
+                         f"{attention_mask.shape[1]}: pass the states of exactly these prompts")
+    cache = EncoderDecoderCache(self_cache, StaticCache(config=decoder_config,
+                                                        max_cache_len=encoder_hidden_states.shape[1]))
+    start = lm.generation_config.decoder_start_token_id  # as generate(): else the bos token
     if start is None:
-        start = lm.config.decoder_start_token_id
+        start = lm.generation_config.bos_token_id
+    if start is None:
+        raise ValueError("the model's generation_config has neither decoder_start_token_id nor bos_token_id: set "
+                         "one (FLAN-T5's is 0)")
     ids = torch.full((batch, max_new_tokens + 1), pad_token_id, dtype=torch.long, device=device)
     ids[:, 0] = start
     unfinished = torch.ones(batch, dtype=torch.bool, device=device)
     # The first step fills the cross-attention cache from the prompts: uncompiled, as generate() runs it.
     forward, compiled = lm, lm.get_compiled_call(decoding_compile_config())
     tokens = ids[:, :1].clone()
-    # A graph per attention window, and per batch size (a smaller last batch): more than dynamo's default 8.
+    # A graph per attention window and batch size (a smaller last batch), each compiled the first time a rollout
+    # reaches that window: 8 for 400 new tokens, dynamo's default limit, past which it would fall back to eager.
     with torch._dynamo.config.patch(recompile_limit=max(torch._dynamo.config.recompile_limit, 64)):
         for length in range(1, max_new_tokens + 1):  # `length` tokens decoded so far, the start token included
             for layer in self_cache.layers:

@@ -177,12 +177,12 @@ def prompt_batches(query_ids: Sequence[Sequence[int]], batch_size: int, pad_id: 
 def encode_prompts(encode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], query_ids: Sequence[Sequence[int]],
                    batch_size: int, pad_id: int, device: torch.device | str) -> torch.Tensor:
     """An encoder's output (P, Q, d) for the P prompts (`encode`: the policy's `Seq2SeqPolicy.encode`, or the
-    reference's `reference_encode`), Q being the longest prompt's length. Each row is its prompt's own output, whatever
-    it was batched with: the prompts are encoded shortest first, in groups of half a generation batch
-    (`batch_size` / 2), each padded to its longest prompt only. A batch of DialogSum prompts in data order is padded
-    to its longest, and attention costs grow with the square of that width: by length, an encoder pass costs a fifth
-    less for one more call. Columns past a row's group width are zeros; those and the group's padding are masked out
-    wherever the states are used."""
+    reference's `reference_encode`), Q being the longest prompt's length. Each row is its prompt's own output (up to
+    float rounding), whatever it was batched with: the prompts are encoded shortest first, in groups of half a
+    generation batch (`batch_size` / 2), each padded to its longest prompt only. A batch of DialogSum prompts in data
+    order is padded to its longest, and attention costs grow with the square of that width: by length, an encoder
+    pass costs an eighth to a fifth less (bench/RESULTS.md) for one more call. Columns past a row's group width are
+    zeros; those and the group's padding are masked out wherever the states are used."""
     order = sorted(range(len(query_ids)), key=lambda i: len(query_ids[i]))
     group = max(batch_size // 2, 1)
     width = max(len(q) for q in query_ids)
@@ -218,7 +218,7 @@ def generate_responses(
     where B = prompts x k: prompt i's samples are rows i k ... i k + k - 1 (its query repeated).
     response_ids[:, 0] is the decoder start token; every position after a row's first eos is padding (pad id,
     mask 0). `rng` draws max_new_tokens per call when `settings.max_new_tokens_min` is set.
-    `encoder_hidden_states` (B, Q, d): `encode_prompts` of the same prompts; generate() then
+    `encoder_hidden_states` (P, Q, d): `encode_prompts` of the same prompts, one row per prompt; generate() then
     decodes from it instead of running the encoder. `compiled_width` (rollout.compile): decode with a static KV
     cache and a compiled decoder step (`decode_compiled`: the same tokens as generate()), the prompts padded to this
     many columns (masked out): one shape for every call, whatever its prompts' width or sampled length.

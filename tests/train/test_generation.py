@@ -158,3 +158,18 @@ def test_generation_config_extras_name_what_only_generate_applies():
     assert "use_cache" in Model.generation_config.to_diff_dict() and generation_config_extras(Model()) == []
     Model.generation_config = GenerationConfig(decoder_start_token_id=0, repetition_penalty=1.2, suppress_tokens=[5])
     assert generation_config_extras(Model()) == ["repetition_penalty", "suppress_tokens"]
+
+
+def test_decode_compiled_refuses_mismatched_states_and_a_model_without_a_start_token(tiny_artifacts):
+    from transformers import T5ForConditionalGeneration
+
+    from train.generation import decode_compiled
+
+    model = T5ForConditionalGeneration.from_pretrained(str(tiny_artifacts.t5)).eval()
+    ids, mask = torch.tensor([[5, 6, 7, 1]]), torch.ones(1, 4, dtype=torch.long)
+    settings = GenerationSettings(do_sample=False, max_new_tokens=4)
+    with pytest.raises(ValueError, match="encoder output for 6 prompt positions, attention mask for 4"):
+        decode_compiled(model, ids, mask, settings, 0, 1, encoder_hidden_states=torch.zeros(1, 6, model.config.d_model))
+    model.generation_config.decoder_start_token_id = model.generation_config.bos_token_id = None
+    with pytest.raises(ValueError, match="neither decoder_start_token_id nor bos_token_id"):
+        decode_compiled(model, ids, mask, settings, 0, 1)
