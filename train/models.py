@@ -393,9 +393,23 @@ class Seq2SeqPolicy(nn.Module):
 
     @contextmanager
     def adapter_disabled(self) -> Iterator[None]:
-        """Run the frozen base model: the KL reference, without a second copy of its weights."""
-        with self.peft_model.disable_adapter():
+        """Run the frozen base model: the KL reference, without a second copy of its weights.
+
+        Flips each adapter layer's own switch, as peft's `disable_adapter` does, but without the walk over the
+        model's adapter status it makes first (20 ms a call on the tiny model, once per rollout) and without turning
+        the adapter's requires_grad off and on again."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils.other import AuxiliaryTrainingWrapper
+
+        layers = [m for m in self.peft_model.modules() if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))]
+        were_disabled = [layer._disable_adapters for layer in layers]
+        for layer in layers:
+            layer._disable_adapters = True
+        try:
             yield
+        finally:
+            for layer, was_disabled in zip(layers, were_disabled):
+                layer._disable_adapters = was_disabled
 
     @torch.no_grad()
     def reference_encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -222,9 +222,16 @@ def test_policy_forward_and_adapter_off_kl_reference(t5_dir):
     perturbed, _ = policy(**batch)
     assert not torch.allclose(perturbed, base_logits, atol=1e-4)
     torch.testing.assert_close(policy.reference_logits(**batch), base_logits)  # adapter off = the base
+    trainable = [n for n, p in policy.named_parameters() if p.requires_grad]
     with policy.adapter_disabled():
         torch.testing.assert_close(policy(**batch)[0], base_logits)
+        assert [n for n, p in policy.named_parameters() if p.requires_grad] == trainable  # what DDP watches
+        with policy.peft_model.disable_adapter():  # peft's own switch agrees
+            torch.testing.assert_close(policy(**batch)[0], base_logits)
     torch.testing.assert_close(policy(**batch)[0], perturbed)  # adapter back on after the context
+    with pytest.raises(RuntimeError, match="inside"), policy.adapter_disabled():
+        raise RuntimeError("inside")
+    torch.testing.assert_close(policy(**batch)[0], perturbed)  # and after an error in it
 
     out = policy.generate(**{k: batch[k] for k in ("input_ids", "attention_mask")}, max_new_tokens=3, do_sample=False)
     assert out.shape[0] == B and out.shape[1] <= 4
