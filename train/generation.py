@@ -207,8 +207,9 @@ def decode_compiled(
     # reaches that window: 8 for 400 new tokens, dynamo's default limit, past which it would fall back to eager.
     with torch._dynamo.config.patch(recompile_limit=max(torch._dynamo.config.recompile_limit, 64)):
         for length in range(1, max_new_tokens + 1):  # `length` tokens decoded so far, the start token included
+            window = attention_window(length, cache_len)
             for layer in self_cache.layers:
-                layer.window = attention_window(length, cache_len)
+                layer.window = window
             out = forward(decoder_input_ids=tokens, encoder_outputs=encoder_outputs, attention_mask=attention_mask,
                           cache=cache, use_cache=True, return_dict=True)
             forward = compiled

@@ -229,9 +229,10 @@ def generate_responses(
     responses: list[torch.Tensor] = []
     response_masks: list[torch.Tensor] = []
     k = samples_per_prompt
-    compiled = compiled_decoding_kwargs(settings.max_new_tokens) if compiled_width is not None else {}
     extras = generation_config_extras(model) if compiled_width is not None else []
     own_loop = compiled_width is not None and not extras
+    # generate()'s static cache and compiled step, for the models our own loop leaves to it.
+    compiled = compiled_decoding_kwargs(settings.max_new_tokens) if compiled_width is not None and not own_loop else {}
     if extras and tuple(extras) not in _WARNED_EXTRAS:
         _WARNED_EXTRAS.add(tuple(extras))
         log.warning("rollout.compile: the model's generation_config sets %s, which only transformers' generate() "
